@@ -13,13 +13,13 @@ expected = cfg_keys + "lib_name user branch license status min_python audience l
 for o in expected: assert o in cfg, "missing expected setting: {}".format(o)
 setup_cfg = {o:cfg[o] for o in cfg_keys}
 
-licenses = {
-    'apache2': ('Apache Software License 2.0','OSI Approved :: Apache Software License'),
-    'mit': ('MIT License', 'OSI Approved :: MIT License'),
-    'gpl2': ('GNU General Public License v2', 'OSI Approved :: GNU General Public License v2 (GPLv2)'),
-    'gpl3': ('GNU General Public License v3', 'OSI Approved :: GNU General Public License v3 (GPLv3)'),
-    'agpl3': ('GNU Affero General Public License v3', 'OSI Approved :: GNU Affero General Public License (AGPLv3)'),
-    'bsd3': ('BSD License', 'OSI Approved :: BSD License'),
+licenses = {  # SPDX expressions (setuptools >= 77 deprecates license classifiers)
+    'apache2': ('Apache-2.0', None),
+    'mit': ('MIT', None),
+    'gpl2': ('GPL-2.0-only', None),
+    'gpl3': ('GPL-3.0-only', None),
+    'agpl3': ('AGPL-3.0-only', None),
+    'bsd3': ('BSD-3-Clause', None),
 }
 statuses = [ '0 - Pre-Planning', '1 - Planning', '2 - Pre-Alpha', '3 - Alpha',
     '4 - Beta', '5 - Production/Stable', '6 - Mature', '7 - Inactive' ]

@@ -1,0 +1,68 @@
+"The `mmrlhf` command as a user runs it: help, version, YAML plus overrides, clear errors."
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+import mmrlhf
+
+EXE = shutil.which("mmrlhf", path=str(Path(sys.executable).parent)) or shutil.which("mmrlhf")
+
+
+def run(*args, cwd=None):
+    assert EXE, "the mmrlhf console script is not installed"
+    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"mmrlhf {mmrlhf.__version__}"
+
+
+@pytest.mark.parametrize("command, field", [("synth", "--n-queries"), ("demo", "--warmup-steps")])
+def test_help_lists_each_setting(command, field):
+    r = run(command, "--help")
+    assert r.returncode == 0 and field in r.stdout and "--config" in r.stdout and "KEY=VALUE" in r.stdout
+
+
+def test_top_level_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0 and "synth" in r.stdout and "demo" in r.stdout
+
+
+def test_yaml_then_flags_then_overrides(tmp_path):
+    (tmp_path / "world.yaml").write_text("n_queries: 50\nseed: 4\nk: 3\n")
+    r = run("synth", "--config", "world.yaml", "--n-queries", "7", "k=2", "--out", "w", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "w" / "queries.jsonl").read_text().splitlines()
+    assert len(lines) == 7 and all(len(json.loads(l)["responses"]) == 2 for l in lines)
+    assert json.loads(lines[0])["id"].startswith("shapes-4-")
+    saved = (tmp_path / "w" / "synth-config.yaml").read_text()
+    assert "n_queries: 7" in saved and "k: 2" in saved
+
+
+@pytest.mark.parametrize("args, message", [
+    (["synth", "n_querys=5"], "unknown setting 'n_querys'"),
+    (["synth", "--k", "two"], "k:"),
+    (["synth", "--config", "missing.yaml"], "missing.yaml: config file not found"),
+    (["synth", "seed"], "expected KEY=VALUE"),
+])
+def test_bad_settings_exit_2_with_a_message(tmp_path, args, message):
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("n_queries: 5\nimage_sise: 32\n")
+    r = run("synth", "--config", "bad.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "bad.yaml: unknown setting 'image_sise'" in r.stderr
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    r = run("demo", "--out", "d", "size=tiny", "n_train=32", "n_test=10", "warmup_steps=4", "batch_size=4", "max_new_tokens=8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "d"
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["all"]["n"] == 10 and len(report["after"]["all"]["accuracy"]) == 3
+    assert (out / "models" / "base" / "model.safetensors").exists()
+    assert (out / "world" / "train" / "queries.jsonl").exists() and (out / "config.yaml").exists()
