@@ -66,3 +66,11 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert report["after"]["all"]["n"] == 10 and len(report["after"]["all"]["accuracy"]) == 3
     assert (out / "models" / "base" / "model.safetensors").exists()
     assert (out / "world" / "train" / "queries.jsonl").exists() and (out / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("command", ["synth", "demo"])
+def test_shipped_configs_load(command):
+    root = Path(__file__).resolve().parents[1]
+    r = run(command, "--config", str(root / "configs" / f"{command}.yaml"), "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert "out:" in r.stdout
