@@ -190,3 +190,13 @@ def test_pairs_command_end_to_end(tmp_path):
     exe = shutil.which("mmrlhf", path=str(Path(sys.executable).parent)) or shutil.which("mmrlhf")
     r = subprocess.run([exe, "pairs", "--input", str(bad), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "bad.jsonl:2: ranking: has 1 ranks for 2 responses" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pairs_imports_and_exports_layouts(tmp_path):
+    world = write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=20, seed=6))
+    run_pairs(PairsConfig(input=str(world), out=str(tmp_path / "p"), oracle=True, export=["release", "dpo_pairs"]))
+    n_pairs = len((tmp_path / "p" / "pairs.jsonl").read_text().splitlines())
+    assert len((tmp_path / "p" / "export.dpo_pairs.jsonl").read_text().splitlines()) == n_pairs
+    stats = run_pairs(PairsConfig(input=str(tmp_path / "p" / "export.release.jsonl"), out=str(tmp_path / "q"), input_format="release",
+                                  check_images=False, default_category="long"))
+    assert stats["pairs"] == n_pairs and stats["queries"] == 20
