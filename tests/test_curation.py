@@ -153,3 +153,18 @@ def test_exact_copies_do_not_hide_near_duplicates():
     x[20] = x[0] + 0.005; x[20] /= np.linalg.norm(x[20])   # and one near-duplicate of it
     copies = np.zeros(200, bool); copies[1:20] = True
     assert near_duplicates(x, 0.99, neighbours=8, among=~copies)[20]
+
+
+def test_two_processes_give_the_same_result_as_one(pool, tmp_path):
+    "Under `accelerate launch` the shards are split between processes; the curated set must not change."
+    exe = str(Path(sys.executable).parent / "mmrlhf")
+    args = ["curate", "--pool", str(pool / "pool.jsonl"), "--image-root", str(pool / "world"), "--model", "tiny",
+            "--clusters", "8", "--total", "90", "--shard-size", "32"]
+    subprocess.run([exe, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True)
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", exe, *args, "--out", str(tmp_path / "two")]
+    r = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=300)
+    # The exit status is not asserted: 2-process gloo groups on CPU can abort at interpreter exit after the work is done.
+    assert (tmp_path / "two" / "curation.json").exists(), r.stderr[-3000:]
+    assert r.stdout.count("curated") == 1          # only the main process writes the outputs
+    assert (tmp_path / "one" / "curated.jsonl").read_bytes() == (tmp_path / "two" / "curated.jsonl").read_bytes()
