@@ -1,0 +1,105 @@
+"Critique reward model mechanics: grouped scoring equals per-pair scoring, losses fall, save/load identity, ACC/ACC+."
+import pytest
+import torch
+
+from mmrlhf.reward import (CritiqueRewardModel, RewardLossWeights, batch_pairs, reward_batch, reward_loss, rewardbench_metrics)
+from mmrlhf.schema import oracle_annotate, pair_indices, parse_query
+from mmrlhf.synthetic import make_query, query_media, query_record as world_record
+from mmrlhf.testbed import build_tiny_vlm
+
+
+def groups(seed, n):
+    out = []
+    for i in range(n):
+        q = make_query(seed, i)
+        a = oracle_annotate(parse_query(world_record(q, [f"images/{q.id}.png"])))
+        crit = [" ".join(r.reasons.values()) for r in a.responses]
+        out.append(((query_media(q), a.question, [r.text for r in a.responses], crit), pair_indices(a)))
+    return out
+
+
+@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_vl"])
+def model(request):
+    vlm, processor = build_tiny_vlm(request.param, "tiny", seed=2)
+    return CritiqueRewardModel(vlm).eval(), processor
+
+
+@pytest.mark.parametrize("with_critique", [True, False])
+def test_grouped_scores_equal_per_pair_scores(model, with_critique):
+    rm, processor = model
+    data = groups(1, 3)
+    if not with_critique: data = [((m, q, r, None), p) for (m, q, r, _), p in data]
+    enc, offsets = reward_batch(processor, [g for g, _ in data])
+    with torch.no_grad(): ce, rewards = rm(**enc)
+    assert torch.isnan(ce).all() != with_critique
+    pairs = batch_pairs(offsets, [p for _, p in data])
+    for (g, pl), o in zip(data, offsets):
+        m, q, resp, crit = g
+        for i, j in pl:
+            e, _ = reward_batch(processor, [(m, q, [resp[i], resp[j]], None if crit is None else [crit[i], crit[j]])])
+            with torch.no_grad(): _, r2 = rm(**e)
+            assert torch.allclose(r2, rewards[[o + i, o + j]], atol=1e-5)
+
+
+def test_losses_fall_on_a_fixed_batch(model):
+    rm, processor = model
+    data = groups(2, 3)
+    enc, offsets = reward_batch(processor, [g for g, _ in data])
+    pairs = batch_pairs(offsets, [p for _, p in data])
+    rm.train(); opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=3e-3)
+    first = last = None
+    for _ in range(12):
+        ce, rewards = rm(**enc)
+        loss, parts = reward_loss(ce, rewards, pairs)
+        opt.zero_grad(); loss.backward(); opt.step()
+        first = first or (parts["bt"].item(), parts["critique"].item()); last = (parts["bt"].item(), parts["critique"].item())
+    rm.eval()
+    assert last[0] < first[0] and last[1] < first[1]
+
+
+def test_vision_tower_is_frozen_by_default(model):
+    rm, _ = model
+    frozen = [n for n, p in rm.named_parameters() if not p.requires_grad]
+    assert frozen and all("vision_tower" in n or "visual" in n for n in frozen)
+    assert all(p.requires_grad for p in rm.head.parameters())
+
+
+def test_score_only_weights_ignore_critiques():
+    ce = torch.tensor([5.0, 7.0]); r = torch.tensor([1.0, -1.0], requires_grad=True)
+    total, parts = reward_loss(ce, r, [(0, 1)], RewardLossWeights(critique=0.0, center=0.0))
+    assert torch.isclose(total, -torch.nn.functional.logsigmoid(torch.tensor(2.0)))
+    assert parts["accuracy"] == 1.0
+
+
+def test_save_load_identity(model, tmp_path):
+    rm, processor = model
+    data = groups(3, 2)
+    enc, _ = reward_batch(processor, [g for g, _ in data])
+    rm.save_pretrained(tmp_path, processor)
+    assert (tmp_path / "score_head.safetensors").exists() and (tmp_path / "reward_config.json").exists()
+    rm2, proc2 = CritiqueRewardModel.from_pretrained(tmp_path)
+    enc2, _ = reward_batch(proc2, [g for g, _ in data])
+    with torch.no_grad():
+        assert torch.equal(rm(**enc)[1], rm2(**enc2)[1])
+    from mmrlhf.testbed import save_vlm
+    save_vlm(rm.vlm, processor, tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="no reward_config.json"):
+        CritiqueRewardModel.from_pretrained(tmp_path / "plain")  # a VLM, but not a reward model
+
+
+def test_empty_critique_is_refused(model):
+    _, processor = model
+    (m, q, resp, crit), _ = groups(4, 1)[0]
+    crit[1] = "  "
+    with pytest.raises(ValueError, match="empty critique for response 1"):
+        reward_batch(processor, [(m, q, resp, crit)])
+
+
+def test_acc_and_acc_plus_by_hand():
+    results = [("mcq", [(2.0, 1.0), (2.0, 0.5), (1.0, 0.5)]), ("long", [(1.0, 1.0), (3.0, 0.0)]), ("long", [(0.0, 1.0)]),
+               ("safety", [(0.2, 0.1)])]
+    m = rewardbench_metrics(results)
+    assert m["all"]["pairs"] == 7 and m["all"]["acc"][0] == pytest.approx(5 / 7) and m["all"]["acc_plus"][0] == pytest.approx(2 / 4)
+    assert m["long"]["acc"][0] == pytest.approx(1 / 3) and m["long"]["acc_plus"][0] == 0.0
+    lo, hi = m["all"]["acc"][1:]
+    assert lo <= 5 / 7 <= hi
