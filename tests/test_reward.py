@@ -103,3 +103,27 @@ def test_acc_and_acc_plus_by_hand():
     assert m["long"]["acc"][0] == pytest.approx(1 / 3) and m["long"]["acc_plus"][0] == 0.0
     lo, hi = m["all"]["acc"][1:]
     assert lo <= 5 / 7 <= hi
+
+
+def test_trainer_checkpoints_are_models_and_resume(tmp_path):
+    from transformers import TrainingArguments
+    from mmrlhf.reward import RewardCollator, RewardTrainer, world_reward_examples
+    train = world_reward_examples(5, 12)
+    def make(steps, out):
+        vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+        model = CritiqueRewardModel(vlm)
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-3, save_steps=2,
+                                 save_strategy="steps", report_to="none", use_cpu=True, remove_unused_columns=False, seed=0,
+                                 disable_tqdm=True, data_seed=0)
+        return model, processor, RewardTrainer(model=model, args=args, train_dataset=train, data_collator=RewardCollator(processor),
+                                               reward_processor=processor)
+    model, processor, trainer = make(4, tmp_path / "a")
+    trainer.train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    loaded, _ = CritiqueRewardModel.from_pretrained(ckpt)          # every checkpoint is a usable reward model
+    assert (ckpt / "score_head.safetensors").exists()
+    model2, _, trainer2 = make(4, tmp_path / "b")
+    import shutil; shutil.copytree(ckpt, tmp_path / "b" / "checkpoint-2")
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    for (n, p), (_, q) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6), n                    # resumed run ends where the uninterrupted one did
