@@ -127,3 +127,46 @@ def test_trainer_checkpoints_are_models_and_resume(tmp_path):
     trainer2.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     for (n, p), (_, q) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.allclose(p, q, atol=1e-6), n                    # resumed run ends where the uninterrupted one did
+
+
+def _exe():
+    import shutil, sys
+    from pathlib import Path
+    return shutil.which("mmrlhf", path=str(Path(sys.executable).parent)) or shutil.which("mmrlhf")
+
+
+def test_reward_commands_end_to_end(tmp_path):
+    import json, subprocess
+    from mmrlhf.schema import PairsConfig, run_pairs
+    from mmrlhf.synthetic import SynthConfig, write_world
+    world = write_world(SynthConfig(out=str(tmp_path / "world"), n_queries=10, seed=8))
+    run_pairs(PairsConfig(input=str(world), out=str(tmp_path / "pairs"), oracle=True, groups=False))
+    data, root = str(tmp_path / "pairs" / "queries.jsonl"), str(tmp_path / "world")
+    run = lambda *a: subprocess.run([_exe(), *a], capture_output=True, text=True, timeout=600)
+    r = run("train-reward", "--data", data, "--image-root", root, "--out", str(tmp_path / "rm"), "--steps", "3", "--save-steps", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("score", "--data", data, "--image-root", root, "--model", str(tmp_path / "rm" / "final"), "--out", str(tmp_path / "s"),
+            "--critiques", "given")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pairs = [json.loads(l) for l in (tmp_path / "s" / "pairs.jsonl").read_text().splitlines()]
+    queries = {json.loads(l)["id"]: json.loads(l) for l in (tmp_path / "s" / "queries.jsonl").read_text().splitlines()}
+    for p in pairs:   # the margin is r(chosen) - r(rejected), with the sign that says which one the model prefers
+        rs = queries[p["query_id"]]["responses"]
+        assert p["margin"] == pytest.approx(rs[p["chosen_index"]]["reward"] - rs[p["rejected_index"]]["reward"])
+    r = run("eval-rewardbench", "--scored", str(tmp_path / "s" / "queries.jsonl"))
+    assert r.returncode == 0 and json.loads(r.stdout)["all"]["pairs"] == len(pairs)
+
+
+def test_eval_rewardbench_reads_the_release_output(tmp_path):
+    import json, subprocess
+    lines = [{"id": "a", "image": "mcq/1.png", "prompt": "q", "chosen": "x", "rejected": "y", "rewards": [1.0, 0.0]},
+             {"id": "a", "image": "mcq/1.png", "prompt": "q", "chosen": "x", "rejected": "z", "rewards": [0.5, 0.5]},
+             {"id": "b", "video": "data/video/2", "prompt": "q", "chosen": "x", "rejected": "y", "rewards": [2.0, 1.0]}]
+    (tmp_path / "out.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    r = subprocess.run([_exe(), "eval-rewardbench", "--scored", str(tmp_path / "out.jsonl")], capture_output=True, text=True)
+    m = json.loads(r.stdout)
+    assert m["all"]["acc"][0] == pytest.approx(2 / 3) and m["all"]["acc_plus"][0] == pytest.approx(1 / 2)
+    assert m["mcq"]["acc"][0] == pytest.approx(1 / 2) and m["video"]["acc_plus"][0] == 1.0
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**lines[0], "rewards": [1.0]}) + "\n")
+    r = subprocess.run([_exe(), "eval-rewardbench", "--scored", str(tmp_path / "bad.jsonl"), "--layout", "release"], capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.jsonl:1: rewards" in r.stderr
