@@ -119,6 +119,7 @@ class CritiqueRewardModel(nn.Module):
 def reward_batch(processor,
                  groups:list, # per query: (medium, question, responses, critiques or None)
                  template:str=DEFAULT_PROMPT, # the critique prompt
+                 system:str|None=None, # a system message (the release's checkpoint was trained with one)
                 ):
     "Model inputs with one sequence per response, and each query's offset into them."
     media, prompts, critiques, offsets = [], [], [], []
@@ -130,7 +131,7 @@ def reward_batch(processor,
             if crits is not None and not (crits[i] or "").strip(): raise ValueError(f"empty critique for response {i} of {question[:60]!r}")
             media.append(medium); prompts.append(critique_prompt(question, answer, template))
             if crits is not None: critiques.append(crits[i])
-    enc = chat_batch(processor, media, prompts, critiques if critiques else None, padding_side="right")
+    enc = chat_batch(processor, media, prompts, critiques if critiques else None, padding_side="right", system=system)
     return enc, offsets
 
 # %% ../nbs/07_reward.ipynb #0e5cca8f
@@ -199,11 +200,11 @@ class RewardExample:
 
 class RewardCollator:
     "Turns a list of `RewardExample`s into one batch of sequences with batch-level pair indices."
-    def __init__(self, processor, template:str=DEFAULT_PROMPT, use_critiques:bool=True):
-        self.processor, self.template, self.use_critiques = processor, template, use_critiques
+    def __init__(self, processor, template:str=DEFAULT_PROMPT, use_critiques:bool=True, system:str|None=None):
+        self.processor, self.template, self.use_critiques, self.system = processor, template, use_critiques, system
     def __call__(self, examples:list) -> dict:
         groups = [(e.medium, e.question, e.responses, e.critiques if self.use_critiques else None) for e in examples]
-        enc, offsets = reward_batch(self.processor, groups, self.template)
+        enc, offsets = reward_batch(self.processor, groups, self.template, self.system)
         return {**enc, "pairs": batch_pairs(offsets, [e.pairs for e in examples])}
 
 class RewardTrainer(Trainer):
@@ -247,12 +248,12 @@ def world_reward_examples(seed:int, # world seed
 @torch.no_grad()
 def score_examples(model, processor, examples:list, use_critiques:bool=True, batch_size:int=4) -> list:
     "Per example: (category, [(r_chosen, r_rejected) for each pair]) with the given critiques (teacher-forced) or none."
-    model.eval(); collate = RewardCollator(processor, model.config.template, use_critiques); out = []
+    model.eval(); collate = RewardCollator(processor, model.config.template, use_critiques, model.config.system); out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = collate(chunk); batch.pop("pairs")
         _, rewards = model(**{k: v.to(next(model.parameters()).device) for k, v in batch.items()})
-        _, offsets = reward_batch(processor, [(e.medium, e.question, e.responses, None) for e in chunk], model.config.template)
+        _, offsets = reward_batch(processor, [(e.medium, e.question, e.responses, None) for e in chunk], model.config.template, model.config.system)
         for e, o in zip(chunk, offsets):
             out.append((e.category, [(rewards[o + c].item(), rewards[o + r].item()) for c, r in e.pairs]))
     return out
@@ -269,7 +270,7 @@ def generate_critiques(model:CritiqueRewardModel, processor, examples:list,
     for e in examples:
         media += [e.medium] * len(e.responses); sizes.append(len(e.responses))
         prompts += [critique_prompt(e.question, r, model.config.template) for r in e.responses]
-    texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size)
+    texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size, system=model.config.system)
     out, k = [], 0
     for e, n in zip(examples, sizes):
         out.append(replace(e, critiques=[t.strip() or "(no critique)" for t in texts[k:k + n]])); k += n
@@ -342,7 +343,7 @@ def run_train_reward(cfg:TrainRewardConfig):
                              logging_steps=max(1, cfg.steps // 10), save_strategy="steps", save_steps=cfg.save_steps, report_to="none",
                              remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16,
                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=RewardCollator(processor, template, cfg.use_critiques),
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=RewardCollator(processor, template, cfg.use_critiques, system),
                             loss_weights=RewardLossWeights(cfg.critique_weight, cfg.score_weight, cfg.center_weight), reward_processor=processor)
     trainer.train(resume_from_checkpoint=True if cfg.resume else None)
     trainer.save_model(str(Path(cfg.out) / "final"))
@@ -374,7 +375,7 @@ def run_score(cfg:ScoreConfig) -> dict:
                               [r.critique or _joined_reasons(r) or "" for r in q.responses] if cfg.critiques == "given" else None, [], q.category)
                 for q in queries]
     if cfg.critiques == "generate": examples = generate_critiques(model, processor, examples, cfg.max_new_tokens)
-    collate = RewardCollator(processor, model.config.template, cfg.critiques != "none")
+    collate = RewardCollator(processor, model.config.template, cfg.critiques != "none", model.config.system)
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i:i + cfg.batch_size]
         batch = collate(chunk); batch.pop("pairs")

@@ -203,12 +203,14 @@ def chat_batch(processor, # a VLM processor with a ChatML chat template
                prompts:list, # per example: the user text
                responses:list=None, # per example: the assistant text; adds `labels` when given
                padding_side:str=None, # default: 'right' with responses (training), 'left' without (generation)
+               system:str|None=None, # a system message before every conversation
               ):
     "Build a padded model-input batch from one user turn (media + text) and optional assistant reply per example."
     convs = []
     for i, (m, p) in enumerate(zip(images, prompts, strict=True)):
         media = [] if m is None else [{'type': 'video' if _is_video(m) else 'image'}]
-        convs.append([{'role': 'user', 'content': media + [{'type': 'text', 'text': p}]}])
+        head = [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}] if system else []
+        convs.append(head + [{'role': 'user', 'content': media + [{'type': 'text', 'text': p}]}])
         if responses is not None: convs[-1].append({'role': 'assistant', 'content': [{'type': 'text', 'text': responses[i]}]})
     texts = processor.apply_chat_template(convs, tokenize=False, add_generation_prompt=responses is None)
     kw = {}
@@ -241,11 +243,12 @@ def generate_text(model, processor,
                   prompts:list, # per example: the user text
                   max_new_tokens:int=96, # longest answer
                   batch_size:int=16, # examples per generate call
+                  system:str|None=None, # a system message before every conversation
                  ) -> list[str]:
     "Greedy answers to (media, prompt) pairs."
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = chat_batch(processor, media[i:i + batch_size], prompts[i:i + batch_size]).to(model.device)
+        enc = chat_batch(processor, media[i:i + batch_size], prompts[i:i + batch_size], system=system).to(model.device)
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         out += processor.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return out

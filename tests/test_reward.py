@@ -170,3 +170,15 @@ def test_eval_rewardbench_reads_the_release_output(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({**lines[0], "rewards": [1.0]}) + "\n")
     r = subprocess.run([_exe(), "eval-rewardbench", "--scored", str(tmp_path / "bad.jsonl"), "--layout", "release"], capture_output=True, text=True)
     assert r.returncode == 2 and "bad.jsonl:1: rewards" in r.stderr
+
+
+def test_release_preset_renders_system_and_prompt(model):
+    from mmrlhf.reward import RELEASE_PROMPT, RELEASE_SYSTEM
+    _, processor = model
+    (m, q, resp, crit), _ = groups(6, 1)[0]
+    enc, _ = reward_batch(processor, [(m, q, resp[:2], crit[:2])], RELEASE_PROMPT, RELEASE_SYSTEM)
+    text = processor.tokenizer.decode(enc["input_ids"][0])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert "[Question]: " + q in text and "[LMM Response]: " + resp[0] in text and "\n\n[Evaluation]:<|im_end|>" in text
+    row = enc["labels"][0]
+    assert processor.tokenizer.decode(row[row != -100]) == crit[0] + "<|im_end|>"   # the system turn is never a target
