@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 # %% ../nbs/04_formats.ipynb #80e1d4e4
 from .core import DataError, read_jsonl, write_jsonl
-from .schema import Query, Response, pair_indices, read_queries, write_queries, _joined_reasons
+from .schema import Query, Response, pair_indices, read_queries, write_queries, joined_reasons
 from .synthetic import CATEGORIES
 
 # %% ../nbs/04_formats.ipynb #2ac9bb38
@@ -117,7 +117,7 @@ def _question(text:str) -> str:
 
 def _critique(r:Response) -> str|None:
     "A response's critique, or its three reasons joined."
-    return r.critique if r.critique is not None else _joined_reasons(r)
+    return r.critique if r.critique is not None else joined_reasons(r)
 
 # %% ../nbs/04_formats.ipynb #836f832b
 RELEASE_FIELDS = ("id", "question", "answer", "image", "video", "models_output", "faithfulness", "helpfulness", "ethical",

@@ -295,11 +295,11 @@ def _query_medium(q, image_root):
 
 def query_examples(path, image_root, use_critiques:bool=True) -> list:
     "Annotated queries from a schema file as `RewardExample`s (critiques: the expanded critique, else the joined reasons)."
-    from mmrlhf.schema import read_queries, pair_indices, _joined_reasons
+    from mmrlhf.schema import read_queries, pair_indices, joined_reasons
     out = []
     for q in read_queries(path, image_root):
         if not q.annotated: raise DataError(path, None, "ranking", f"query {q.id!r} is not annotated")
-        crit = [r.critique or _joined_reasons(r) for r in q.responses] if use_critiques else None
+        crit = [r.critique or joined_reasons(r) for r in q.responses] if use_critiques else None
         if crit is not None and not all(crit): raise DataError(path, None, "responses", f"query {q.id!r}: a response has no critique or reasons")
         out.append(RewardExample(_query_medium(q, image_root), q.question, [r.text for r in q.responses], crit, pair_indices(q), q.category))
     return out
@@ -365,14 +365,14 @@ class ScoreConfig(Config):
 
 def run_score(cfg:ScoreConfig) -> dict:
     "Write each response's critique and reward and each pair's margin into the data."
-    from mmrlhf.schema import read_queries, write_queries, expand_pairs, _joined_reasons
+    from mmrlhf.schema import read_queries, write_queries, expand_pairs, joined_reasons
     from mmrlhf.core import write_jsonl
     if cfg.critiques not in ("generate", "given", "none"): raise ValueError(f"critiques: expected generate, given or none, got {cfg.critiques!r}")
     data = Path(cfg.data); root = Path(cfg.image_root) if cfg.image_root else data.parent
     model, processor = CritiqueRewardModel.from_pretrained(cfg.model)
     queries = list(read_queries(data, root))
     examples = [RewardExample(_query_medium(q, root), q.question, [r.text for r in q.responses],
-                              [r.critique or _joined_reasons(r) or "" for r in q.responses] if cfg.critiques == "given" else None, [], q.category)
+                              [r.critique or joined_reasons(r) or "" for r in q.responses] if cfg.critiques == "given" else None, [], q.category)
                 for q in queries]
     if cfg.critiques == "generate": examples = generate_critiques(model, processor, examples, cfg.max_new_tokens)
     collate = RewardCollator(processor, model.config.template, cfg.critiques != "none", model.config.system)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['DIMENSIONS', 'LEVELS', 'level', 'Response', 'Query', 'parse_query', 'DataErrors', 'ReadReport', 'read_queries',
-           'query_record', 'write_queries', 'pair_indices', 'expand_pairs', 'all_tied', 'add_tie_response',
-           'oracle_scores', 'oracle_annotate', 'query_stats', 'krippendorff_alpha', 'kendall_tau_b', 'agreement',
-           'group_row', 'group_features', 'save_groups', 'load_groups', 'PairsConfig', 'run_pairs']
+           'query_record', 'write_queries', 'pair_indices', 'expand_pairs', 'joined_reasons', 'all_tied',
+           'add_tie_response', 'oracle_scores', 'oracle_annotate', 'query_stats', 'krippendorff_alpha', 'kendall_tau_b',
+           'agreement', 'group_row', 'group_features', 'save_groups', 'load_groups', 'PairsConfig', 'run_pairs']
 
 # %% ../nbs/03_schema.ipynb #6e9422b4
 import json
@@ -240,10 +240,10 @@ def expand_pairs(q:Query) -> Iterator[dict]:
                "chosen": c.text, "rejected": r.text, "chosen_index": i, "rejected_index": j,
                "chosen_rank": q.ranking[i], "rejected_rank": q.ranking[j],
                "chosen_scores": c.scores, "rejected_scores": r.scores,
-               "chosen_reason": c.critique or _joined_reasons(c), "rejected_reason": r.critique or _joined_reasons(r),
+               "chosen_reason": c.critique or joined_reasons(c), "rejected_reason": r.critique or joined_reasons(r),
                "margin": margin}
 
-def _joined_reasons(r:Response) -> str|None:
+def joined_reasons(r:Response) -> str|None:
     "The three score reasons as one critique, when no expanded critique exists."
     if not r.reasons: return None
     score = lambda d: f" ({r.scores[d]}/5)" if r.scores and d in r.scores else ""
@@ -440,7 +440,7 @@ def group_row(q:Query) -> dict:
     return {"id": q.id, "question": q.question, "category": q.category, "images": list(q.images),
             "responses": [r.text for r in q.responses], "models": [r.model for r in q.responses],
             "scores": [[(r.scores or {}).get(d, 0) for d in DIMENSIONS] for r in q.responses],
-            "critiques": [r.critique or _joined_reasons(r) or "" for r in q.responses],
+            "critiques": [r.critique or joined_reasons(r) or "" for r in q.responses],
             "rewards": [float("nan") if r.reward is None else float(r.reward) for r in q.responses],
             "ranking": list(q.ranking or []), "pairs": [list(p) for p in pair_indices(q)]}
 
@@ -481,10 +481,9 @@ def load_groups(path):
     return datasets.load_from_disk(str(path))
 
 # %% ../nbs/03_schema.ipynb #011a3b6c
-from dataclasses import dataclass as _dataclass
 from .core import Config, opt, write_text
 
-@_dataclass
+@dataclass
 class PairsConfig(Config):
     "Settings of `mmrlhf pairs`: validate, annotate, expand and summarise a query file."
     input: str = opt("runs/world/queries.jsonl", "JSONL file of queries")
