@@ -20,6 +20,8 @@ from .synthetic import SynthConfig, make_query, query_media, score_answers, worl
 from .schema import DataErrors, PairsConfig, run_pairs
 from .curation import CurateConfig, run_curate
 from .reward import (EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig, run_eval_rewardbench, run_score, run_train_reward)
+from .dpo import RefLogpsConfig, TrainDPOConfig, run_ref_logps, run_train_dpo
+from .report import ReportConfig, run_report
 
 # %% ../nbs/11_cli.ipynb #801e9e3e
 @dataclass
@@ -105,6 +107,9 @@ COMMANDS = {
     "train-reward": (TrainRewardConfig, run_train_reward, "train a critique reward model on annotated queries"),
     "score": (ScoreConfig, run_score, "critique and score every response; write each pair's reward margin"),
     "eval-rewardbench": (EvalRewardBenchConfig, run_eval_rewardbench, "ACC and ACC+ with intervals from scored data"),
+    "ref-logps": (RefLogpsConfig, run_ref_logps, "write each response's reference log-probability into the data (once, before MM-DPO)"),
+    "train-dpo": (TrainDPOConfig, run_train_dpo, "train a policy with MM-DPO (per-pair β from reward margins, all pairs per query)"),
+    "report": (ReportConfig, run_report, "one offline HTML report (plotly inlined) comparing evaluation runs, with a terminal summary"),
     "demo": (DemoConfig, run_demo, "run the whole pipeline on the shapes world"),
 }
 
@@ -130,3 +135,11 @@ def main(argv:list[str]|None=None) -> int:
     except (ConfigError, DataError, DataErrors) as e:
         print(f"mmrlhf {args.command}: error: {e}", file=sys.stderr); return 2
     return 0
+
+# %% ../nbs/11_cli.ipynb #8709144b
+def _run_as_module() -> bool:
+    "Whether this file runs as `python -m mmrlhf.cli` (not imported, not a notebook cell)."
+    spec = globals().get("__spec__")
+    return __name__ == "__main__" and spec is not None and spec.name == "mmrlhf.cli"
+
+if _run_as_module(): sys.exit(main())

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['RELEASE_SYSTEM', 'RELEASE_PROMPT', 'DEFAULT_PROMPT', 'TEMPLATES', 'critique_prompt', 'ScoreHead', 'last_token_index',
-           'RewardConfig', 'CritiqueRewardModel', 'reward_batch', 'RewardLossWeights', 'reward_loss', 'batch_pairs',
-           'rewardbench_metrics', 'RewardExample', 'RewardCollator', 'RewardTrainer', 'world_reward_examples',
-           'score_examples', 'generate_critiques', 'query_examples', 'TrainRewardConfig', 'run_train_reward',
-           'ScoreConfig', 'run_score', 'EvalRewardBenchConfig', 'run_eval_rewardbench']
+           'RewardConfig', 'is_lora', 'CritiqueRewardModel', 'reward_batch', 'RewardLossWeights', 'reward_loss',
+           'batch_pairs', 'merged_state_dict', 'rewardbench_metrics', 'RewardExample', 'RewardCollator',
+           'RewardTrainer', 'world_reward_examples', 'score_examples', 'generate_critiques', 'query_examples',
+           'TrainRewardConfig', 'run_train_reward', 'ScoreConfig', 'run_score', 'EvalRewardBenchConfig',
+           'run_eval_rewardbench']
 
 # %% ../nbs/07_reward.ipynb #2b969b32
-import json
+import json, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 # %% ../nbs/07_reward.ipynb #2ad627b2
 from .core import mean_ci
-from .testbed import chat_batch, load_vlm, save_vlm
+from .testbed import chat_batch, load_vlm
 
 # %% ../nbs/07_reward.ipynb #5db16141
 RELEASE_SYSTEM = "You are a helpful assistant."
@@ -63,6 +64,13 @@ class RewardConfig:
     dropout: float = 0.0 # score-head dropout
     template: str = DEFAULT_PROMPT # the critique prompt
     system: str|None = None # a system message, if the template was trained with one
+    @property
+    def hidden_size(self) -> int: return self.hidden # the name DeepSpeed's "auto" bucket sizes look for
+
+def is_lora(vlm) -> bool:
+    "Whether `vlm` carries LoRA adapters (is a peft model)."
+    from peft import PeftModel
+    return isinstance(vlm, PeftModel)
 
 def _hidden_size(model) -> int:
     cfg = model.config
@@ -70,6 +78,7 @@ def _hidden_size(model) -> int:
 
 class CritiqueRewardModel(nn.Module):
     "A VLM that writes critiques (its LM head) and scores responses (a score head on its last hidden state)."
+    accepts_loss_kwargs = False # our loss is a mean per batch: the Trainer must divide it by the accumulation steps
     def __init__(self, vlm, # a vision-language model from transformers
                  config:RewardConfig|None=None, # score-head and prompt settings
                  freeze_vision:bool=True, # keep the vision tower's weights fixed
@@ -96,12 +105,22 @@ class CritiqueRewardModel(nn.Module):
             ce = torch.where(n > 0, tok.sum(1) / n.clamp(min=1), ce)
         return ce, rewards
 
-    def save_pretrained(self, path, processor):
-        "Save the VLM, the processor, `score_head.safetensors` and `reward_config.json`."
+    def save_pretrained(self, path, processor,
+                        state_dict:dict|None=None, # this model's full state dict, if gathered elsewhere (DeepSpeed ZeRO-3)
+                       ):
+        "Save the VLM (a LoRA adapter merged in, and kept in `lora/`), the processor, `score_head.safetensors` and `reward_config.json`."
         from safetensors.torch import save_file
-        save_vlm(self.vlm, processor, path)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(path) / "score_head.safetensors"))
-        (Path(path) / "reward_config.json").write_text(json.dumps(asdict(self.config), indent=1))
+        sd = self.state_dict() if state_dict is None else state_dict
+        part = lambda pre: {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+        vlm_sd, head_sd = part("vlm."), part("head.")
+        path = Path(path); path.mkdir(parents=True, exist_ok=True)
+        if is_lora(self.vlm):
+            self.vlm.get_base_model().save_pretrained(path, state_dict=merged_state_dict(self.vlm, vlm_sd))
+            self.vlm.save_pretrained(path / "lora", state_dict=vlm_sd)
+        else: self.vlm.save_pretrained(path, state_dict=vlm_sd)
+        processor.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in head_sd.items()}, str(path / "score_head.safetensors"))
+        (path / "reward_config.json").write_text(json.dumps(asdict(self.config), indent=1))
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, freeze_vision:bool=True):
@@ -116,22 +135,48 @@ class CritiqueRewardModel(nn.Module):
         return model.eval(), processor
 
 # %% ../nbs/07_reward.ipynb #648f2d9e
+def _fit_sequence(processor, medium, question:str, answer:str, critique:str|None, template:str, system:str|None, max_length:int):
+    "`answer`, then `critique`, cut from the end (by tokens, to one at least) until the encoded sequence fits in `max_length`."
+    tok = processor.tokenizer
+    a_ids, c_ids = tok.encode(answer, add_special_tokens=False), tok.encode(critique or "", add_special_tokens=False)
+    na, nc = len(a_ids), len(c_ids)
+    while True:
+        a, c = tok.decode(a_ids[:na]), None if critique is None else tok.decode(c_ids[:nc])
+        enc = chat_batch(processor, [medium], [critique_prompt(question, a, template)], None if c is None else [c], padding_side="right", system=system)
+        n = int(enc["attention_mask"].sum())
+        if n <= max_length: return a, c
+        if na > 1: na = max(1, na - (n - max_length))          # re-tokenising at the cut can shift a token: loop until it fits
+        elif critique is not None and nc > 1: nc = max(1, nc - (n - max_length))
+        else: raise ValueError(f"query {question[:60]!r}: {n} tokens with its response{' and critique' if critique is not None else ''} cut to one token, "
+                               f"over max_length={max_length}; its image and prompt alone take about that many (raise max_length or shrink the image)")
+
 def reward_batch(processor,
                  groups:list, # per query: (medium, question, responses, critiques or None)
                  template:str=DEFAULT_PROMPT, # the critique prompt
                  system:str|None=None, # a system message (the release's checkpoint was trained with one)
+                 max_length:int|None=None, # longest sequence in tokens (image tokens included); None: no limit
                 ):
     "Model inputs with one sequence per response, and each query's offset into them."
-    media, prompts, critiques, offsets = [], [], [], []
+    media, questions, answers, critiques, offsets = [], [], [], [], []
     with_critiques = [g[3] is not None for g in groups]
     if any(with_critiques) and not all(with_critiques): raise ValueError("either every query in a batch has critiques or none has")
     for medium, question, responses, crits in groups:
-        offsets.append(len(prompts))
+        offsets.append(len(answers))
         for i, answer in enumerate(responses):
             if crits is not None and not (crits[i] or "").strip(): raise ValueError(f"empty critique for response {i} of {question[:60]!r}")
-            media.append(medium); prompts.append(critique_prompt(question, answer, template))
-            if crits is not None: critiques.append(crits[i])
-    enc = chat_batch(processor, media, prompts, critiques if critiques else None, padding_side="right", system=system)
+            media.append(medium); questions.append(question); answers.append(answer); critiques.append(None if crits is None else crits[i])
+    def encode():
+        prompts = [critique_prompt(q, a, template) for q, a in zip(questions, answers)]
+        return chat_batch(processor, media, prompts, critiques if any(with_critiques) else None, padding_side="right", system=system)
+    enc = encode()
+    if max_length is not None:
+        long = (enc["attention_mask"].sum(1) > max_length).nonzero().flatten().tolist()
+        for k in long:
+            answers[k], critiques[k] = _fit_sequence(processor, media[k], questions[k], answers[k], critiques[k], template, system, max_length)
+        if long:
+            warnings.warn(f"{len(long)} of {len(answers)} sequences were longer than max_length={max_length} tokens: "
+                          "their responses (then critiques) were cut from the end")
+            enc = encode()
     return enc, offsets
 
 # %% ../nbs/07_reward.ipynb #0e5cca8f
@@ -162,6 +207,28 @@ def reward_loss(ce:torch.Tensor, # per-sequence critique cross-entropy (NaN wher
 def batch_pairs(offsets:list, pair_lists:list) -> list:
     "Each query's (chosen, rejected) response indices, shifted to batch sequence indices."
     return [(o + i, o + j) for o, pl in zip(offsets, pair_lists) for i, j in pl]
+
+# %% ../nbs/07_reward.ipynb #7af0bad3
+from .testbed import LORA_TARGETS, apply_lora
+
+def merged_state_dict(vlm, # a peft model from `apply_lora`
+                      state_dict:dict|None=None, # its state dict, if gathered elsewhere (DeepSpeed ZeRO-3)
+                     ) -> dict:
+    "The plain model's state dict, with each adapter merged into the weight it adapts."
+    from peft.tuners.lora import LoraLayer
+    sd, name = vlm.state_dict() if state_dict is None else state_dict, vlm.active_adapter
+    scale = {n: m.scaling[name] for n, m in vlm.named_modules() if isinstance(m, LoraLayer)}
+    out = {}
+    for k, v in sd.items():
+        if ".lora_" in k: continue
+        if ".base_layer." in k:
+            mod = k.split(".base_layer.")[0]
+            if k.endswith(".base_layer.weight"):
+                a, b = sd[f"{mod}.lora_A.{name}.weight"], sd[f"{mod}.lora_B.{name}.weight"]
+                v = (v.float() + scale[mod] * (b.float() @ a.float())).to(v.dtype)
+            k = k.replace(".base_layer.", ".")
+        out[k.removeprefix("base_model.model.")] = v
+    return out
 
 # %% ../nbs/07_reward.ipynb #8e487ce0
 def rewardbench_metrics(results:list, # per query: (category, [(r_chosen, r_rejected), ...])
@@ -197,15 +264,24 @@ class RewardExample:
     critiques: list|None # one per response, or None (score head only)
     pairs: list # (chosen, rejected) response indices
     category: str = ""
+    margins: list|None = None # per pair: the margin m in -log sigma(r_w - r_l - m), or None
 
 class RewardCollator:
     "Turns a list of `RewardExample`s into one batch of sequences with batch-level pair indices."
-    def __init__(self, processor, template:str=DEFAULT_PROMPT, use_critiques:bool=True, system:str|None=None):
-        self.processor, self.template, self.use_critiques, self.system = processor, template, use_critiques, system
+    def __init__(self, processor,
+                 template:str=DEFAULT_PROMPT, # the critique prompt
+                 use_critiques:bool=True, # teacher-force the examples' critiques (False: score head only)
+                 system:str|None=None, # a system message
+                 max_length:int|None=None, # longest sequence in tokens; longer ones are cut (see `reward_batch`)
+                ):
+        self.processor, self.template, self.use_critiques, self.system, self.max_length = processor, template, use_critiques, system, max_length
     def __call__(self, examples:list) -> dict:
         groups = [(e.medium, e.question, e.responses, e.critiques if self.use_critiques else None) for e in examples]
-        enc, offsets = reward_batch(self.processor, groups, self.template, self.system)
-        return {**enc, "pairs": batch_pairs(offsets, [e.pairs for e in examples])}
+        enc, offsets = reward_batch(self.processor, groups, self.template, self.system, self.max_length)
+        batch = {**enc, "pairs": batch_pairs(offsets, [e.pairs for e in examples])}
+        if any(e.margins is not None for e in examples):
+            batch["margins"] = torch.tensor([m for e in examples for m in (e.margins if e.margins is not None else [0.0] * len(e.pairs))])
+        return batch
 
 class RewardTrainer(Trainer):
     "A `Trainer` for `CritiqueRewardModel` on query groups."
@@ -214,20 +290,31 @@ class RewardTrainer(Trainer):
         self.loss_weights, self.reward_processor = loss_weights or RewardLossWeights(), reward_processor
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs); pairs = inputs.pop("pairs")
+        inputs = dict(inputs); pairs, margins = inputs.pop("pairs"), inputs.pop("margins", None)
         ce, rewards = model(**inputs)
-        loss, parts = reward_loss(ce, rewards, pairs, self.loss_weights)
+        loss, parts = reward_loss(ce, rewards, pairs, self.loss_weights, margins)
         if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
             self.log({f"reward/{k}": float(v) for k, v in parts.items()})
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
-        if self.args.should_save: self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, self.reward_processor)
+        if not self.args.should_save: return
+        # DeepSpeed passes the gathered weights; `{}` means ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`, in which
+        # case the Trainer writes DeepSpeed's own sharded checkpoint (recover weights with its zero_to_fp32.py)
+        if state_dict is not None and not state_dict: return
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, self.reward_processor, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        loaded, _ = CritiqueRewardModel.from_pretrained(resume_from_checkpoint)
-        (model or self.model).load_state_dict(loaded.state_dict())
+        model, ckpt = self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint)
+        if is_lora(model.vlm):   # the base is frozen: the adapter and the head are the whole training state
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            set_peft_model_state_dict(model.vlm, load_file(str(ckpt / "lora" / "adapter_model.safetensors")))
+            model.head.load_state_dict(load_file(str(ckpt / "score_head.safetensors")))
+        else:
+            loaded, _ = CritiqueRewardModel.from_pretrained(ckpt)
+            model.load_state_dict(loaded.state_dict())
 
 # %% ../nbs/07_reward.ipynb #d74439ad
 def world_reward_examples(seed:int, # world seed
@@ -246,14 +333,16 @@ def world_reward_examples(seed:int, # world seed
     return out
 
 @torch.no_grad()
-def score_examples(model, processor, examples:list, use_critiques:bool=True, batch_size:int=4) -> list:
+def score_examples(model, processor, examples:list, use_critiques:bool=True, batch_size:int=4,
+                   max_length:int|None=None, # longest sequence in tokens (see `reward_batch`)
+                  ) -> list:
     "Per example: (category, [(r_chosen, r_rejected) for each pair]) with the given critiques (teacher-forced) or none."
-    model.eval(); collate = RewardCollator(processor, model.config.template, use_critiques, model.config.system); out = []
+    model.eval(); collate = RewardCollator(processor, model.config.template, use_critiques, model.config.system, max_length); out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = collate(chunk); batch.pop("pairs")
         _, rewards = model(**{k: v.to(next(model.parameters()).device) for k, v in batch.items()})
-        _, offsets = reward_batch(processor, [(e.medium, e.question, e.responses, None) for e in chunk], model.config.template, model.config.system)
+        offsets = np.cumsum([0] + [len(e.responses) for e in chunk]).tolist()
         for e, o in zip(chunk, offsets):
             out.append((e.category, [(rewards[o + c].item(), rewards[o + r].item()) for c, r in e.pairs]))
     return out
@@ -262,6 +351,8 @@ def score_examples(model, processor, examples:list, use_critiques:bool=True, bat
 def generate_critiques(model:CritiqueRewardModel, processor, examples:list,
                        max_new_tokens:int=64, # longest critique
                        batch_size:int=16, # sequences per generate call
+                       temperature:float=0.0, # 0: greedy, as in the release; above 0: sampled
+                       top_p:float=1.0, # nucleus sampling's mass
                       ) -> list[RewardExample]:
     "Copies of `examples` whose critiques the model wrote itself."
     from dataclasses import replace
@@ -270,38 +361,38 @@ def generate_critiques(model:CritiqueRewardModel, processor, examples:list,
     for e in examples:
         media += [e.medium] * len(e.responses); sizes.append(len(e.responses))
         prompts += [critique_prompt(e.question, r, model.config.template) for r in e.responses]
-    texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size, system=model.config.system)
+    texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size, model.config.system, temperature, top_p)
     out, k = [], 0
     for e, n in zip(examples, sizes):
         out.append(replace(e, critiques=[t.strip() or "(no critique)" for t in texts[k:k + n]])); k += n
     return out
 
 # %% ../nbs/07_reward.ipynb #776732c3
-from .core import Config, DataError, load_image, opt, write_text
+from .core import Config, DataError, opt, write_text
+from .schema import query_medium
+from .testbed import load_base
 
-def _base_model(base:str, seed:int):
-    "A VLM and processor from a local folder, or a test-bed model named `tiny:<family>` / `small:<family>`."
-    if ":" in base and base.split(":")[0] in ("tiny", "small"):
-        from mmrlhf.testbed import build_tiny_vlm
-        size, family = base.split(":", 1)
-        return build_tiny_vlm(family, size, seed=seed)
-    return load_vlm(base)
-
-def _query_medium(q, image_root):
-    "A schema query's image, or its frames, loaded from inside `image_root`."
-    if not q.images: return None
-    frames = [load_image(image_root, p) for p in q.images]
-    return frames[0] if q.category != "video" and len(frames) == 1 else frames
-
-def query_examples(path, image_root, use_critiques:bool=True) -> list:
-    "Annotated queries from a schema file as `RewardExample`s (critiques: the expanded critique, else the joined reasons)."
-    from mmrlhf.schema import read_queries, pair_indices, joined_reasons
+def query_examples(path, image_root,
+                   use_critiques:bool=True, # teacher-forced critiques (False: score head only)
+                   critique_source:str="expanded", # expanded (a response's critique, else its joined reasons) or raw (the joined reasons)
+                   margin_scale:float=0.0, # per-pair margin m = this x the difference of the two responses' mean scores (0: none)
+                  ) -> list:
+    "Annotated queries from a schema file as `RewardExample`s."
+    from mmrlhf.schema import read_queries, pair_indices, joined_reasons, DIMENSIONS
+    if critique_source not in ("expanded", "raw"): raise ValueError(f"critique_source: expected expanded or raw, got {critique_source!r}")
     out = []
     for q in read_queries(path, image_root):
         if not q.annotated: raise DataError(path, None, "ranking", f"query {q.id!r} is not annotated")
-        crit = [r.critique or joined_reasons(r) for r in q.responses] if use_critiques else None
-        if crit is not None and not all(crit): raise DataError(path, None, "responses", f"query {q.id!r}: a response has no critique or reasons")
-        out.append(RewardExample(_query_medium(q, image_root), q.question, [r.text for r in q.responses], crit, pair_indices(q), q.category))
+        crit = None
+        if use_critiques:
+            crit = [(r.critique if critique_source == "expanded" else None) or joined_reasons(r) for r in q.responses]
+            if not all(crit): raise DataError(path, None, "responses", f"query {q.id!r}: a response has no critique or reasons")
+        pairs, margins = pair_indices(q), None
+        if margin_scale:
+            if any(r.scores is None for r in q.responses): raise DataError(path, None, "responses.scores", f"query {q.id!r}: a margin needs every response's scores")
+            mean = [sum(r.scores[d] for d in DIMENSIONS) / len(DIMENSIONS) for r in q.responses]
+            margins = [margin_scale * (mean[c] - mean[r]) for c, r in pairs]
+        out.append(RewardExample(query_medium(q, image_root), q.question, [r.text for r in q.responses], crit, pairs, q.category, margins))
     return out
 
 TEMPLATES = {"default": (DEFAULT_PROMPT, None), "release": (RELEASE_PROMPT, RELEASE_SYSTEM)}
@@ -321,10 +412,18 @@ class TrainRewardConfig(Config):
     score_weight: float = opt(1.0, "weight of the Bradley-Terry loss")
     center_weight: float = opt(0.01, "weight of the centring term")
     use_critiques: bool = opt(True, "teacher-force critiques (false: the score-head-only ablation)")
+    critique_source: str = opt("expanded", "expanded (each response's critique, else its joined reasons) or raw (the joined reasons: the paper's raw-critique ablation)")
+    margin_scale: float = opt(0.0, "margin term: -log σ(r_w - r_l - m), m = this x the pair's difference of mean annotator scores (0: off)")
     template: str = opt("default", "critique prompt: default or release")
     save_steps: int = opt(100, "checkpoint every this many steps")
     resume: bool = opt(False, "resume from the last checkpoint in `out`")
     bf16: bool = opt(False, "bf16 mixed precision (GPUs)")
+    max_length: int|None = opt(32768, "longest sequence in tokens, image tokens included (longer: response, then critique cut; none: no limit)")
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: int = opt(0, "LoRA alpha, the update being alpha/r * BA (0: twice the rank)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input")
+    lora_targets: str = opt(LORA_TARGETS, "regex over module names of the layers LoRA adapts (default: the language model's projections)")
+    deepspeed: str|None = opt(None, "DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json)")
     seed: int = opt(0, "seed of the weights and the data order")
 
 def run_train_reward(cfg:TrainRewardConfig):
@@ -334,21 +433,28 @@ def run_train_reward(cfg:TrainRewardConfig):
     root = Path(cfg.image_root) if cfg.image_root else data.parent
     if cfg.template not in TEMPLATES: raise ValueError(f"template: unknown {cfg.template!r}; known: {list(TEMPLATES)}")
     template, system = TEMPLATES[cfg.template]
-    train = query_examples(data, root, cfg.use_critiques)
+    train = query_examples(data, root, cfg.use_critiques, cfg.critique_source, cfg.margin_scale)
     torch.manual_seed(cfg.seed)
-    vlm, processor = _base_model(cfg.base, cfg.seed)
-    model = CritiqueRewardModel(vlm, RewardConfig(_hidden_size(vlm), template=template, system=system))
+    vlm, processor = load_base(cfg.base, cfg.seed)
+    hidden = _hidden_size(vlm)
+    if cfg.lora_r: vlm = apply_lora(vlm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    model = CritiqueRewardModel(vlm, RewardConfig(hidden, template=template, system=system))
+    # the model comes before the arguments: with ZeRO-3 arguments in place transformers would load the VLM already partitioned
+    # (and in bf16) but not the score head built after it, and DeepSpeed refuses such a mix; built first, the whole model is
+    # cast and partitioned at once when the Trainer starts DeepSpeed
     args = TrainingArguments(output_dir=cfg.out, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
                              max_steps=cfg.steps, learning_rate=cfg.lr, warmup_steps=max(1, cfg.steps // 20), lr_scheduler_type="cosine",
                              logging_steps=max(1, cfg.steps // 10), save_strategy="steps", save_steps=cfg.save_steps, report_to="none",
-                             remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16,
+                             remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, deepspeed=cfg.deepspeed or None,
                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=RewardCollator(processor, template, cfg.use_critiques, system),
+    collate = RewardCollator(processor, template, cfg.use_critiques, system, cfg.max_length)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=collate,
                             loss_weights=RewardLossWeights(cfg.critique_weight, cfg.score_weight, cfg.center_weight), reward_processor=processor)
     trainer.train(resume_from_checkpoint=True if cfg.resume else None)
     trainer.save_model(str(Path(cfg.out) / "final"))
-    cfg.save(Path(cfg.out) / "train-reward-config.yaml")
-    print(f"reward model trained on {len(train)} queries in {Path(cfg.out) / 'final'}")
+    if trainer.args.should_save:   # the main process of a distributed run
+        cfg.save(Path(cfg.out) / "train-reward-config.yaml")
+        print(f"reward model trained on {len(train)} queries in {Path(cfg.out) / 'final'}")
     return Path(cfg.out) / "final"
 
 # %% ../nbs/07_reward.ipynb #60a6f62e
@@ -361,7 +467,11 @@ class ScoreConfig(Config):
     out: str = opt("runs/scored", "folder for the scored queries.jsonl and pairs.jsonl (with margins)")
     critiques: str = opt("generate", "generate (critique, then score), given (the data's critiques) or none")
     max_new_tokens: int = opt(128, "longest generated critique")
+    temperature: float = opt(0.0, "critique sampling temperature (0: greedy, as in the release)")
+    top_p: float = opt(1.0, "nucleus sampling's mass (with temperature above 0)")
+    seed: int = opt(0, "seed of sampled critiques")
     batch_size: int = opt(8, "queries per scoring batch")
+    max_length: int|None = opt(32768, "longest sequence in tokens, image tokens included (longer: response, then critique cut; none: no limit)")
 
 def run_score(cfg:ScoreConfig) -> dict:
     "Write each response's critique and reward and each pair's margin into the data."
@@ -371,11 +481,13 @@ def run_score(cfg:ScoreConfig) -> dict:
     data = Path(cfg.data); root = Path(cfg.image_root) if cfg.image_root else data.parent
     model, processor = CritiqueRewardModel.from_pretrained(cfg.model)
     queries = list(read_queries(data, root))
-    examples = [RewardExample(_query_medium(q, root), q.question, [r.text for r in q.responses],
+    examples = [RewardExample(query_medium(q, root), q.question, [r.text for r in q.responses],
                               [r.critique or joined_reasons(r) or "" for r in q.responses] if cfg.critiques == "given" else None, [], q.category)
                 for q in queries]
-    if cfg.critiques == "generate": examples = generate_critiques(model, processor, examples, cfg.max_new_tokens)
-    collate = RewardCollator(processor, model.config.template, cfg.critiques != "none", model.config.system)
+    if cfg.critiques == "generate":
+        torch.manual_seed(cfg.seed)
+        examples = generate_critiques(model, processor, examples, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    collate = RewardCollator(processor, model.config.template, cfg.critiques != "none", model.config.system, cfg.max_length)
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i:i + cfg.batch_size]
         batch = collate(chunk); batch.pop("pairs")

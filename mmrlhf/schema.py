@@ -7,9 +7,10 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['DIMENSIONS', 'LEVELS', 'level', 'Response', 'Query', 'parse_query', 'DataErrors', 'ReadReport', 'read_queries',
-           'query_record', 'write_queries', 'pair_indices', 'expand_pairs', 'joined_reasons', 'all_tied',
-           'add_tie_response', 'oracle_scores', 'oracle_annotate', 'query_stats', 'krippendorff_alpha', 'kendall_tau_b',
-           'agreement', 'group_row', 'group_features', 'save_groups', 'load_groups', 'PairsConfig', 'run_pairs']
+           'query_record', 'write_queries', 'query_medium', 'pair_indices', 'expand_pairs', 'joined_reasons',
+           'all_tied', 'add_tie_response', 'oracle_scores', 'oracle_annotate', 'query_stats', 'krippendorff_alpha',
+           'kendall_tau_b', 'agreement', 'group_row', 'group_features', 'save_groups', 'load_groups', 'PairsConfig',
+           'run_pairs']
 
 # %% ../nbs/03_schema.ipynb #6e9422b4
 import json
@@ -45,6 +46,7 @@ class Response:
     added: str|None = None # "positive" or "negative" when added by the tie rule
     reward: float|None = None # the reward model's score, filled in later
     defects: list|None = None # known defects (synthetic data only)
+    ref_logp: float|None = None # the reference policy's log-probability of the response (sum over its tokens), filled in by `mmrlhf ref-logps`
 
 @dataclass
 class Query:
@@ -66,7 +68,7 @@ class Query:
 
 # %% ../nbs/03_schema.ipynb #abccb9e4
 _QUERY_FIELDS = {"id", "question", "category", "images", "responses", "reference", "source", "ranking", "ranking_reason", "annotators", "truth"}
-_RESPONSE_FIELDS = {"text", "model", "scores", "reasons", "critique", "added", "reward", "defects"}
+_RESPONSE_FIELDS = {"text", "model", "scores", "reasons", "critique", "added", "reward", "defects", "ref_logp"}
 
 def _need(cond, file, line, fld, reason):
     if not cond: raise DataError(file, line, fld, reason)
@@ -97,9 +99,10 @@ def _parse_response(r, i, file, line) -> Response:
     _need(r.get("added") in (None, "positive", "negative"), file, line, f"{where}.added", f"must be 'positive', 'negative' or null, got {r.get('added')!r}")
     for k in ("critique",):
         _need(r.get(k) is None or isinstance(r[k], str), file, line, f"{where}.{k}", "must be a string or null")
-    rw = r.get("reward")
-    _need(rw is None or (isinstance(rw, (int, float)) and not isinstance(rw, bool)), file, line, f"{where}.reward", f"must be a number or null, got {rw!r}")
-    return Response(r["text"], r.get("model", ""), scores, reasons, r.get("critique"), r.get("added"), rw, r.get("defects"))
+    for k in ("reward", "ref_logp"):
+        v = r.get(k)
+        _need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), file, line, f"{where}.{k}", f"must be a number or null, got {v!r}")
+    return Response(r["text"], r.get("model", ""), scores, reasons, r.get("critique"), r.get("added"), r.get("reward"), r.get("defects"), r.get("ref_logp"))
 
 # %% ../nbs/03_schema.ipynb #655cc4f4
 def _check_ranking(ranking, n, file, line):
@@ -222,6 +225,14 @@ def write_queries(path, queries) -> int:
     with atomic_write(path) as f:
         for q in queries: f.write(json.dumps(query_record(q), ensure_ascii=False) + "\n"); n += 1
     return n
+
+# %% ../nbs/03_schema.ipynb #7f963897
+def query_medium(q:Query, image_root):
+    "A query's PIL image, its list of frames (video or several images), or None."
+    from mmrlhf.core import load_image
+    if not q.images: return None
+    frames = [load_image(image_root, p) for p in q.images]
+    return frames[0] if q.category != "video" and len(frames) == 1 else frames
 
 # %% ../nbs/03_schema.ipynb #953efad3
 def pair_indices(q:Query) -> list[tuple[int, int]]:

@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['BASE_SPECIALS', 'FAMILIES', 'SIZES', 'quiet_cpu_run', 'train_tokenizer', 'chatml_template', 'build_tiny_vlm',
-           'n_params', 'save_vlm', 'load_vlm', 'chat_batch', 'generate_text', 'warmup_sft']
+__all__ = ['BASE_SPECIALS', 'FAMILIES', 'SIZES', 'LORA_TARGETS', 'quiet_cpu_run', 'train_tokenizer', 'chatml_template',
+           'build_tiny_vlm', 'n_params', 'save_vlm', 'load_vlm', 'load_base', 'apply_lora', 'chat_batch',
+           'generate_text', 'warmup_sft']
 
 # %% ../nbs/02_testbed.ipynb #14ba56c2
 from pathlib import Path
@@ -194,6 +195,35 @@ def load_vlm(path, # local folder written by `save_vlm` or a real checkpoint fol
     model = AutoModelForImageTextToText.from_pretrained(path, **kw, **({} if dtype is None else dict(dtype=dtype)))
     return model.eval(), AutoProcessor.from_pretrained(path, **kw)
 
+# %% ../nbs/02_testbed.ipynb #6f5d0775
+def load_base(base:str, # a local model folder, or tiny:<family> / small:<family>
+              seed:int=0, # seed of a test-bed model's weights
+              dtype=None, # e.g. torch.bfloat16, for a folder
+             ):
+    "`(model, processor)` from a local folder or a test-bed model name."
+    head, _, family = base.partition(":")
+    if family and head in SIZES:
+        if family not in FAMILIES: raise ValueError(f"unknown test-bed family {family!r}; known: {list(FAMILIES)}")
+        return build_tiny_vlm(family, head, seed=seed)
+    return load_vlm(base, dtype=dtype)
+
+# %% ../nbs/02_testbed.ipynb #230e35f5
+LORA_TARGETS = r"^(?!.*(vision|visual)).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+def apply_lora(vlm, # a vision-language model from transformers
+               r:int=16, # adapter rank
+               alpha:int=0, # scale numerator (the update is alpha/r * BA); 0: 2r
+               dropout:float=0.05, # dropout on the adapters' input
+               targets:str=LORA_TARGETS, # regex over module names (full match) of the layers to adapt
+              ):
+    "`vlm` with LoRA adapters on the language model's projections (a peft model); only the adapters train."
+    import warnings
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=targets, bias="none")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft asks transformers' deprecated name
+        return get_peft_model(vlm, cfg)
+
 # %% ../nbs/02_testbed.ipynb #0d0b0c03
 def _is_video(m): return isinstance(m, (list, tuple))
 
@@ -244,12 +274,15 @@ def generate_text(model, processor,
                   max_new_tokens:int=96, # longest answer
                   batch_size:int=16, # examples per generate call
                   system:str|None=None, # a system message before every conversation
+                  temperature:float=0.0, # 0: greedy; above 0: sampling at this temperature
+                  top_p:float=1.0, # nucleus sampling's probability mass (with temperature > 0)
                  ) -> list[str]:
-    "Greedy answers to (media, prompt) pairs."
+    "Answers to (media, prompt) pairs, greedy or sampled, batched with the KV cache."
     out = []
+    sample = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     for i in range(0, len(prompts), batch_size):
         enc = chat_batch(processor, media[i:i + batch_size], prompts[i:i + batch_size], system=system).to(model.device)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, **sample)
         out += processor.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
 

@@ -18,6 +18,19 @@ def groups(seed, n):
     return out
 
 
+def fit_fixed_batch(rm, enc, pairs, lr, steps=12):
+    "Train on one batch; (Bradley-Terry, critique) losses of the first and the last step."
+    rm.train(); opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=lr)
+    first = last = None
+    for _ in range(steps):
+        ce, rewards = rm(**enc)
+        loss, parts = reward_loss(ce, rewards, pairs)
+        opt.zero_grad(); loss.backward(); opt.step()
+        last = (parts["bt"].item(), parts["critique"].item()); first = first or last
+    rm.eval()
+    return first, last
+
+
 @pytest.fixture(scope="module", params=["llava_onevision", "qwen2_vl"])
 def model(request):
     vlm, processor = build_tiny_vlm(request.param, "tiny", seed=2)
@@ -46,14 +59,7 @@ def test_losses_fall_on_a_fixed_batch(model):
     data = groups(2, 3)
     enc, offsets = reward_batch(processor, [g for g, _ in data])
     pairs = batch_pairs(offsets, [p for _, p in data])
-    rm.train(); opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=3e-3)
-    first = last = None
-    for _ in range(12):
-        ce, rewards = rm(**enc)
-        loss, parts = reward_loss(ce, rewards, pairs)
-        opt.zero_grad(); loss.backward(); opt.step()
-        first = first or (parts["bt"].item(), parts["critique"].item()); last = (parts["bt"].item(), parts["critique"].item())
-    rm.eval()
+    first, last = fit_fixed_batch(rm, enc, pairs, lr=3e-3)
     assert last[0] < first[0] and last[1] < first[1]
 
 
@@ -182,3 +188,313 @@ def test_release_preset_renders_system_and_prompt(model):
     assert "[Question]: " + q in text and "[LMM Response]: " + resp[0] in text and "\n\n[Evaluation]:<|im_end|>" in text
     row = enc["labels"][0]
     assert processor.tokenizer.decode(row[row != -100]) == crit[0] + "<|im_end|>"   # the system turn is never a target
+
+
+# ---- LoRA --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_lora_adapts_only_the_language_model(family):
+    from mmrlhf.reward import apply_lora
+    vlm, _ = build_tiny_vlm(family, "tiny", seed=0)
+    rm = CritiqueRewardModel(apply_lora(vlm, r=4))
+    adapted = {n.split(".lora_A")[0] for n, _ in rm.named_parameters() if ".lora_A." in n}
+    layers = rm.vlm.config.text_config.num_hidden_layers
+    assert len(adapted) == 7 * layers                                    # q, k, v, o, gate, up, down in every LM layer
+    assert all(".language_model." in n for n in adapted)                  # never the vision tower (SigLIP has q_proj too)
+    trainable = [n for n, p in rm.named_parameters() if p.requires_grad]
+    assert all(".lora_" in n or n.startswith("head.") for n in trainable)
+    assert {n for n in trainable if n.startswith("head.")} == {f"head.{k}" for k in rm.head.state_dict()}
+
+
+def test_lora_trains_adapters_and_head_only_and_saves_a_plain_model(tmp_path):
+    from mmrlhf.reward import apply_lora, is_lora
+    vlm, processor = build_tiny_vlm("qwen2_vl", "tiny", seed=3)
+    rm = CritiqueRewardModel(apply_lora(vlm, r=4, dropout=0.0))
+    data = groups(2, 3)
+    enc, offsets = reward_batch(processor, [g for g, _ in data])
+    pairs = batch_pairs(offsets, [p for _, p in data])
+    frozen = {n: p.detach().clone() for n, p in rm.named_parameters() if not p.requires_grad}
+    tuned = {n: p.detach().clone() for n, p in rm.named_parameters() if p.requires_grad}
+    first, last = fit_fixed_batch(rm, enc, pairs, lr=1e-2)
+    assert last[0] < first[0] and last[1] < first[1]
+    for n, p in rm.named_parameters():
+        if n in frozen: assert torch.equal(p, frozen[n]), n                 # the base is untouched
+    assert any(not torch.equal(p, tuned[n]) for n, p in rm.named_parameters() if ".lora_B." in n)
+    assert not torch.equal(rm.head.net[4].weight, tuned["head.net.4.weight"])
+    rm.save_pretrained(tmp_path, processor)
+    assert (tmp_path / "lora" / "adapter_model.safetensors").exists() and not (tmp_path / "adapter_config.json").exists()
+    rm2, proc2 = CritiqueRewardModel.from_pretrained(tmp_path)           # a plain model: the adapter is merged
+    assert not is_lora(rm2.vlm)
+    with torch.no_grad():
+        assert torch.allclose(rm(**enc)[1], rm2(**reward_batch(proc2, [g for g, _ in data])[0])[1], atol=1e-5)
+        assert torch.allclose(rm(**enc)[0], rm2(**enc)[0], atol=1e-5)
+
+
+def test_lora_checkpoints_are_models_and_resume(tmp_path):
+    import shutil
+    from transformers import TrainingArguments
+    from mmrlhf.reward import RewardCollator, RewardTrainer, apply_lora, world_reward_examples
+    train = world_reward_examples(5, 12)
+    def make(out):
+        vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+        model = CritiqueRewardModel(apply_lora(vlm, r=4, dropout=0.0))
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2, save_steps=2,
+                                 save_strategy="steps", report_to="none", use_cpu=True, remove_unused_columns=False, seed=0,
+                                 disable_tqdm=True, data_seed=0)
+        return model, RewardTrainer(model=model, args=args, train_dataset=train, data_collator=RewardCollator(processor), reward_processor=processor)
+    model, trainer = make(tmp_path / "a")
+    trainer.train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    CritiqueRewardModel.from_pretrained(ckpt)                             # every checkpoint is a usable (merged) reward model
+    model2, trainer2 = make(tmp_path / "b")
+    shutil.copytree(ckpt, tmp_path / "b" / "checkpoint-2")
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    moved = 0
+    for (n, p), (_, q) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6), n                        # resumed run ends where the uninterrupted one did
+    final, _ = CritiqueRewardModel.from_pretrained(ckpt.parent / "checkpoint-4")
+    fresh, _ = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(final.vlm.state_dict()[q_proj], fresh.state_dict()[q_proj])   # the adapter was merged in
+
+
+# ---- long sequences ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_critique", [True, False])
+def test_long_responses_are_cut_and_image_tokens_kept(model, with_critique):
+    import warnings
+    _, processor = model
+    (m, q, resp, crit), _ = groups(7, 1)[0]
+    resp = [resp[0] + " and so on" * 300] + resp[1:]
+    g = (m, q, resp, crit if with_critique else None)
+    full, _ = reward_batch(processor, [g])
+    n = full["attention_mask"].sum(1)
+    limit = int(n[1:].max()) + 20                                        # only the first sequence is too long
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cut, offsets = reward_batch(processor, [g], max_length=limit)
+    assert len(caught) == 1 and "1 of 4 sequences" in str(caught[0].message)
+    assert cut["attention_mask"].sum(1).max() <= limit < n[0]
+    img = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert torch.equal((cut["input_ids"] == img).sum(1), (full["input_ids"] == img).sum(1))
+    assert torch.equal(cut["input_ids"][1:], full["input_ids"][1:, :cut["input_ids"].shape[1]])   # the others are untouched
+    text = processor.tokenizer.decode(cut["input_ids"][0])
+    assert q in text and resp[0][:40] in text and "and so on" * 300 not in text
+    if with_critique:
+        row = cut["labels"][0]
+        assert processor.tokenizer.decode(row[row != -100]) == crit[0] + "<|im_end|>"   # room was left: the critique is whole
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reward_batch(processor, [g], max_length=int(n.max()))
+    assert not caught                                                    # nothing to cut, no warning
+
+
+def test_critique_is_cut_after_the_response(model):
+    _, processor = model
+    (m, q, resp, crit), _ = groups(8, 1)[0]
+    g = (m, q, ["x " * 200] + resp[1:], [crit[0] + " Also," * 200] + crit[1:])
+    head, _ = reward_batch(processor, [(m, q, ["x"], [crit[0]])])          # the response at one token, the critique whole
+    limit = int(head["attention_mask"].sum()) - 5
+    with pytest.warns(UserWarning, match="max_length"):
+        cut, _ = reward_batch(processor, [g], max_length=limit)
+    assert cut["attention_mask"].sum(1).max() <= limit
+    row = cut["labels"][0]
+    kept = processor.tokenizer.decode(row[row != -100])
+    assert kept.endswith("<|im_end|>") and crit[0].startswith(kept.removesuffix("<|im_end|>")[:-2]) and len(kept) < len(crit[0] + "<|im_end|>")
+    with pytest.raises(ValueError, match="over max_length=30") as e:
+        reward_batch(processor, [g], max_length=30)
+    assert repr(q[:60]) in str(e.value)                                  # names the query
+
+
+# ---- bad data ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def pairs_world(tmp_path):
+    from mmrlhf.schema import PairsConfig, run_pairs
+    from mmrlhf.synthetic import SynthConfig, write_world
+    world = write_world(SynthConfig(out=str(tmp_path / "world"), n_queries=4, seed=9))
+    run_pairs(PairsConfig(input=str(world), out=str(tmp_path / "pairs"), oracle=True, groups=False))
+    return tmp_path / "pairs" / "queries.jsonl", tmp_path / "world"
+
+
+def test_missing_image_names_the_file(pairs_world, tmp_path):
+    from mmrlhf.core import DataError
+    from mmrlhf.reward import TrainRewardConfig, query_examples, run_train_reward
+    data, root = pairs_world
+    image = sorted((root / "images").rglob("*.png"))[-1]     # an image, or a frame of a video
+    image.unlink()
+    for call in (lambda: query_examples(data, root),
+                 lambda: run_train_reward(TrainRewardConfig(data=str(data), image_root=str(root), out=str(tmp_path / "rm"), steps=1))):
+        with pytest.raises(ValueError, match=image.name) as e:
+            call()
+        errors = getattr(e.value, "errors", [e.value])                   # schema reports all bad records at once (DataErrors)
+        assert any(isinstance(x, DataError) and image.name in str(x) and str(data) in str(x) for x in errors)
+    assert not (tmp_path / "rm").exists()                                 # refused before any model was built
+
+
+def test_response_without_critique_or_reasons_is_refused(pairs_world):
+    import json
+    from mmrlhf.core import DataError
+    from mmrlhf.reward import query_examples
+    data, root = pairs_world
+    recs = [json.loads(l) for l in data.read_text().splitlines()]
+    recs[2]["responses"][1].pop("reasons"); recs[2]["responses"][1].pop("critique", None)
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(DataError, match=f"query {recs[2]['id']!r}: a response has no critique or reasons"):
+        query_examples(data, root)
+    assert len(query_examples(data, root, use_critiques=False)) == 4       # the score-only ablation needs none
+
+
+# ---- launch configs ----------------------------------------------------------------------------------------------
+
+CONFIGS = __import__("pathlib").Path(__file__).parent.parent / "configs"
+
+
+def test_deepspeed_and_accelerate_configs_parse():
+    import gc, json
+    from accelerate.commands.config.config_args import load_config_from_file
+    from transformers import TrainingArguments
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    for stage in (2, 3):
+        path = CONFIGS / "deepspeed" / f"zero{stage}.json"
+        ds = json.loads(path.read_text())
+        assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] == "auto"
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
+            assert ds[key] == "auto", key                                # the Trainer fills them from its own arguments
+        args = TrainingArguments(output_dir="unused", deepspeed=str(path), use_cpu=True, report_to="none", per_device_train_batch_size=3)
+        assert args.hf_deepspeed_config.is_zero3() == (stage == 3)
+        del args; gc.collect()
+    assert not is_deepspeed_zero3_enabled()                               # nothing global left behind for other tests
+    assert json.loads((CONFIGS / "deepspeed" / "zero3.json").read_text())["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    kinds = {}
+    for name in ("single_gpu", "ddp_8gpu", "zero2", "zero3", "multinode"):
+        cfg = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
+        kinds[name] = (str(cfg.distributed_type).split(".")[-1], cfg.num_processes, cfg.num_machines)
+        if cfg.deepspeed_config:
+            ds = CONFIGS.parent / cfg.deepspeed_config["deepspeed_config_file"]
+            assert ds.is_file(), ds
+            assert not ({"zero_stage", "gradient_accumulation_steps", "offload_optimizer_device"} & set(cfg.deepspeed_config))
+            assert cfg.mixed_precision in (None, "no")                     # accelerate refuses it beside a JSON
+    assert kinds == {"single_gpu": ("NO", 1, 1), "ddp_8gpu": ("MULTI_GPU", 8, 1), "zero2": ("DEEPSPEED", 8, 1),
+                     "zero3": ("DEEPSPEED", 8, 1), "multinode": ("DEEPSPEED", 16, 2)}
+
+
+def _dist_env(port):
+    import os
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+def test_deepspeed_zero3_lora_run_saves_a_usable_model(pairs_world, tmp_path):
+    "One-process ZeRO-3 in bf16 on CPU (DeepSpeed's CPU accelerator): the gathered weights, adapter merged in, are a reward model."
+    pytest.importorskip("deepspeed")
+    import subprocess
+    data, root = pairs_world
+    r = subprocess.run([_exe(), "train-reward", "--data", str(data), "--image-root", str(root), "--out", str(tmp_path / "rm"), "--steps", "2",
+                        "--save-steps", "2", "--deepspeed", str(CONFIGS / "deepspeed" / "zero3.json"), "--lora-r", "4", "--batch-size", "2", "--bf16"],
+                       capture_output=True, text=True, timeout=600, env=_dist_env(29531))
+    assert (tmp_path / "rm" / "final" / "lora").is_dir(), (r.stdout + r.stderr)[-3000:]
+    rm, processor = CritiqueRewardModel.from_pretrained(tmp_path / "rm" / "final")
+    data = groups(3, 2)
+    with torch.no_grad(): ce, rewards = rm(**reward_batch(processor, [g for g, _ in data])[0])
+    assert torch.isfinite(rewards).all() and torch.isfinite(ce).all() and rewards.std() > 0
+
+
+# ---- distributed -------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = '''
+import os, sys
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+from safetensors.torch import save_file
+from transformers import TrainingArguments
+from mmrlhf.reward import CritiqueRewardModel, RewardCollator, RewardTrainer, world_reward_examples
+from mmrlhf.testbed import build_tiny_vlm, quiet_cpu_run
+quiet_cpu_run(); torch.set_num_threads(1)
+out, batch_size, grad_accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# Every query has 4 responses and 5 pairs. Each process's loss is a mean over its own pairs and responses, and DDP averages
+# the processes' gradients: that equals the gradient of the mean over the global batch only when every process holds
+# as many pairs and responses as the others. With uneven query groups the two would weigh pairs differently.
+train = [e for e in world_reward_examples(0, 40) if len(e.responses) == 4 and len(e.pairs) == 5][:8]
+assert len(train) == 8
+vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+model = CritiqueRewardModel(vlm)
+# plain SGD without clipping: the update is proportional to the gradient, so any mis-scaled loss shows (Adam would hide it)
+args = TrainingArguments(output_dir=os.path.dirname(out) + "/run-" + os.path.basename(out), per_device_train_batch_size=batch_size,
+                         gradient_accumulation_steps=grad_accum, max_steps=4, learning_rate=0.05, optim="sgd", max_grad_norm=0.0,
+                         save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False, seed=0, data_seed=0,
+                         disable_tqdm=True, logging_steps=100)
+trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=RewardCollator(processor), reward_processor=processor)
+trainer.train()
+if trainer.args.process_index == 0:
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, out)
+    print("world size", trainer.args.world_size, flush=True)
+trainer.accelerator.end_training()
+os._exit(0)   # gloo can abort at interpreter exit after a finished run (env-probe section 5): the saved file is the result
+'''
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    import os, subprocess, sys
+    d = tmp_path_factory.mktemp("ddp")
+    (d / "train.py").write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    done = {}
+    def run(name, batch_size, grad_accum=1, processes=1):
+        if name in done: return done[name]
+        launch = [sys.executable] if processes == 1 else \
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+        r = subprocess.run(launch + [str(d / "train.py"), str(d / f"{name}.safetensors"), str(batch_size), str(grad_accum)],
+                           capture_output=True, text=True, timeout=300, env={**env, "ACCELERATE_USE_CPU": "1"})
+        done[name] = d / f"{name}.safetensors", r
+        return done[name]
+    return run
+
+
+def _params(path, r):
+    from safetensors.torch import load_file
+    assert path.exists(), (r.stdout + r.stderr)[-3000:]                    # the launcher's exit code is not trusted (gloo may abort at exit)
+    return load_file(str(path)), r.stdout
+
+
+def test_two_processes_equal_one_process(ddp_runs):
+    one, out1 = _params(*ddp_runs("one", 4))
+    two, out2 = _params(*ddp_runs("two", 2, processes=2))
+    assert "world size 1" in out1 and "world size 2" in out2
+    assert one.keys() == two.keys() and any(k.startswith("head.") for k in one) and any("language_model" in k for k in one)
+    for k in one: assert torch.allclose(one[k], two[k], atol=1e-5), k
+    half, _ = _params(*ddp_runs("half", 2))                                # one process, half the batch: a different run
+    assert max((one[k] - half[k]).abs().max().item() for k in one) > 1e-4
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(ddp_runs):
+    one, _ = _params(*ddp_runs("one", 4))
+    acc, _ = _params(*ddp_runs("acc", 2, grad_accum=2))
+    for k in one: assert torch.allclose(one[k], acc[k], atol=1e-5), k
+
+
+def test_critique_source_and_margins(tmp_path):
+    from mmrlhf.reward import query_examples, RewardCollator
+    from mmrlhf.schema import PairsConfig, read_queries, run_pairs, write_queries, joined_reasons
+    from mmrlhf.synthetic import SynthConfig, write_world
+    world = write_world(SynthConfig(out=str(tmp_path / "world"), n_queries=4, seed=1))
+    run_pairs(PairsConfig(input=str(world), out=str(tmp_path / "pairs"), oracle=True, groups=False))
+    qs = list(read_queries(tmp_path / "pairs" / "queries.jsonl"))
+    for q in qs:
+        for r in q.responses: r.critique = "EXPANDED " + joined_reasons(r)
+    write_queries(tmp_path / "q.jsonl", qs)
+    expanded = query_examples(tmp_path / "q.jsonl", tmp_path / "world")
+    raw = query_examples(tmp_path / "q.jsonl", tmp_path / "world", critique_source="raw", margin_scale=0.5)
+    assert all(c.startswith("EXPANDED") for e in expanded for c in e.critiques)
+    assert not any(c.startswith("EXPANDED") for e in raw for c in e.critiques) and expanded[0].margins is None
+    q0 = qs[0]; mean = [sum(r.scores.values()) / 3 for r in q0.responses]
+    assert raw[0].margins == pytest.approx([0.5 * (mean[c] - mean[r]) for c, r in raw[0].pairs])
+    vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+    rm = CritiqueRewardModel(vlm).eval()
+    batch = RewardCollator(processor)(raw[:2]); pairs, margins = batch.pop("pairs"), batch.pop("margins")
+    with torch.no_grad(): ce, rewards = rm(**batch)
+    with_m, _ = reward_loss(ce, rewards, pairs, margins=margins)
+    without, _ = reward_loss(ce, rewards, pairs)
+    assert margins.shape == (len(pairs),) and (margins >= 0).all() and with_m > without  # a positive margin asks for more
