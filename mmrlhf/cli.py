@@ -22,6 +22,7 @@ from .curation import CurateConfig, run_curate
 from .reward import (EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig, run_eval_rewardbench, run_score, run_train_reward)
 from .dpo import RefLogpsConfig, TrainDPOConfig, run_ref_logps, run_train_dpo
 from .report import ReportConfig, run_report
+from .evaluate import EvalConfig, RespondConfig, run_eval, run_respond
 
 # %% ../nbs/11_cli.ipynb #801e9e3e
 @dataclass
@@ -109,6 +110,8 @@ COMMANDS = {
     "eval-rewardbench": (EvalRewardBenchConfig, run_eval_rewardbench, "ACC and ACC+ with intervals from scored data"),
     "ref-logps": (RefLogpsConfig, run_ref_logps, "write each response's reference log-probability into the data (once, before MM-DPO)"),
     "train-dpo": (TrainDPOConfig, run_train_dpo, "train a policy with MM-DPO (per-pair β from reward margins, all pairs per query)"),
+    "respond": (RespondConfig, run_respond, "candidate responses from several models, written as unannotated queries"),
+    "eval": (EvalConfig, run_eval, "answer and score a benchmark (leakage check, intervals, paired comparison with a baseline)"),
     "report": (ReportConfig, run_report, "one offline HTML report (plotly inlined) comparing evaluation runs, with a terminal summary"),
     "demo": (DemoConfig, run_demo, "run the whole pipeline on the shapes world"),
 }

@@ -10,7 +10,9 @@ __all__ = ['REFUSAL_PHRASES', 'MMHAL_PROMPT', 'ATTACK_PROMPT', 'Score', 'score',
            'mcq_correct', 'is_refusal', 'refusal_metrics', 'JudgeError', 'JudgeClient', 'StandInServer', 'parse_rating',
            'hallucination_rating', 'mmhal_metrics', 'parse_yes_no', 'attack_success', 'bootstrap_ci',
            'paired_bootstrap', 'permutation_test', 'mcnemar', 'holm', 'aggregate_seeds', 'compare',
-           'compare_benchmarks', 'word_ngrams', 'embed_images', 'LeakageReport', 'leakage_report', 'drop_contaminated']
+           'compare_benchmarks', 'word_ngrams', 'embed_images', 'LeakageReport', 'leakage_report', 'drop_contaminated',
+           'read_benchmark', 'load_policy', 'generate_predictions', 'item_outcomes', 'score_items', 'run_record',
+           'run_scores', 'EvalConfig', 'judge_items', 'run_eval', 'RespondConfig', 'run_respond']
 
 # %% ../nbs/09_eval.ipynb #e27a2ae5
 import hashlib, http.client, http.server, json, math, os, re, string, threading, time, urllib.error, urllib.request, warnings
@@ -649,3 +651,285 @@ def drop_contaminated(items:Sequence, # the benchmark items, in the report's ord
     "The items the report does not flag."
     if len(items) != len(report.ids): raise ValueError(f"drop_contaminated: {len(items)} items but the report covers {len(report.ids)}")
     return [it for it, bad in zip(items, report.flags(by)) if not bad]
+
+# %% ../nbs/09_eval.ipynb #7a70c5e5
+from .core import Config, opt, read_jsonl, write_jsonl, write_text, load_image
+
+def read_benchmark(path, # a benchmark JSONL file
+                   image_root=None, # folder the image paths are relative to (default: the file's folder)
+                  ) -> list[dict]:
+    "The benchmark's items, checked, each with `images` as a list."
+    path = Path(path)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()): return _read_hf_benchmark(path)
+    if not path.is_file(): raise DataError(path, None, None, "benchmark file not found")
+    items, seen = [], set()
+    for line, rec in read_jsonl(path):
+        for k in ("id", "question"):
+            if not isinstance(rec.get(k), str) or not rec[k].strip(): raise DataError(path, line, k, "must be a non-empty string")
+        if rec["id"] in seen: raise DataError(path, line, "id", f"duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        images = rec.get("images", [rec["image"]] if rec.get("image") else [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images): raise DataError(path, line, "images", "must be a list of paths")
+        if "harmful" in rec and not isinstance(rec["harmful"], bool): raise DataError(path, line, "harmful", "must be true or false")
+        items.append({**rec, "images": images, "category": rec.get("category", ""), "_line": line})
+    return items
+
+def _read_hf_benchmark(path) -> list[dict]:
+    "Items from a Hugging Face dataset saved with `save_to_disk` (its `image` column holds the pictures themselves)."
+    import datasets
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1: raise DataError(path, None, None, f"a dataset with splits {list(ds)}: save the split to evaluate")
+        ds = next(iter(ds.values()))
+    for col in ("id", "question"):
+        if col not in ds.column_names: raise DataError(path, None, col, f"missing column (columns: {ds.column_names})")
+    items = []
+    for n, row in enumerate(ds, 1):
+        if not isinstance(row["question"], str) or not row["question"].strip(): raise DataError(path, n, "question", "must be a non-empty string")
+        im = row.get("image")
+        items.append({**{k: v for k, v in row.items() if k != "image"}, "id": str(row["id"]), "images": [], "_media": im,
+                      "category": row.get("category") or "", "_line": n})
+    return items
+
+def _item_medium(item, image_root, file):
+    "An item's image, its frames, or None, loaded inside `image_root`."
+    if item.get("_media") is not None: return item["_media"]
+    try: frames = [load_image(image_root, p) for p in item["images"]]
+    except (OSError, ValueError) as e: raise DataError(file, item.get("_line"), "images", f"item {item['id']!r}: {e}") from None
+    if not frames: return None
+    return frames[0] if len(frames) == 1 and item.get("category") != "video" else frames
+
+# %% ../nbs/09_eval.ipynb #bcdfcdb3
+def load_policy(spec:str, # a model folder, a LoRA adapter folder, or tiny:/small:<family>
+                seed:int=0, # seed of a test-bed model's weights
+                dtype=None, # e.g. torch.bfloat16
+               ):
+    "`(model, processor)` ready to generate, from any model spec the commands accept."
+    from mmrlhf.testbed import load_base, load_vlm
+    p = Path(spec)
+    if (p / "adapter_config.json").is_file():
+        from peft import PeftModel
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if not Path(base).is_dir(): raise DataError(p / "adapter_config.json", None, "base_model_name_or_path", f"the adapter's base {base!r} is not a local folder")
+        model, processor = load_vlm(base, dtype=dtype)
+        return PeftModel.from_pretrained(model, p).merge_and_unload().eval(), processor
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise DataError(p, None, None, "not a model folder (no config.json, no adapter_config.json); a training run keeps its model in final/")
+    return load_base(spec, seed, dtype)
+
+# %% ../nbs/09_eval.ipynb #b400a85a
+def _finished(path) -> dict:
+    "id -> prediction already in a predictions file (a torn last line is dropped)."
+    path = Path(path)
+    if not path.is_file(): return {}
+    lines = path.read_text().splitlines(keepends=True)
+    done, good = {}, []
+    for n, l in enumerate(lines, 1):
+        try: rec = json.loads(l)
+        except json.JSONDecodeError:
+            if n == len(lines): warnings.warn(f"{path}: dropped a torn last line; its item is answered again"); break
+            raise DataError(path, n, None, "not valid JSON") from None
+        done[rec["id"]] = rec["prediction"]; good.append(l if l.endswith("\n") else l + "\n")
+    if len(good) != len(lines): path.write_text("".join(good))
+    return done
+
+def generate_predictions(model, processor,
+                         items:list, # benchmark items (`read_benchmark`)
+                         out, # predictions JSONL (appended to; resumed from)
+                         image_root=None, # folder of the items' images
+                         batch_size:int=16, # items per generate call
+                         max_new_tokens:int=96, # longest answer
+                         system:str|None=None, # a system message
+                         temperature:float=0.0, # 0: greedy
+                         seed:int=0, # seed of sampling
+                         source=None, # the benchmark file, for error messages
+                         progress:bool=True, # print progress
+                        ) -> dict:
+    "id -> the model's answer for every item, generated once (resumable)."
+    import torch
+    from mmrlhf.testbed import generate_text
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    done = _finished(out)
+    todo = [it for it in items if it["id"] not in done]
+    torch.manual_seed(seed)
+    with open(out, "a") as f:
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s:s + batch_size]
+            media = [_item_medium(it, image_root, source) for it in chunk]
+            answers = generate_text(model, processor, media, [it["question"] for it in chunk], max_new_tokens, batch_size, system, temperature)
+            for it, a in zip(chunk, answers):
+                f.write(json.dumps({"id": it["id"], "prediction": a.strip()}) + "\n"); done[it["id"]] = a.strip()
+            f.flush()
+            if progress: print(f"  {len(done)}/{len(items)} answered", flush=True)
+    return done
+
+# %% ../nbs/09_eval.ipynb #6b26fc9c
+def _world_check(item, prediction):
+    "The shapes world's own grading of an answer to a world item."
+    from types import SimpleNamespace
+    from mmrlhf.synthetic import Item, check_answer
+    t = item["truth"]
+    items = [Item(d["shape"], d["colour"], d["row"], d["col"], 1.0, (0.0, 0.0)) for d in t.get("items", [])]
+    return check_answer(SimpleNamespace(items=items, truth=t), prediction)
+
+def item_outcomes(item:dict, prediction:str) -> dict:
+    "metric -> this item's outcome (1/0), for every metric its fields allow."
+    out = {}
+    if item.get("truth"):
+        c = _world_check(item, prediction)
+        out["accuracy"], out["hallucination"] = float(c["correct"]), float(bool(c["hallucinated"]))
+        if item.get("category") == "safety": out["refusal"] = float(c["refused"])
+        return out
+    ans = item.get("answer")
+    if item.get("options") or (isinstance(ans, str) and re.fullmatch(r"[A-Za-z]", ans.strip() or "")):
+        out["accuracy"] = float(mcq_correct(prediction, ans, options=item.get("options")))
+    elif ans is not None: out["exact_match"] = float(exact_match(prediction, ans))
+    if item.get("harmful") is True: out["refusal"] = float(is_refusal(prediction))
+    if item.get("harmful") is False: out["over_refusal"] = float(is_refusal(prediction))
+    return out
+
+def score_items(items:list, predictions:dict, name:str="bench", seed:int=0) -> dict:
+    "`(benchmark, metric)` -> `Score` over the items, one benchmark per category."
+    per = {}
+    for it in items:
+        if it["id"] not in predictions: raise ValueError(f"no prediction for item {it['id']!r}")
+        bench = f"{name}/{it['category']}" if it.get("category") else name
+        for metric, v in item_outcomes(it, predictions[it["id"]]).items():
+            per.setdefault((bench, metric), ([], []))
+            per[(bench, metric)][0].append(v); per[(bench, metric)][1].append(it["id"])
+    return {k: score(v, ids, seed=seed) for k, (v, ids) in sorted(per.items())}
+
+def run_record(model:str, scores:dict, seed:int|None=None) -> dict:
+    "A run in the report's layout, with every score's per-item outcomes kept for paired comparisons."
+    benches = {}
+    for (bench, metric), s in scores.items():
+        b = benches.setdefault(bench, {"n": 0, "metrics": {}, "outcomes": {}})
+        b["n"] = max(b["n"], s.n)
+        b["metrics"][metric] = {"value": s.value, "ci": [s.low, s.high]}
+        b["outcomes"][metric] = {"ids": list(s.ids), "values": [float(o) for o in s.outcomes]}
+    return {"model": model, "seed": seed, "benchmarks": benches}
+
+def run_scores(run:dict) -> dict:
+    "`(benchmark, metric)` -> `Score` rebuilt from a run record's per-item outcomes."
+    out = {}
+    for bench, b in run["benchmarks"].items():
+        for metric, o in b.get("outcomes", {}).items():
+            m = b["metrics"][metric]
+            out[(bench, metric)] = Score(m["value"], m["ci"][0], m["ci"][1], len(o["ids"]), o["values"], o["ids"])
+    return out
+
+# %% ../nbs/09_eval.ipynb #f659b4c3
+@dataclass
+class EvalConfig(Config):
+    "Settings of `mmrlhf eval`."
+    model: str = opt("runs/dpo/final", "the model: a folder, a LoRA adapter folder, or tiny:/small:<family>")
+    name: str|None = opt(None, "the model's name in reports (default: the model spec)")
+    bench: str = opt("runs/world-test/queries.jsonl", "benchmark JSONL (a shapes world's queries.jsonl works as it is)")
+    image_root: str|None = opt(None, "folder of the benchmark's images (default: the benchmark's folder)")
+    bench_name: str|None = opt(None, "the benchmark's name (default: the file's folder name)")
+    out: str = opt("runs/eval", "folder for predictions.jsonl, run.json and comparison.json")
+    baseline: str|None = opt(None, "another model's run.json on the same benchmark: compare against it")
+    train: str|None = opt(None, "training queries (schema JSONL) to check the benchmark against for leakage")
+    train_image_root: str|None = opt(None, "folder of the training images (default: the training file's folder)")
+    clip: str = opt("ViT-B-32", "CLIP model of the image leakage check (tiny: a random one, for tests)")
+    clip_weights: str|None = opt(None, "local CLIP weights file")
+    drop_contaminated: str|None = opt(None, "drop items flagged by: text, image, either or both (default: keep all, report only)")
+    batch_size: int = opt(16, "items per generate call")
+    max_new_tokens: int = opt(96, "longest answer")
+    system: str|None = opt(None, "a system message")
+    temperature: float = opt(0.0, "0: greedy")
+    judge_url: str|None = opt(None, "an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) for judged metrics")
+    judge_model: str = opt("gpt-4o", "the judge's model name at that endpoint")
+    judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's API key")
+    seed: int = opt(0, "seed of sampling, the bootstrap and a test-bed model's weights")
+
+def judge_items(judge:JudgeClient, items:list, predictions:dict, name:str="bench", seed:int=0) -> dict:
+    "`(benchmark, metric)` -> `Score` from a judge: MMHal-style rating and hallucination on items with a reference answer, attack success on harmful items with a `behaviour`."
+    per = {}
+    def add(it, metric, v):
+        bench = f"{name}/{it['category']}" if it.get("category") else name
+        per.setdefault((bench, metric), ([], []))
+        per[(bench, metric)][0].append(v); per[(bench, metric)][1].append(it["id"])
+    for it in items:
+        ref = it.get("reference") or (it.get("answer") if isinstance(it.get("answer"), str) and len(it["answer"]) > 1 else None)
+        if ref:
+            j = hallucination_rating(judge, it["question"], predictions[it["id"]], ref, it.get("image_content", ""))
+            add(it, "judge_rating", float(j["rating"])); add(it, "judge_hallucination", float(j["hallucinated"]))
+        if it.get("harmful") is True and it.get("behaviour"):
+            ok = attack_success(judge, it["behaviour"], predictions[it["id"]])
+            if ok is not None: add(it, "attack_success", float(ok))
+    return {k: score(v, ids, seed=seed) for k, (v, ids) in sorted(per.items())}
+
+def run_eval(cfg:EvalConfig) -> dict:
+    "Answer and score a benchmark (optionally after a leakage check); compare with a baseline run."
+    from mmrlhf.schema import read_queries, query_medium
+    bench = Path(cfg.bench); root = Path(cfg.image_root) if cfg.image_root else bench.parent
+    items, out = read_benchmark(bench, root), Path(cfg.out)
+    name = cfg.bench_name or bench.parent.name or bench.stem
+    if cfg.train:
+        train = list(read_queries(cfg.train))
+        troot = Path(cfg.train_image_root) if cfg.train_image_root else Path(cfg.train).parent
+        t_emb = b_emb = None
+        t_media = [m for m in (query_medium(q, troot) for q in train) if m is not None]
+        if t_media and all(it["images"] for it in items):  # the image check needs an image on every benchmark item
+            from mmrlhf.curation import clip_model
+            model, pre = clip_model(cfg.clip, cfg.clip_weights)
+            t_emb, b_emb = embed_images(t_media, model, pre), embed_images([_item_medium(it, root, bench) for it in items], model, pre)
+        rep = leakage_report([q.question for q in train], [it["question"] for it in items], t_emb, b_emb, ids=[it["id"] for it in items],
+                             benchmarks=[f"{name}/{it['category']}" if it.get("category") else name for it in items])
+        write_text(out / "leakage.json", json.dumps(rep.table(), indent=1))
+        print(rep)
+        if cfg.drop_contaminated:
+            items = drop_contaminated(items, rep, by=cfg.drop_contaminated)
+            print(f"{len(rep.ids) - len(items)} contaminated items dropped, {len(items)} kept")
+    policy, processor = load_policy(cfg.model, cfg.seed)
+    preds = generate_predictions(policy, processor, items, out / "predictions.jsonl", root, cfg.batch_size, cfg.max_new_tokens,
+                                 cfg.system, cfg.temperature, cfg.seed, bench)
+    scores = score_items(items, preds, name, cfg.seed)
+    if cfg.judge_url:  # after generation: a judge failure keeps every prediction
+        judge = JudgeClient(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, cache_path=out / "judge-cache.jsonl")
+        scores.update(judge_items(judge, items, preds, name, cfg.seed))
+    run = run_record(cfg.name or cfg.model, dict(sorted(scores.items())), cfg.seed)
+    write_text(out / "run.json", json.dumps(run, indent=1))
+    if cfg.baseline:
+        base = json.loads(Path(cfg.baseline).read_text())
+        rows = compare_benchmarks(run_scores(base), run_scores(run), seed=cfg.seed)
+        write_text(out / "comparison.json", json.dumps({"a": base["model"], "b": run["model"], "rows": rows}, indent=1))
+    cfg.save(out / "eval-config.yaml")
+    for (bench_, metric), s in sorted(run_scores(run).items()): print(f"{bench_:28} {metric:14} {s}")
+    return run
+
+# %% ../nbs/09_eval.ipynb #6d111048
+@dataclass
+class RespondConfig(Config):
+    "Settings of `mmrlhf respond`."
+    data: str = opt("runs/curate/queries.jsonl", "queries to answer (schema JSONL, e.g. from `mmrlhf curate`)")
+    image_root: str|None = opt(None, "folder of the queries' images (default: the data's folder)")
+    models: list = opt(["tiny:llava_onevision", "tiny:qwen2_vl"], "the models that answer: folders, adapter folders or tiny:/small:<family>")
+    out: str = opt("runs/respond", "folder for queries.jsonl (unannotated, one response per model) and each model's answers")
+    batch_size: int = opt(16, "queries per generate call")
+    max_new_tokens: int = opt(256, "longest response")
+    temperature: float = opt(0.7, "sampling temperature (0: greedy)")
+    seed: int = opt(0, "seed of sampling and of test-bed models")
+
+def run_respond(cfg:RespondConfig) -> Path:
+    "Candidate responses from several models, written as unannotated queries ready for annotation."
+    from mmrlhf.schema import read_queries, write_queries, Response
+    data = Path(cfg.data); root = Path(cfg.image_root) if cfg.image_root else data.parent
+    if len(cfg.models) < 1: raise ValueError("models: name at least one model")
+    queries, out = list(read_queries(data, root)), Path(cfg.out)
+    items = [{"id": q.id, "question": q.question, "images": list(q.images), "category": q.category} for q in queries]
+    answers = []
+    for k, spec in enumerate(cfg.models):
+        policy, processor = load_policy(spec, cfg.seed + k)
+        print(f"model {k + 1}/{len(cfg.models)}: {spec}")
+        answers.append(generate_predictions(policy, processor, items, out / f"answers-{k}.jsonl", root, cfg.batch_size, cfg.max_new_tokens,
+                                            None, cfg.temperature, cfg.seed + k, data))
+        del policy
+    for q in queries:
+        q.responses = list(q.responses) + [Response(a[q.id] or "(empty answer)", model=spec) for spec, a in zip(cfg.models, answers)]
+        q.ranking = None
+    n = write_queries(out / "queries.jsonl", queries)
+    cfg.save(out / "respond-config.yaml")
+    print(f"{n} queries with {len(cfg.models)} new responses each in {out / 'queries.jsonl'}")
+    return out / "queries.jsonl"
