@@ -346,6 +346,22 @@ def _score_table(runs:list) -> tuple[list, list]:
             for b, m in keys]
     return ["benchmark", "metric", "n"] + [run_label(r) for r in runs], rows
 
+def _seed_table(runs:list) -> tuple[list, list]|None:
+    "Header and rows across seeds, for models evaluated with two or more seeds: mean ± sd and every seed's value."
+    from mmrlhf.evaluate import aggregate_seeds
+    by_model = {}
+    for r in runs: by_model.setdefault(r["model"], []).append(r)
+    rows = []
+    for model, rs in by_model.items():
+        if len({r.get("seed") for r in rs}) < 2: continue
+        keys = _unique((b, m) for r in rs for b, res in r["benchmarks"].items() for m in res["metrics"])
+        for b, m in keys:
+            vals = {r.get("seed"): r["benchmarks"][b]["metrics"][m]["value"] for r in rs if m in r["benchmarks"].get(b, {}).get("metrics", {})}
+            a = aggregate_seeds(vals)
+            sd = "—" if a["sd"] is None else f"{a['sd']:.3f}"
+            rows.append([model, b, m, str(a["n"]), f"{a['mean']:.3f} ± {sd}", ", ".join(f"{k}: {v:.3f}" for k, v in a["per_seed"].items())])
+    return (["model", "benchmark", "metric", "seeds", "mean ± sd", "per seed"], rows) if rows else None
+
 def _comparison_table(c:dict) -> tuple[list, list, list]:
     "Header, rows and significance flags of one comparison's table."
     rows = [[r["benchmark"], r["metric"], f"{r['a']:.3f}", f"{r['b']:.3f}", _fmt_ci(r["diff"], *r["ci"], sign=True),
@@ -378,6 +394,8 @@ def report_html(runs:list, # `Run`s (one per model, or per model and seed)
     if runs:
         h, rows = _score_table(runs)
         parts += ["<h2>Scores</h2>", _figure_div(scores_figure(runs), "scores"), _html_table(h, rows)]
+        seeds = _seed_table(runs)
+        if seeds: parts += ["<h2>Across training seeds</h2>", "<p class=note>Mean and sample standard deviation over the seeds of each model, and every seed's value.</p>", _html_table(*seeds)]
     for i, c in enumerate(comparisons):
         h, rows, sig = _comparison_table(c)
         n_sig = sum(sig)
@@ -465,6 +483,8 @@ def terminal_summary(runs:list, # `Run`s
     out = []
     runs = [check_run(r, f"runs.{i}") for i, r in enumerate(runs)]
     if runs: out += ["Scores (value [95% CI])", _text_table(*_score_table(runs))]
+    seeds = _seed_table(runs) if runs else None
+    if seeds: out += ["\nAcross training seeds (mean ± sd)", _text_table(*seeds)]
     for i, c in enumerate(comparisons):
         c = check_comparison(c, f"comparisons.{i}")
         h, rows, sig = _comparison_table(c)
