@@ -35,4 +35,7 @@ import mmrlhf, mmrlhf.cli, pathlib
 assert pathlib.Path(mmrlhf.__file__).is_relative_to('$scratch/site'), mmrlhf.__file__
 print('wheel import ok:', mmrlhf.__file__)")
 
+echo "== 6. the docs site builds offline: every page, every internal link, screenshots in headless Chromium"
+python tools/site.py --check
+
 echo "== all checks passed in $((SECONDS - t0)) s"
