@@ -6,17 +6,17 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['COMMANDS', 'DemoConfig', 'run_demo', 'run_synth', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'DemoConfig', 'checker_defects', 'run_demo', 'run_synth', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #55e220a6
-import argparse, json, sys, time
+import argparse, io, json, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% ../nbs/11_cli.ipynb #0f2f0603
 import mmrlhf
-from .core import Config, ConfigError, DataError, add_config_args, config_from_args, opt, seed_everything, write_text
-from .synthetic import SynthConfig, make_query, query_media, score_answers, world_texts, write_world
+from .core import Config, ConfigError, DataError, add_config_args, config_from_args, opt, read_jsonl, seed_everything, write_jsonl, write_text
+from .synthetic import SynthConfig, make_query, world_texts, write_world
 from .schema import DataErrors, PairsConfig, run_pairs
 from .curation import CurateConfig, run_curate
 from .reward import (EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig, run_eval_rewardbench, run_score, run_train_reward)
@@ -28,70 +28,176 @@ from .evaluate import EvalConfig, RespondConfig, run_eval, run_respond
 @dataclass
 class DemoConfig(Config):
     "Settings of `mmrlhf demo`: the whole pipeline on the shapes world."
-    out: str = opt("runs/demo", "folder for the worlds, models and report")
+    out: str = opt("runs/demo", "run folder (a second run on it resumes)")
     seed: int = opt(0, "seed of everything: worlds, weights, sampling")
-    family: str = opt("llava_onevision", "model family: llava_onevision, qwen2_vl or qwen2_5_vl")
-    size: str = opt("small", "model size preset: tiny or small")
-    n_train: int = opt(2000, "queries in the training world")
+    family: str = opt("llava_onevision", "policy family: llava_onevision, qwen2_vl or qwen2_5_vl")
+    size: str = opt("small", "policy size preset: tiny or small")
+    n_pool: int = opt(1200, "queries in the instruction pool")
+    n_curated: int = opt(400, "queries the curation keeps")
     n_test: int = opt(200, "queries in the held-out test world")
-    warmup_steps: int = opt(600, "steps of the supervised warm-up")
+    warmup_steps: int = opt(350, "steps of the supervised warm-up")
     batch_size: int = opt(16, "examples per warm-up step")
     lr: float = opt(1.5e-3, "peak learning rate of the warm-up")
     noise: float = opt(0.2, "chance that a warm-up example uses a flawed answer (teaches some hallucination)")
-    max_new_tokens: int = opt(96, "longest generated answer")
+    reward_base: str = opt("tiny:llava_onevision", "the reward model's base")
+    reward_steps: int = opt(300, "reward-model training steps (4 queries each)")
+    critique_tokens: int = opt(32, "longest generated critique")
+    dpo_steps: int = opt(200, "MM-DPO steps (4 queries each)")
+    dpo_lr: float = opt(2e-4, "MM-DPO learning rate")
+    max_new_tokens: int = opt(64, "longest generated answer")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
 
 # %% ../nbs/11_cli.ipynb #414af638
+_WRONG = {"mcq": "wrong_option", "count": "wrong_count", "colour": "wrong_colour", "where": "wrong_position", "describe": "incomplete",
+          "motion": "wrong_direction", "harmful": "unsafe_compliance", "benign": "over_refusal"}
+
+def checker_defects(truth:dict, text:str) -> list:
+    "Defects of any answer to a shapes-world query, found by the world's checker."
+    from mmrlhf.evaluate import _world_check
+    from mmrlhf.synthetic import defect, DEFECTS
+    c = _world_check({"truth": truth}, text)
+    out = [defect("hallucinated_object", f"mentions a {h}, which is not in the image") for h in c["hallucinated"]]
+    if c["unsafe"]: out.append(defect("unsafe_compliance", DEFECTS["unsafe_compliance"][2]))
+    if not c["correct"] and not out:
+        kind = _WRONG[truth["kind"]]
+        out.append(defect(kind, DEFECTS[kind][2]))
+    return out
+
+# %% ../nbs/11_cli.ipynb #30091b21
 def _fmt(ci) -> str:
     m, lo, hi = ci
     return f"{m:6.1%} [{lo:6.1%}, {hi:6.1%}]"
 
-def _score_table(before:dict, after:dict) -> str:
-    "Accuracy and hallucination before and after, per category."
-    rows = [f"{'category':9} {'n':>4}  {'accuracy before':>24}  {'accuracy after':>24}  {'hallucination after':>24}"]
-    for cat in after:
-        rows.append(f"{cat:9} {after[cat]['n']:>4}  {_fmt(before[cat]['accuracy']):>24}  {_fmt(after[cat]['accuracy']):>24}  {_fmt(after[cat]['hallucination']):>24}")
-    return "\n".join(rows)
+def _stage(out:Path, name:str, say, fn):
+    "Run `fn` unless `out/name/done.json` says it finished; return its seconds."
+    marker = out / name / "done.json"
+    if marker.is_file():
+        secs = json.loads(marker.read_text())["seconds"]; say(f"{name}: done in an earlier run ({secs:.0f} s)"); return secs
+    t = time.time(); say(f"{name} ..."); fn()
+    secs = time.time() - t
+    write_text(marker, json.dumps({"seconds": round(secs, 1)}))
+    say(f"{name}: {secs:.0f} s"); return secs
 
-# %% ../nbs/11_cli.ipynb #2510aa1e
 def run_demo(cfg:DemoConfig) -> dict:
-    "Run every available stage on the shapes world; return the report."
+    "Run every stage on the shapes world (resumable); print and return the summary."
     import torch
-    from mmrlhf.testbed import build_tiny_vlm, generate_text, n_params, quiet_cpu_run, save_vlm, warmup_sft
+    from contextlib import redirect_stdout
+    from mmrlhf.schema import read_queries, write_queries
+    from mmrlhf.testbed import build_tiny_vlm, load_vlm, save_vlm, warmup_sft
+    from mmrlhf.testbed import quiet_cpu_run
     quiet_cpu_run()
     out, t0 = Path(cfg.out), time.time()
     say = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
     if cfg.threads: torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     cfg.save(out / "config.yaml")
+    quiet = lambda: redirect_stdout(io.StringIO())
+    pool, test = out / "world" / "pool", out / "world" / "test"
+    times = {}
 
-    say(f"1/4 shapes world: {cfg.n_train} training and {cfg.n_test} test queries -> {out}/world")
-    write_world(SynthConfig(out=str(out / "world" / "train"), n_queries=cfg.n_train, seed=cfg.seed))
-    write_world(SynthConfig(out=str(out / "world" / "test"), n_queries=cfg.n_test, seed=cfg.seed + 1))
-    train = [make_query(cfg.seed, i) for i in range(cfg.n_train)]
-    test = [make_query(cfg.seed + 1, i) for i in range(cfg.n_test)]
+    def world():
+        write_world(SynthConfig(out=str(pool), n_queries=cfg.n_pool, seed=cfg.seed))
+        write_world(SynthConfig(out=str(test), n_queries=cfg.n_test, seed=cfg.seed + 1))
+    times["world"] = _stage(out, "world", say, world)
 
-    model, processor = build_tiny_vlm(cfg.family, cfg.size, texts=world_texts(cfg.seed, 500), seed=cfg.seed)
-    say(f"2/4 random {cfg.family} ({cfg.size}, {n_params(model):,} parameters): answering the test world")
-    media, prompts = [query_media(q) for q in test], [q.question for q in test]
-    before = score_answers(test, generate_text(model, processor, media, prompts, cfg.max_new_tokens), cfg.seed)
-    say(f"    accuracy {_fmt(before['all']['accuracy'])}")
+    def curate():
+        with quiet(): run_curate(CurateConfig(pool=str(pool / "queries.jsonl"), out=str(out / "curate"), model="tiny", clusters=10,
+                                              total=cfg.n_curated, seed=cfg.seed))
+    times["curate"] = _stage(out, "curate", say, curate)
 
-    say(f"3/4 supervised warm-up: {cfg.warmup_steps} steps of {cfg.batch_size}")
-    losses = warmup_sft(model, processor, train, cfg.warmup_steps, cfg.batch_size, cfg.lr, cfg.noise, cfg.seed,
-                        log_every=max(1, cfg.warmup_steps // 10))
-    save_vlm(model, processor, out / "models" / "base")
+    def sft():
+        model, processor = build_tiny_vlm(cfg.family, cfg.size, texts=world_texts(cfg.seed, 500), seed=cfg.seed)
+        warmup_sft(model, processor, [make_query(cfg.seed, i) for i in range(cfg.n_pool)], cfg.warmup_steps, cfg.batch_size, cfg.lr,
+                   cfg.noise, cfg.seed, log_every=0)
+        save_vlm(model, processor, out / "models" / "sft")
+    times["sft"] = _stage(out, "sft", say, sft)
+    sft_model = str(out / "models" / "sft")
 
-    say("4/4 answering the test world again")
-    answers = generate_text(model.eval(), processor, media, prompts, cfg.max_new_tokens)
-    after = score_answers(test, answers, cfg.seed)
-    report = {"config": cfg.to_dict(), "mmrlhf": mmrlhf.__version__, "seconds": round(time.time() - t0, 1),
-              "warmup_loss": {"first": losses[0], "last10": sum(losses[-10:]) / len(losses[-10:])} if losses else None,
-              "before": before, "after": after,
-              "examples": [{"id": q.id, "question": q.question, "answer": a} for q, a in list(zip(test, answers))[:20]]}
-    write_text(out / "report.json", json.dumps(report, indent=1))
-    say(f"done: model in {out}/models/base, report in {out}/report.json\n\n" + _score_table(before, after))
-    return report
+    def respond():  # the curated queries with the world's candidates (stand-ins for other models), plus the policy's own answer
+        keep = {rec["id"] for _, rec in read_jsonl(out / "curate" / "curated.jsonl")}
+        write_jsonl(out / "respond" / "input.jsonl", (rec for _, rec in read_jsonl(pool / "queries.jsonl") if rec["id"] in keep))
+        with quiet(): run_respond(RespondConfig(data=str(out / "respond" / "input.jsonl"), image_root=str(pool), models=[sft_model],
+                                                out=str(out / "respond"), max_new_tokens=cfg.max_new_tokens, temperature=0.7, seed=cfg.seed))
+    times["respond"] = _stage(out, "respond", say, respond)
+
+    def annotate():
+        qs = list(read_queries(out / "respond" / "queries.jsonl"))
+        for q in qs:
+            for r in q.responses:
+                if r.defects is None: r.defects = checker_defects(q.truth, r.text)
+        write_queries(out / "annotate" / "responded.jsonl", qs)
+        with quiet():
+            run_pairs(PairsConfig(input=str(out / "annotate" / "responded.jsonl"), image_root=str(pool), out=str(out / "annotate"), oracle=True, groups=False))
+            run_pairs(PairsConfig(input=str(test / "queries.jsonl"), out=str(out / "annotate" / "test"), oracle=True, groups=False))
+    times["annotate"] = _stage(out, "annotate", say, annotate)
+    data = out / "annotate" / "queries.jsonl"
+
+    def reward():
+        with quiet():
+            rm = run_train_reward(TrainRewardConfig(data=str(data), image_root=str(pool), base=cfg.reward_base, out=str(out / "reward"),
+                                                    steps=cfg.reward_steps, save_steps=cfg.reward_steps, seed=cfg.seed))
+            run_score(ScoreConfig(data=str(data), image_root=str(pool), model=str(rm), out=str(out / "scored"), max_new_tokens=cfg.critique_tokens))
+            run_score(ScoreConfig(data=str(out / "annotate" / "test" / "queries.jsonl"), image_root=str(test), model=str(rm),
+                                  out=str(out / "scored-test"), max_new_tokens=cfg.critique_tokens))
+            m = run_eval_rewardbench(EvalRewardBenchConfig(scored=str(out / "scored-test" / "queries.jsonl"), seed=cfg.seed))
+        write_text(out / "reward" / "rewardbench.json", json.dumps(m, indent=1))
+    times["reward"] = _stage(out, "reward", say, reward)
+
+    def ref():
+        with quiet(): run_ref_logps(RefLogpsConfig(data=str(out / "scored" / "queries.jsonl"), image_root=str(pool), model=sft_model, out=str(out / "ref")))
+    times["ref-logps"] = _stage(out, "ref-logps", say, ref)
+
+    def dpo():
+        with quiet(): run_train_dpo(TrainDPOConfig(data=str(out / "ref" / "queries.jsonl"), image_root=str(pool), base=sft_model, out=str(out / "dpo"),
+                                                   steps=cfg.dpo_steps, lr=cfg.dpo_lr, save_steps=cfg.dpo_steps, logging_steps=max(1, cfg.dpo_steps // 5),
+                                                   seed=cfg.seed))
+    times["dpo"] = _stage(out, "dpo", say, dpo)
+
+    def evaluate():
+        common = dict(bench=str(test / "queries.jsonl"), bench_name="shapes", max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        with quiet():
+            run_eval(EvalConfig(model=sft_model, name="SFT", out=str(out / "eval" / "before"), **common))
+            run_eval(EvalConfig(model=str(out / "dpo" / "final"), name="SFT + MM-DPO", out=str(out / "eval" / "after"),
+                                baseline=str(out / "eval" / "before" / "run.json"), **common))
+            run_report(ReportConfig(runs=[str(out / "eval" / "before" / "run.json"), str(out / "eval" / "after" / "run.json")],
+                                    comparisons=[str(out / "eval" / "after" / "comparison.json")], rewardbench=str(out / "reward" / "rewardbench.json"),
+                                    out=str(out / "report.html"), title="mmrlhf demo: the shapes world"))
+    times["evaluate"] = _stage(out, "evaluate", say, evaluate)
+
+    summary = _demo_summary(out, times)
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
+    say(f"done: report in {out / 'report.html'}\n\n" + _summary_table(summary))
+    return summary
+
+def _overall(run_path:Path, metric:str, seed:int=0):
+    "A metric over every item of a run (all categories), with its interval."
+    from mmrlhf.evaluate import run_scores, score
+    run = json.loads(Path(run_path).read_text())
+    vals, ids = [], []
+    for (bench, m), s in run_scores(run).items():
+        if m == metric: vals += list(s.outcomes); ids += list(s.ids)
+    s = score(vals, ids, seed=seed)
+    return (s.value, s.low, s.high)
+
+def _demo_summary(out:Path, times:dict) -> dict:
+    "The figures the demo reports."
+    rb = json.loads((out / "reward" / "rewardbench.json").read_text())["all"]
+    cmp = json.loads((out / "eval" / "after" / "comparison.json").read_text())
+    return {"reward_model": {"acc": rb["acc"], "acc_plus": rb["acc_plus"], "pairs": rb["pairs"], "queries": rb["queries"]},
+            "policy": {k: {"before": _overall(out / "eval" / "before" / "run.json", m), "after": _overall(out / "eval" / "after" / "run.json", m)}
+                       for k, m in (("accuracy", "accuracy"), ("hallucination", "hallucination"))},
+            "significant": [f"{r['benchmark']} {r['metric']} {r['diff']:+.3f}" for r in cmp["rows"] if r["significant"]],
+            "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(sum(times.values()), 1)}
+
+def _summary_table(s:dict) -> str:
+    "The summary as text."
+    rm, pol = s["reward_model"], s["policy"]
+    lines = [f"reward model, held-out world ({rm['queries']} queries, {rm['pairs']} pairs): ACC {_fmt(rm['acc'])}   ACC+ {_fmt(rm['acc_plus'])}",
+             "", f"{'policy, held-out world':24} {'before (SFT)':>24} {'after (MM-DPO)':>24}"]
+    for k in ("accuracy", "hallucination"): lines.append(f"{k:24} {_fmt(pol[k]['before']):>24} {_fmt(pol[k]['after']):>24}")
+    lines += ["", "significant after Holm: " + (", ".join(s["significant"]) or "none"), "",
+              "time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()) + f"; total {s['total_seconds']:.0f} s"]
+    return "\n".join(lines)
 
 # %% ../nbs/11_cli.ipynb #9c3c1733
 def run_synth(cfg:SynthConfig):

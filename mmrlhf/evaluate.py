@@ -653,7 +653,7 @@ def drop_contaminated(items:Sequence, # the benchmark items, in the report's ord
     return [it for it, bad in zip(items, report.flags(by)) if not bad]
 
 # %% ../nbs/09_eval.ipynb #7a70c5e5
-from .core import Config, opt, read_jsonl, write_jsonl, write_text, load_image
+from .core import Config, ConfigError, opt, read_jsonl, write_jsonl, write_text, load_image
 
 def read_benchmark(path, # a benchmark JSONL file
                    image_root=None, # folder the image paths are relative to (default: the file's folder)
@@ -929,6 +929,7 @@ def run_respond(cfg:RespondConfig) -> Path:
     for q in queries:
         q.responses = list(q.responses) + [Response(a[q.id] or "(empty answer)", model=spec) for spec, a in zip(cfg.models, answers)]
         q.ranking = None
+        if len(q.responses) < 2: raise ConfigError(f"query {q.id!r} would have a single response, which nothing can be compared with: name at least two models")
     n = write_queries(out / "queries.jsonl", queries)
     cfg.save(out / "respond-config.yaml")
     print(f"{n} queries with {len(cfg.models)} new responses each in {out / 'queries.jsonl'}")

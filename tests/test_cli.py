@@ -59,13 +59,20 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 
 
 def test_demo_end_to_end_tiny(tmp_path):
-    r = run("demo", "--out", "d", "size=tiny", "n_train=32", "n_test=10", "warmup_steps=4", "batch_size=4", "max_new_tokens=8", cwd=tmp_path)
+    args = ["demo", "--out", "d", "size=tiny", "n_pool=40", "n_curated=20", "n_test=10", "warmup_steps=4", "batch_size=4", "reward_steps=2",
+            "critique_tokens=6", "dpo_steps=2", "max_new_tokens=8"]
+    r = run(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "d"
-    report = json.loads((out / "report.json").read_text())
-    assert report["after"]["all"]["n"] == 10 and len(report["after"]["all"]["accuracy"]) == 3
-    assert (out / "models" / "base" / "model.safetensors").exists()
-    assert (out / "world" / "train" / "queries.jsonl").exists() and (out / "config.yaml").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["seconds"]) == {"world", "curate", "sft", "respond", "annotate", "reward", "ref-logps", "dpo", "evaluate"}
+    assert len(summary["policy"]["accuracy"]["before"]) == 3 and len(summary["reward_model"]["acc"]) == 3
+    assert (out / "dpo" / "final" / "model.safetensors").exists() and (out / "report.html").stat().st_size > 1_000_000
+    responded = [json.loads(l) for l in (out / "respond" / "queries.jsonl").read_text().splitlines()]
+    assert all(len(q["responses"]) == 5 and q["responses"][-1]["model"].endswith("sft") for q in responded)  # the world's 4 + the policy's
+    (out / "dpo" / "done.json").unlink()  # as if the run had stopped during MM-DPO: the rerun redoes MM-DPO only
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("done in an earlier run") == 8, r.stdout[-2000:]
 
 
 @pytest.mark.parametrize("command", ["synth", "demo"])
