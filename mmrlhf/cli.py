@@ -23,6 +23,9 @@ from .reward import (EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig, run_
 from .dpo import RefLogpsConfig, TrainDPOConfig, run_ref_logps, run_train_dpo
 from .report import ReportConfig, run_report
 from .evaluate import EvalConfig, RespondConfig, run_eval, run_respond
+from .critiques import ExpandConfig, run_expand_critiques
+from .annotate import (AnnotateAgreementConfig, AnnotateConfig, AnnotateExportConfig, run_annotate, run_annotate_agreement,
+                             run_annotate_export)
 
 # %% ../nbs/11_cli.ipynb #801e9e3e
 @dataclass
@@ -217,6 +220,10 @@ COMMANDS = {
     "ref-logps": (RefLogpsConfig, run_ref_logps, "write each response's reference log-probability into the data (once, before MM-DPO)"),
     "train-dpo": (TrainDPOConfig, run_train_dpo, "train a policy with MM-DPO (per-pair β from reward margins, all pairs per query)"),
     "respond": (RespondConfig, run_respond, "candidate responses from several models, written as unannotated queries"),
+    "annotate": (AnnotateConfig, run_annotate, "the annotation web app: scores, reasons and rankings in the browser, expert review, SQLite"),
+    "annotate-export": (AnnotateExportConfig, run_annotate_export, "write the annotation database's accepted (or all) annotations as schema JSONL"),
+    "annotate-agreement": (AnnotateAgreementConfig, run_annotate_agreement, "agreement between annotators (alpha, tau) and time per query"),
+    "expand-critiques": (ExpandConfig, run_expand_critiques, "expand each annotator's short reasons into a full critique with a language model"),
     "eval": (EvalConfig, run_eval, "answer and score a benchmark (leakage check, intervals, paired comparison with a baseline)"),
     "report": (ReportConfig, run_report, "one offline HTML report (plotly inlined) comparing evaluation runs, with a terminal summary"),
     "demo": (DemoConfig, run_demo, "run the whole pipeline on the shapes world"),

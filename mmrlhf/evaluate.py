@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 # %% ../nbs/09_eval.ipynb #af0eda06
-from .core import DataError, mean_ci
+from .core import DataError, atomic_write, mean_ci
 from .curation import Embedded, InMemory, _dedup_index
 
 # %% ../nbs/09_eval.ipynb #827be342
@@ -189,12 +189,15 @@ class JudgeClient:
     def __repr__(self): return f"JudgeClient({self.url!r}, {self.model!r}, cached={len(self._cache)})"
 
     def _load_cache(self):
-        lines = self.cache_path.read_text(encoding="utf-8").splitlines()
+        lines = self.cache_path.read_text(encoding="utf-8").splitlines(keepends=True)
         for i, line in enumerate(lines, 1):
             if not line.strip(): continue
             try: rec = json.loads(line); self._cache[rec["key"]] = rec["reply"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                if i == len(lines): warnings.warn(f"{self.cache_path}:{i}: skipping a torn last line of the judge cache"); continue
+                if i == len(lines):  # cut off mid-write: drop it from the file too, so the next append starts on a fresh line
+                    warnings.warn(f"{self.cache_path}:{i}: skipping a torn last line of the judge cache")
+                    with atomic_write(self.cache_path) as f: f.writelines(l if l.endswith("\n") else l + "\n" for l in lines[:-1])
+                    continue
                 raise DataError(self.cache_path, i, None, "not a judge-cache record ({'key', 'reply'})") from None
 
     def key(self, messages:list, params:dict) -> str:

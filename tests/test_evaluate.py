@@ -90,6 +90,9 @@ def test_judge_cache_torn_and_corrupt_lines(tmp_path):
         with pytest.warns(UserWarning, match="torn"):
             j = JudgeClient(srv.base_url, "m", cache_path=cache)
         j.ask("q"); assert len(srv.requests) == 1
+        j.ask("q2"); assert len(srv.requests) == 2            # appended after the dropped half line, not onto it
+        again = JudgeClient(srv.base_url, "m", cache_path=cache)
+        again.ask("q"); again.ask("q2"); assert len(srv.requests) == 2
         cache.write_text("not json\n" + cache.read_text())
         with pytest.raises(DataError, match="c.jsonl:1"):
             JudgeClient(srv.base_url, "m", cache_path=cache)

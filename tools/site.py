@@ -93,6 +93,7 @@ def build(out: Path) -> list[Path]:
         body = body.replace("</body>", f"{extra}</main></body>", 1)
         (out / f"{name}.html").write_text(body, encoding="utf-8")
         written.append(out / f"{name}.html")
+    if (NBS / "images").is_dir(): shutil.copytree(NBS / "images", out / "images", dirs_exist_ok=True)  # figures the notebooks' prose shows
     from mmrlhf.report import example_inputs, write_report
     runs, comparisons, rewardbench = example_inputs()
     write_report(out / "example-report.html", runs, comparisons, rewardbench, title="mmrlhf example report (made-up numbers)")
@@ -102,9 +103,10 @@ def build(out: Path) -> list[Path]:
 
 class _Links(HTMLParser):
     def __init__(self):
-        super().__init__(); self.hrefs, self.ids = [], set()
+        super().__init__(); self.hrefs, self.ids, self.images = [], set(), []
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        if tag == "img" and a.get("src") and not re.match(r"^(https?:|data:)", a["src"]): self.images.append(a["src"])
         if a.get("id"): self.ids.add(a["id"])
         if tag == "a" and a.get("href"): self.hrefs.append(a["href"])
 
@@ -116,6 +118,7 @@ def check_links(site: Path) -> list[str]:
         parser = _Links(); parser.feed(p.read_text(encoding="utf-8")); parsed[p.name] = parser
     bad = []
     for name, parser in parsed.items():
+        bad += [f"{name}: image {src!r} is missing" for src in parser.images if not (site / src).is_file()]
         for href in parser.hrefs:
             if re.match(r"^(https?:|mailto:|data:)", href): continue
             target, _, anchor = href.partition("#")
