@@ -255,6 +255,11 @@ def save_answer(self, query_id:str, annotator:str, # whose work
     return draft
 
 @patch_to(AnnotationStore)
+def touch(self, query_id:str, annotator:str):
+    "Start the query's clock afresh (the annotator has just opened it): time away before that does not count."
+    with self.tx() as c: c.execute("UPDATE work SET last_seen=? WHERE query_id=? AND annotator=?", (time.time(), query_id, annotator))
+
+@patch_to(AnnotationStore)
 def work(self, query_id:str, annotator:str) -> dict:
     "`annotator`'s work on `query_id`: status, draft, seconds and the reviewer's note."
     r = self.rows("SELECT * FROM work WHERE query_id=? AND annotator=?", query_id, annotator)
@@ -406,7 +411,7 @@ _CSS = """
 header{position:sticky;top:0;z-index:2;background:#1d2430;color:#fff;padding:.5rem 1rem;display:flex;gap:1rem;align-items:center}
 header .grow{flex:1} header a{color:#cfe0ff} main{padding:1rem;max-width:100%} .bar{height:6px;background:#435;width:12rem;border-radius:3px}
 .bar i{display:block;height:100%;background:#7bd389;border-radius:3px} #status{min-width:9rem;text-align:right} #status.bad{color:#ffb4a8}
-.top{display:flex;gap:1rem;flex-wrap:wrap} .media img{height:260px;width:auto;max-width:480px;object-fit:contain;border:1px solid #ccd;background:#fff;margin:0 .3rem .3rem 0}
+.top{display:flex;gap:1rem;flex-wrap:wrap} .media img{height:260px;width:auto;max-width:480px;object-fit:contain;border:1px solid #ccd;background:#fff;margin:0 .3rem .3rem 0} .media img:not(:only-child){height:130px}
 .question{font-size:1.1rem;background:#fff;border:1px solid #dde;padding:.7rem;border-radius:6px;flex:1;min-width:18rem;align-self:flex-start}
 .note{background:#fff4d6;border:1px solid #e8c66a;padding:.5rem .7rem;border-radius:6px;margin:.5rem 0}
 .responses{display:grid;grid-auto-flow:column;grid-auto-columns:minmax(300px,1fr);gap:.8rem;overflow-x:auto;margin:1rem 0}
@@ -646,7 +651,7 @@ def make_app(store:AnnotationStore, # the annotation database
     def annotate_page(request: Request, query_id: str):
         p = who(request, "annotator"); q, w = assigned(p, query_id)
         if w["status"] == "submitted": return RedirectResponse("/", status_code=303)
-        k = len(q.responses)
+        store.touch(q.id, p["name"]); k = len(q.responses)
         data = {"id": q.id, "annotator": p["name"], "draft": w["draft"], "levels": LEVELS, "ranks": [f"rank.{i}" for i in range(k)],
                 "save": f"/api/answer/{quote(q.id, safe='')}", "submit": f"/api/submit/{quote(q.id, safe='')}"}
         return page("annotate", f"Query {q.id}", p, q=q, k=k, n_images=len(q.images), data=data, dims=DIMENSIONS, levels=LEVELS,

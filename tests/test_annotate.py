@@ -154,6 +154,13 @@ def test_browser_annotation_survives_a_killed_server(setup):
     mine = {q.id: q for q in got if q.annotators == ["alice"]}
     assert [r.scores for r in mine[q2].responses] == [{d: oracle[q2][f"scores.{i}.{d}"] for d in DIMENSIONS} for i in range(4)]
     assert store.export(store.path.parent / "accepted.jsonl") == 1
+    assert store.work(q2, "alice")["seconds"] > 0          # time on the query, from the page's saves
+    from mmrlhf.cli import main
+    assert main(["annotate-export", "--db", str(store.path), "--out", str(store.path.parent / "cli.jsonl")]) == 0
+    assert [q.id for q in read_queries(store.path.parent / "cli.jsonl")] == [q1]
+    assert main(["annotate-agreement", "--db", str(store.path), "--out", str(store.path.parent / "agreement.json")]) == 0
+    rep = json.loads((store.path.parent / "agreement.json").read_text())
+    assert rep["pairs"]["alice|bob"]["queries_with_several_annotators"] == 1 and rep["seconds_per_query"]["alice"]["queries"] == 2
 
 
 def test_concurrent_annotators(setup):
