@@ -7,4 +7,5 @@ export PATH="$PWD/.venv/bin:$PATH"
 jupyter nbconvert --log-level WARN --to markdown nbs/index.ipynb --output-dir . --output README
 mkdir -p _docs
 jupyter nbconvert --log-level WARN --to html --output-dir _docs nbs/index.ipynb nbs/[0-9]*.ipynb
+if [ -d nbs/images ]; then cp -r nbs/images _docs/; fi   # figures the notebooks show
 echo "README.md and _docs/*.html written"
