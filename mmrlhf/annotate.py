@@ -204,8 +204,8 @@ def check_answer(q:Query, # the query being annotated
                 ) -> str|None:
     "Why `value` cannot be the answer to `field` (None when it can)."
     k, parts = len(q.responses), field.split(".")
-    if value is None or value == "": return None if _known_field(parts, k) else f"unknown field {field!r}"
     if not _known_field(parts, k): return f"unknown field {field!r}"
+    if value is None or value == "": return None
     if parts[0] == "scores" or parts[0] == "rank":
         top = 5 if parts[0] == "scores" else k
         if not isinstance(value, int) or isinstance(value, bool): return f"must be a whole number from 1 to {top}, got {value!r}"
@@ -374,7 +374,9 @@ def export(self, path, # the JSONL file to write
           ) -> int:
     "Write the annotations as schema JSONL; return the number of records."
     if which == "accepted":
-        recs = [self.submissions(i)[self._accepted(i)]["record"] for i in self.accepted_ids()]
+        recs = [json.loads(r["record"]) for r in self.rows("""
+            SELECT w.record FROM reviews r JOIN work w ON w.query_id = r.query_id AND w.annotator = r.accepted
+            WHERE r.n = (SELECT max(n) FROM reviews WHERE query_id = r.query_id) AND r.decision = 'accept' ORDER BY r.n""")]
     elif which == "submitted":
         recs = [json.loads(r["record"]) for r in self.rows(
             "SELECT w.record FROM work w JOIN queries q ON q.id = w.query_id WHERE w.status='submitted' ORDER BY q.position, w.annotator")]
@@ -383,10 +385,6 @@ def export(self, path, # the JSONL file to write
     with atomic_write(path) as f:
         for rec in recs: f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return len(recs)
-
-@patch_to(AnnotationStore)
-def _accepted(self, query_id:str) -> str:
-    return self.rows("SELECT accepted FROM reviews WHERE query_id=? ORDER BY n DESC LIMIT 1", query_id)[0][0]
 
 # %% ../nbs/12_annotate.ipynb #a87ac9bb
 def agreement_report(store:AnnotationStore, # the annotation database

@@ -11,12 +11,13 @@ __all__ = ['MARKER', 'EXPAND_PROMPT', 'CHECK_PROMPT', 'human_comment', 'expand_p
            'expand_critiques', 'ExpandConfig', 'run_expand_critiques']
 
 # %% ../nbs/13_critiques.ipynb #0183d1f8
-import hashlib, json, re, warnings
+import hashlib, json, re
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% ../nbs/13_critiques.ipynb #4eb31955
-from .core import Config, ConfigError, DataError, atomic_write, opt, read_jsonl, write_jsonl, write_text
+from .core import Config, ConfigError, DataError, opt, read_jsonl, write_jsonl, write_text
+from .evaluate import read_reply_cache
 from .schema import DIMENSIONS, Query, Response, level, parse_query, write_queries
 
 # %% ../nbs/13_critiques.ipynb #e4707361
@@ -122,27 +123,6 @@ class EndpointBackend:
         return self.client.ask_many(prompts, workers=self.workers)
 
 # %% ../nbs/13_critiques.ipynb #f240c420
-def _cache_records(path) -> list[dict]:
-    "The records of a reply cache, dropping (and cutting off) a torn last line."
-    path = Path(path)
-    if not path.is_file(): return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    recs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip(): continue
-        try:
-            rec = json.loads(line)
-            if not (isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("reply"), str)): raise ValueError
-            recs.append(rec)
-        except ValueError:
-            if n == len(lines):
-                warnings.warn(f"{path}:{n}: dropped a torn last line of the cache; its prompt is asked again")
-                with atomic_write(path) as f: f.write("".join(l if l.endswith("\n") else l + "\n" for l in lines[:-1]))
-                break
-            raise DataError(path, n, None, "not a reply-cache record ({'key', 'model', 'reply'})") from None
-    return recs
-
-# %% ../nbs/13_critiques.ipynb #eff2f03e
 class LocalBackend:
     "Greedy replies from a local vision-language model, cached in an append-only JSONL file."
     def __init__(self, model, processor, # from `evaluate.load_policy`
@@ -154,7 +134,7 @@ class LocalBackend:
         self.model, self.processor, self.name, self.max_new_tokens, self.batch_size = model, processor, name, max_new_tokens, batch_size
         self.cache_path = Path(cache_path) if cache_path else None
         self.n_new = self.n_cached = 0
-        self._cache = {rec["key"]: rec["reply"] for rec in _cache_records(self.cache_path)} if self.cache_path else {}
+        self._cache = read_reply_cache(self.cache_path) if self.cache_path else {}
 
     def __repr__(self): return f"LocalBackend({self.name!r}, cached={len(self._cache)})"
 
@@ -405,7 +385,6 @@ def _read_for_expansion(path:Path, image_root, overwrite:bool) -> list[Query]:
 def _backend(cfg:ExpandConfig, cache:Path):
     "The backend `cfg` names: an endpoint (`url`) or a local model (`model`)."
     if bool(cfg.url) == bool(cfg.model): raise ConfigError("expand-critiques: give exactly one of url (an OpenAI-compatible endpoint) and model (a local checkpoint)")
-    _cache_records(cache)   # drop a torn last line before anything appends to the file
     if cfg.model: return LocalBackend.load(cfg.model, cfg.seed, cache_path=cache, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     from mmrlhf.evaluate import JudgeClient
     return EndpointBackend(JudgeClient(cfg.url, cfg.model_name, cfg.api_key_env, cache_path=cache, max_tokens=cfg.max_new_tokens), cfg.workers)

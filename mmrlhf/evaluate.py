@@ -7,9 +7,9 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['REFUSAL_PHRASES', 'MMHAL_PROMPT', 'ATTACK_PROMPT', 'Score', 'score', 'normalize_answer', 'exact_match', 'mcq_letter',
-           'mcq_correct', 'is_refusal', 'refusal_metrics', 'JudgeError', 'JudgeClient', 'StandInServer', 'parse_rating',
-           'hallucination_rating', 'mmhal_metrics', 'parse_yes_no', 'attack_success', 'bootstrap_ci',
-           'paired_bootstrap', 'permutation_test', 'mcnemar', 'holm', 'aggregate_seeds', 'compare',
+           'mcq_correct', 'is_refusal', 'refusal_metrics', 'read_reply_cache', 'JudgeError', 'JudgeClient',
+           'StandInServer', 'parse_rating', 'hallucination_rating', 'mmhal_metrics', 'parse_yes_no', 'attack_success',
+           'bootstrap_ci', 'paired_bootstrap', 'permutation_test', 'mcnemar', 'holm', 'aggregate_seeds', 'compare',
            'compare_benchmarks', 'word_ngrams', 'embed_images', 'LeakageReport', 'leakage_report', 'drop_contaminated',
            'read_benchmark', 'load_policy', 'generate_predictions', 'item_outcomes', 'score_items', 'run_record',
            'run_scores', 'EvalConfig', 'judge_items', 'run_eval', 'RespondConfig', 'run_respond']
@@ -163,6 +163,27 @@ def refusal_metrics(predictions:Sequence[dict], # records with an answer and a h
     return {"refusal_rate": group(True), "over_refusal": group(False), "refused": refused, "harmful": is_harmful}
 
 # %% ../nbs/09_eval.ipynb #4fdf8e12
+def read_reply_cache(path, # a JSONL reply cache: one {"key", "reply", ...} object per line
+                    ) -> dict:
+    "key -> reply from a reply cache (missing: empty); a torn last line is dropped from the file with a warning."
+    path = Path(path)
+    if not path.is_file(): return {}
+    lines, cache = path.read_text(encoding="utf-8").splitlines(keepends=True), {}
+    for i, line in enumerate(lines, 1):
+        if not line.strip(): continue
+        try:
+            rec = json.loads(line)
+            if not (isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("reply"), str)): raise ValueError
+            cache[rec["key"]] = rec["reply"]
+        except ValueError:
+            if i == len(lines):
+                warnings.warn(f"{path}:{i}: dropped a torn last line of the reply cache; its request is made again")
+                with atomic_write(path) as f: f.writelines(l if l.endswith("\n") else l + "\n" for l in lines[:-1])
+                break
+            raise DataError(path, i, None, "not a reply-cache record ({'key', 'reply'})") from None
+    return cache
+
+# %% ../nbs/09_eval.ipynb #8262c98e
 class JudgeError(RuntimeError):
     "The judge could not be reached, refused the request, or replied with something that is not a chat completion."
 
@@ -183,22 +204,9 @@ class JudgeClient:
         self.model, self.api_key_env, self.timeout, self.max_retries, self.backoff, self.max_tokens = model, api_key_env, timeout, max_retries, backoff, max_tokens
         self.cache_path = Path(cache_path) if cache_path else None
         self.n_requests = self.n_cached = 0  # HTTP attempts made; replies served from the cache
-        self._lock, self._cache = threading.Lock(), {}
-        if self.cache_path and self.cache_path.exists(): self._load_cache()
+        self._lock, self._cache = threading.Lock(), read_reply_cache(self.cache_path) if self.cache_path else {}
 
     def __repr__(self): return f"JudgeClient({self.url!r}, {self.model!r}, cached={len(self._cache)})"
-
-    def _load_cache(self):
-        lines = self.cache_path.read_text(encoding="utf-8").splitlines(keepends=True)
-        for i, line in enumerate(lines, 1):
-            if not line.strip(): continue
-            try: rec = json.loads(line); self._cache[rec["key"]] = rec["reply"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                if i == len(lines):  # cut off mid-write: drop it from the file too, so the next append starts on a fresh line
-                    warnings.warn(f"{self.cache_path}:{i}: skipping a torn last line of the judge cache")
-                    with atomic_write(self.cache_path) as f: f.writelines(l if l.endswith("\n") else l + "\n" for l in lines[:-1])
-                    continue
-                raise DataError(self.cache_path, i, None, "not a judge-cache record ({'key', 'reply'})") from None
 
     def key(self, messages:list, params:dict) -> str:
         "The cache key of a request: SHA-256 of the model, messages and sampling parameters."
