@@ -7,11 +7,12 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config_args', 'config_from_args', 'seed_everything',
-           'atomic_write', 'write_text', 'write_bytes', 'DataError', 'read_jsonl', 'write_jsonl', 'resolve_image_path',
-           'load_image', 'mean_ci']
+           'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps', 'DataError', 'read_jsonl',
+           'write_jsonl', 'resolve_image_path', 'load_image', 'mean_ci', 'last_complete_checkpoint',
+           'GlobalMeanTrainer']
 
 # %% ../nbs/00_core.ipynb #939603ce
-import argparse, contextlib, dataclasses, json, os, random, tempfile, types, typing
+import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, tempfile, types, typing, warnings
 from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
 
@@ -196,6 +197,39 @@ def write_bytes(path, data:bytes):
     "Write `data` to `path` atomically."
     with atomic_write(path, "wb") as f: f.write(data)
 
+# %% ../nbs/00_core.ipynb #8e618a04
+def _staging(path:Path) -> Path: return path.parent / f".{path.name}.partial"
+
+@contextlib.contextmanager
+def atomic_dir(path, # the folder to create (an existing one is replaced when the block succeeds)
+              ):
+    "Yield a staging folder beside `path`; rename it onto `path` only if the block succeeds."
+    path = Path(path); tmp = _staging(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+    try:
+        yield tmp
+        old = path.parent / f".{path.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists(): os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+# %% ../nbs/00_core.ipynb #bc6adc28
+def clean_stale_temps(folder, # an output folder (not searched recursively)
+                     ) -> int:
+    "Remove the temporary files and staging folders a killed run left in `folder`; return how many."
+    folder, n = Path(folder), 0
+    if not folder.is_dir(): return 0
+    for p in folder.iterdir():
+        if not p.name.startswith("."): continue
+        if p.is_file() and p.name.endswith(".tmp"): p.unlink(missing_ok=True); n += 1
+        elif p.is_dir() and p.name.endswith((".partial", ".old")): shutil.rmtree(p, ignore_errors=True); n += 1
+    return n
+
 # %% ../nbs/00_core.ipynb #3e6eac10
 class DataError(ValueError):
     "Bad input data, located by file, line and field."
@@ -209,25 +243,41 @@ class DataError(ValueError):
         super().__init__(f"{where}: {field + ': ' if field else ''}{reason}")
 
 # %% ../nbs/00_core.ipynb #87bb5afa
-def read_jsonl(path, # a file with one JSON object per line
+def _nonfinite_field(obj, where:str="") -> str|None:
+    "The dotted path of the first NaN or infinite number in a decoded record, if any."
+    if isinstance(obj, float) and not math.isfinite(obj): return where or "(the record)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        if (found := _nonfinite_field(v, f"{where}.{k}" if where else str(k))) is not None: return found
+    return None
+
+def read_jsonl(path, # a file with one JSON object per line (UTF-8)
               ) -> typing.Iterator[tuple[int, dict]]:
-    "Yield `(line_number, record)` for each non-blank line; bad JSON raises `DataError`."
+    "Yield `(line_number, record)` for each non-blank line; bad bytes, bad JSON and NaN raise `DataError`."
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try: line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, i, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                               "re-encode the file as UTF-8") from None
             if not line.strip(): continue
             try: rec = json.loads(line)
             except json.JSONDecodeError as e: raise DataError(path, i, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict): raise DataError(path, i, None, f"expected a JSON object, got {type(rec).__name__}")
+            if (bad := _nonfinite_field(rec)) is not None:
+                raise DataError(path, i, bad, "NaN or infinity is not a number (JSON has no such value); use null for a missing one")
             yield i, rec
 
 def write_jsonl(path, # the file to write (atomically)
-                records:typing.Iterable[dict], # JSON-serialisable mappings
+                records:typing.Iterable[dict], # JSON-serialisable mappings, finite numbers only
                ) -> int:
-    "Write one JSON object per line, atomically; return the number written."
+    "Write one JSON object per line, atomically; return the number written (NaN or infinity raise `ValueError`)."
     n = 0
     with atomic_write(path) as f:
         for rec in records:
+            if (bad := _nonfinite_field(rec)) is not None:
+                raise ValueError(f"{path}: record {n + 1} ({rec.get('id', 'no id')!r}): {bad} is NaN or infinite; refusing to write invalid JSON")
             f.write(json.dumps(rec, ensure_ascii=False) + "\n"); n += 1
     return n
 
@@ -265,3 +315,65 @@ def mean_ci(values, # numbers or booleans, one per example
     means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
     a = (1 - confidence) / 2
     return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+# %% ../nbs/00_core.ipynb #3d40ce1f
+def last_complete_checkpoint(out, # a Trainer's output folder
+                            ) -> str|None:
+    "The newest `checkpoint-N` in `out` whose `trainer_state.json` is whole; warn about each newer one skipped."
+    out = Path(out)
+    if not out.is_dir(): return None
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    for _, p in sorted(found, reverse=True):
+        try: json.loads((p / "trainer_state.json").read_text()); return str(p)
+        except (OSError, ValueError):
+            warnings.warn(f"{p}: incomplete checkpoint (no readable trainer_state.json: the run stopped while writing it); "
+                          "resuming from an earlier one", stacklevel=2)
+    return None
+
+# %% ../nbs/00_core.ipynb #3d8047e3
+class GlobalMeanTrainer:
+    "Mixin for a `transformers.Trainer` whose loss is a mean over items: normalised by the global batch, checkpoints appear whole."
+    item_kinds: tuple = ("pairs",) # the kinds of items `count_items` counts (the same on every process)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.loss_is_scaled_for_ga = True  # `global_mean` already divides by the whole step's count
+
+    def count_items(self, batch:dict) -> dict:
+        "The number of items of each kind in one collated micro-batch (a subclass defines it)."
+        raise NotImplementedError
+
+    def _get_num_items_in_batch(self, batch_samples:list, device) -> dict:
+        "Each kind's count over the micro-batches of one optimiser step, summed over all processes."
+        import torch
+        counts = [self.count_items(b) for b in batch_samples]
+        t = torch.tensor([float(sum(c[k] for c in counts)) for k in self.item_kinds], dtype=torch.float64, device=device)
+        if self.accelerator.num_processes > 1: t = self.accelerator.reduce(t, reduction="sum")
+        return dict(zip(self.item_kinds, t.float()))
+
+    def global_mean(self, total, # a sum over this micro-batch's items of one kind (a 0-d tensor)
+                    kind:str, # which count divides it
+                    num_items_in_batch:dict|None, # what `_get_num_items_in_batch` returned; None outside training
+                    local_count:int, # this micro-batch's count of that kind (used when `num_items_in_batch` is None)
+                   ):
+        "This micro-batch's share of the mean over the global batch, scaled for the gradient averaging over processes."
+        if num_items_in_batch is None: return total / max(float(local_count), 1.0)
+        n = num_items_in_batch[kind].to(total.device)
+        return total * self.accelerator.num_processes / n.clamp(min=1)
+
+    def _save_checkpoint(self, model, trial):
+        "Write the checkpoint under `.staging/` and move it into place once every process has written its part."
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+        run_dir = Path(self._get_output_dir(trial)); name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / ".staging"
+        if self.args.should_save: shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # the Trainer writes wherever this points
+        try: super()._save_checkpoint(model, trial)
+        finally: del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and (staging / name).is_dir():
+            if (run_dir / name).exists(): shutil.rmtree(run_dir / name)
+            os.replace(staging / name, run_dir / name)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
