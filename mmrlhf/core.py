@@ -376,4 +376,5 @@ class GlobalMeanTrainer:
             if (run_dir / name).exists(): shutil.rmtree(run_dir / name)
             os.replace(staging / name, run_dir / name)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+            shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()

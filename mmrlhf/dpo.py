@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['NEGATIVE_DELTA', 'MISSING_DELTA', 'BETA_MODES', 'dynamic_beta', 'implicit_beta', 'pair_betas', 'mmdpo_loss',
-           'mean_kept_loss', 'DPOExample', 'DPOCollator', 'world_dpo_examples', 'MMDPOSettings', 'group_dpo_loss',
-           'naive_pair_loss', 'reference_logps', 'MMDPOTrainer', 'query_dpo_examples', 'RefLogpsConfig',
-           'run_ref_logps', 'TrainDPOConfig', 'run_train_dpo']
+__all__ = ['NEGATIVE_DELTA', 'MISSING_DELTA', 'BETA_MODES', 'DEFAULT_W', 'SHARD_KEYS', 'dynamic_beta', 'implicit_beta', 'mode_w',
+           'kept_pairs', 'pair_betas', 'mmdpo_loss', 'mean_kept_loss', 'DPOExample', 'DPOCollator',
+           'world_dpo_examples', 'MMDPOSettings', 'pair_terms', 'pair_metrics', 'group_dpo_loss', 'pair_summary',
+           'describe_pairs', 'naive_pair_loss', 'reference_logps', 'MMDPOTrainer', 'query_dpo_examples',
+           'RefLogpsConfig', 'run_ref_logps', 'TrainDPOConfig', 'run_train_dpo']
 
 # %% ../nbs/08_dpo.ipynb #129475c2
+import contextlib
 import json
 import math
+import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 # %% ../nbs/08_dpo.ipynb #3cb25c26
-from .core import Config, ConfigError, DataError, opt, read_jsonl
-from .logprobs import encode_groups, freeze_vision, response_logps, unwrap
+from .core import (Config, ConfigError, DataError, GlobalMeanTrainer, atomic_dir, clean_stale_temps, last_complete_checkpoint, opt,
+                         read_jsonl, write_text)
+from .logprobs import MAX_LENGTH, encode_groups, freeze_vision, length_plan, response_logps, unwrap
 
 # %% ../nbs/08_dpo.ipynb #2cd09d1e
 def dynamic_beta(delta, # reward margins r(chosen) - r(rejected), one per pair
@@ -52,37 +57,58 @@ def implicit_beta(h:torch.Tensor, # the batch's log-ratio differences (policy mi
 
 # %% ../nbs/08_dpo.ipynb #c5d15de4
 NEGATIVE_DELTA = ("clamp", "skip", "keep")
-MISSING_DELTA = ("fixed", "skip", "error")
+MISSING_DELTA = ("error", "fixed", "skip")
 BETA_MODES = ("dynamic", "fixed", "implicit")
+DEFAULT_W = {"dynamic": 0.5, "implicit": 0.1, "fixed": 0.0} # each β rule's own w: the paper's, the release's ls_factor_weight
+
+def mode_w(beta_mode:str, # dynamic, fixed or implicit
+           w:float|None=None, # an explicit w, or None for the mode's default
+          ) -> float:
+    "`w`, or the β rule's own default when it is None."
+    if beta_mode not in BETA_MODES: raise ValueError(f"beta_mode: expected one of {BETA_MODES}, got {beta_mode!r}")
+    return DEFAULT_W[beta_mode] if w is None else float(w)
+
+def kept_pairs(delta:torch.Tensor, # per-pair margins, NaN where missing
+               beta_mode:str="dynamic", negative_delta:str="clamp", missing_delta:str="error",
+              ) -> torch.Tensor:
+    "Which pairs the δ policies keep in the loss; refuses missing margins under `missing_delta='error'`."
+    if beta_mode not in BETA_MODES: raise ValueError(f"beta_mode: expected one of {BETA_MODES}, got {beta_mode!r}")
+    if negative_delta not in NEGATIVE_DELTA: raise ValueError(f"negative_delta: expected one of {NEGATIVE_DELTA}, got {negative_delta!r}")
+    if missing_delta not in MISSING_DELTA: raise ValueError(f"missing_delta: expected one of {MISSING_DELTA}, got {missing_delta!r}")
+    d = torch.as_tensor(delta, dtype=torch.float32)
+    keep = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    if beta_mode != "dynamic": return keep
+    missing = torch.isnan(d)
+    if missing.any() and missing_delta == "error":
+        raise ValueError(f"{int(missing.sum())} of {d.numel()} pairs have no reward margin δ: score them with `mmrlhf score`, "
+                         "or set missing_delta=fixed (β_ori for them) or missing_delta=skip")
+    if negative_delta == "skip": keep &= ~(d < 0)
+    if missing_delta == "skip": keep &= ~missing
+    return keep
 
 def pair_betas(delta:torch.Tensor|None, # per-pair margins (NaN where missing), or None
                h:torch.Tensor, # per-pair log-ratio differences
-               beta:float=0.1, w:float=0.5, k:float=0.5,
+               beta:float=0.1, # β_ori
+               w:float|None=None, # β's growth; None: the mode's default (`DEFAULT_W`)
+               k:float=0.5, # β's rate
                beta_mode:str="dynamic", # dynamic (the paper), fixed (DPO) or implicit (the released code)
                negative_delta:str="clamp", # clamp, skip or keep
-               missing_delta:str="fixed", # fixed, skip or error
+               missing_delta:str="error", # error, fixed or skip
                generator:torch.Generator|None=None, # for the implicit rule's draw
                implicit_h:torch.Tensor|None=None, # the margins the implicit rule sees (default: `h`; all processes' in training)
               ) -> tuple[torch.Tensor, torch.Tensor]:
     "Each pair's β and whether the pair is kept in the loss."
-    if beta_mode not in BETA_MODES: raise ValueError(f"beta_mode: expected one of {BETA_MODES}, got {beta_mode!r}")
-    if negative_delta not in NEGATIVE_DELTA: raise ValueError(f"negative_delta: expected one of {NEGATIVE_DELTA}, got {negative_delta!r}")
-    if missing_delta not in MISSING_DELTA: raise ValueError(f"missing_delta: expected one of {MISSING_DELTA}, got {missing_delta!r}")
-    keep = torch.ones_like(h, dtype=torch.bool)
+    d = torch.full_like(h, float("nan"), dtype=torch.float32) if delta is None else torch.as_tensor(delta, dtype=torch.float32, device=h.device)
+    keep, w = kept_pairs(d, beta_mode, negative_delta, missing_delta), mode_w(beta_mode, w)
     if beta_mode == "fixed": return torch.full_like(h, beta, dtype=torch.float32), keep
     if beta_mode == "implicit": return implicit_beta(h if implicit_h is None else implicit_h, beta, w, generator).expand(h.shape).float(), keep
-    d = torch.full_like(h, float("nan"), dtype=torch.float32) if delta is None else torch.as_tensor(delta, dtype=torch.float32, device=h.device)
     missing = torch.isnan(d)
-    if missing.any() and missing_delta == "error": raise ValueError(f"{int(missing.sum())} pairs have no reward margin (run `mmrlhf score`), and missing_delta='error'")
-    neg = d < 0
     if negative_delta == "clamp": d = d.clamp(min=0)
-    elif negative_delta == "skip": keep &= ~neg
-    if missing_delta == "skip": keep &= ~missing
     b = dynamic_beta(torch.nan_to_num(d, nan=0.0), beta, w, k).clamp(min=1e-3)
     return torch.where(missing, torch.full_like(b, beta), b), keep
 
 # %% ../nbs/08_dpo.ipynb #895a683b
-def _mmdpo(pc, pr, rc, rr, delta=None, beta=0.1, w=0.5, k=0.5, beta_mode="dynamic", negative_delta="clamp", missing_delta="fixed",
+def _mmdpo(pc, pr, rc, rr, delta=None, beta=0.1, w=None, k=0.5, beta_mode="dynamic", negative_delta="clamp", missing_delta="error",
            generator=None, implicit_h=None):
     chosen, rejected = pc - rc, pr - rr
     h = chosen - rejected
@@ -93,9 +119,11 @@ def _mmdpo(pc, pr, rc, rr, delta=None, beta=0.1, w=0.5, k=0.5, beta_mode="dynami
 def mmdpo_loss(policy_chosen_logps:torch.Tensor, policy_rejected_logps:torch.Tensor,
                ref_chosen_logps:torch.Tensor, ref_rejected_logps:torch.Tensor,
                delta:torch.Tensor|None=None, # reward margins (None or NaN: missing)
-               beta:float=0.1, w:float=0.5, k:float=0.5,
+               beta:float=0.1, # β_ori
+               w:float|None=None, # β's growth; None: the mode's default
+               k:float=0.5, # β's rate
                beta_mode:str="dynamic", # dynamic, fixed or implicit
-               negative_delta:str="clamp", missing_delta:str="fixed",
+               negative_delta:str="clamp", missing_delta:str="error",
                generator:torch.Generator|None=None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Per-pair MM-DPO losses, chosen rewards and rejected rewards (each of shape [pairs])."
@@ -120,7 +148,9 @@ class DPOExample:
 
 class DPOCollator:
     "Query groups -> one batch with batch-level pair indices, margins and reference log-probabilities."
-    def __init__(self, processor, system:str|None=None, share_prefix:bool=True, max_length:int|None=None):
+    def __init__(self, processor, system:str|None=None, share_prefix:bool=True,
+                 max_length:int|None=MAX_LENGTH, # longest prompt + response (see `logprobs.length_plan`)
+                ):
         self.processor, self.system, self.share_prefix, self.max_length = processor, system, share_prefix, max_length
     def __call__(self, examples:list) -> dict:
         batch = encode_groups(self.processor, [(e.medium, e.question, e.responses) for e in examples], self.system, self.share_prefix, self.max_length)
@@ -160,12 +190,49 @@ def world_dpo_examples(seed:int, # world seed
 class MMDPOSettings:
     "The MM-DPO loss's settings (the paper's values by default)."
     beta: float = 0.1 # β_ori
-    w: float = 0.5 # β's growth with the margin (the release's implicit rule used 0.1)
+    w: float|None = None # β's growth; None: the mode's default (dynamic 0.5, the paper; implicit 0.1, the release)
     k: float = 0.5 # β's rate
     beta_mode: str = "dynamic" # dynamic (the paper), fixed (DPO) or implicit (the released code)
     gamma: float = 0.25 # weight of the SFT term (the release's value; the paper searched 0 to 1)
     negative_delta: str = "clamp" # clamp, skip or keep
-    missing_delta: str = "fixed" # fixed, skip or error
+    missing_delta: str = "error" # error, fixed or skip
+
+    def check(self):
+        "Raise `ConfigError` for an unknown rule or policy."
+        try: kept_pairs(torch.zeros(0), self.beta_mode, self.negative_delta, self.missing_delta)
+        except ValueError as e: raise ConfigError(str(e)) from None
+        return self
+
+    def keep(self, delta:torch.Tensor) -> torch.Tensor:
+        "Which of these pairs the loss uses."
+        return kept_pairs(delta, self.beta_mode, self.negative_delta, self.missing_delta)
+
+def pair_terms(logps:torch.Tensor, # per-response policy log-probabilities
+               ntok:torch.Tensor, # per-response token counts
+               ref_logps:torch.Tensor, # per-response reference log-probabilities
+               pairs:torch.Tensor, # [pairs, 2] (chosen, rejected) batch indices
+               delta:torch.Tensor|None, # per-pair margins
+               settings:MMDPOSettings=MMDPOSettings(),
+               generator:torch.Generator|None=None,
+               implicit_h:torch.Tensor|None=None, # all processes' margins, for the implicit rule
+              ) -> dict:
+    "Per pair: the DPO loss, the SFT term (0 for pairs the δ policies drop), β, the implicit rewards and whether it is kept."
+    c, r, s = pairs[:, 0], pairs[:, 1], settings
+    losses, cr, rr, betas, keep = _mmdpo(logps[c], logps[r], ref_logps[c], ref_logps[r], delta, s.beta, s.w, s.k, s.beta_mode,
+                                        s.negative_delta, s.missing_delta, generator, implicit_h)
+    sft = torch.where(keep, -(logps[c] / ntok[c].clamp(min=1)), torch.zeros_like(losses))
+    has = torch.zeros_like(keep) if delta is None else ~torch.isnan(torch.as_tensor(delta, device=keep.device))
+    return {"dpo": losses, "sft": sft, "beta": betas, "keep": keep, "chosen_reward": cr, "rejected_reward": rr, "has_delta": has}
+
+def pair_metrics(t:dict) -> dict:
+    "A batch's logged numbers from its `pair_terms`: β's distribution, the share of pairs with δ and kept, the implicit rewards."
+    if not len(t["beta"]): return {}
+    b, cr, rr = t["beta"].detach().float(), t["chosen_reward"], t["rejected_reward"]
+    q = torch.quantile(b, torch.tensor([0.25, 0.5, 0.75], device=b.device))
+    return {"beta_mean": b.mean(), "beta_min": b.min(), "beta_q25": q[0], "beta_median": q[1], "beta_q75": q[2], "beta_max": b.max(),
+            "delta_share": t["has_delta"].float().mean(), "kept_pairs": t["keep"].float().mean(),
+            "reward_accuracy": (cr > rr).float().mean(), "reward_margin": (cr - rr).mean(),
+            "chosen_reward": cr.mean(), "rejected_reward": rr.mean()}
 
 def group_dpo_loss(logps:torch.Tensor, # per-response policy log-probabilities
                    ntok:torch.Tensor, # per-response token counts
@@ -176,17 +243,42 @@ def group_dpo_loss(logps:torch.Tensor, # per-response policy log-probabilities
                    generator:torch.Generator|None=None,
                    implicit_h:torch.Tensor|None=None, # all processes' margins, for the implicit rule
                   ) -> tuple[torch.Tensor, dict]:
-    "Total loss of a batch of query groups and its metrics."
-    c, r = pairs[:, 0], pairs[:, 1]
-    s = settings
-    losses, cr, rr, betas, keep = _mmdpo(logps[c], logps[r], ref_logps[c], ref_logps[r], delta, s.beta, s.w, s.k, s.beta_mode,
-                                        s.negative_delta, s.missing_delta, generator, implicit_h)
-    dpo = mean_kept_loss(losses, keep)
-    sft = -(logps[c] / ntok[c].clamp(min=1)).mean() if len(c) else logps.sum() * 0
-    total = dpo + s.gamma * sft if s.gamma else dpo
-    return total, {"dpo": dpo.detach(), "sft": sft.detach(), "beta_mean": betas.mean(), "beta_min": betas.min(), "beta_max": betas.max(),
-                   "reward_accuracy": (cr > rr).float().mean(), "reward_margin": (cr - rr).mean(),
-                   "chosen_reward": cr.mean(), "rejected_reward": rr.mean(), "kept_pairs": keep.float().mean()}
+    "Loss of one batch of query groups (means over its kept pairs) and its metrics."
+    t = pair_terms(logps, ntok, ref_logps, pairs, delta, settings, generator, implicit_h)
+    n = t["keep"].sum().clamp(min=1)
+    dpo, sft = t["dpo"].sum() / n, t["sft"].sum() / n
+    total = dpo + settings.gamma * sft + logps.sum() * 0  # the last term keeps a graph when the batch has no pair
+    return total, {"dpo": dpo.detach(), "sft": sft.detach(), **pair_metrics(t)}
+
+# %% ../nbs/08_dpo.ipynb #9203bb7a
+def pair_summary(examples:list, # DPOExamples
+                 settings:MMDPOSettings=MMDPOSettings(),
+                ) -> dict:
+    "The data's pairs: how many have a reward margin δ, how many are negative and kept, and the spread of the β they get."
+    d = torch.tensor([float("nan") if e.deltas is None or e.deltas[n] is None else float(e.deltas[n])
+                      for e in examples for n in range(len(e.pairs))], dtype=torch.float32)
+    s, has = settings, ~torch.isnan(d)
+    out = {"queries": len(examples), "pairs": len(d), "with_delta": int(has.sum()), "negative_delta": int((d < 0).sum()),
+           "beta_mode": s.beta_mode, "w": mode_w(s.beta_mode, s.w), "kept": None, "beta": None}
+    if not len(d): return out
+    missing = "skip" if s.missing_delta == "error" and not has.all() else s.missing_delta  # the refusal is the caller's
+    b, keep = pair_betas(d, torch.zeros_like(d), s.beta, s.w, s.k, s.beta_mode, s.negative_delta, missing)
+    out["kept"] = int(keep.sum())
+    if s.beta_mode != "implicit" and keep.any():
+        q = torch.quantile(b[keep], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
+        out["beta"] = dict(zip(("min", "q25", "median", "q75", "max"), q))
+    return out
+
+def describe_pairs(summary:dict) -> str:
+    "A run's opening line about its pairs and their β."
+    s, n = summary, max(summary["pairs"], 1)
+    line = (f"{s['pairs']} pairs in {s['queries']} queries; reward margin δ on {s['with_delta']} ({100 * s['with_delta'] / n:.1f}%), "
+            f"negative on {s['negative_delta']}; {s['kept']} kept in the loss; ")
+    if s["beta_mode"] == "implicit": return line + f"β: the release's batch-level rule from the policy's margins (w={s['w']:g}), set each step"
+    if s["beta"] is None: return line + "β: no pair kept"
+    b = s["beta"]
+    return line + (f"β ({s['beta_mode']}, w={s['w']:g}): min {b['min']:.4f}, quartiles {b['q25']:.4f} / {b['median']:.4f} / "
+                   f"{b['q75']:.4f}, max {b['max']:.4f}")
 
 # %% ../nbs/08_dpo.ipynb #a52b3431
 def naive_pair_loss(model, processor, examples:list, ref:list, settings:MMDPOSettings=MMDPOSettings()) -> torch.Tensor:
@@ -196,17 +288,19 @@ def naive_pair_loss(model, processor, examples:list, ref:list, settings:MMDPOSet
         for n, (c, r) in enumerate(e.pairs):
             lp, nt = response_logps(model, encode_groups(processor, [(e.medium, e.question, [e.responses[c], e.responses[r]])], share_prefix=False))
             pcs.append(lp[0]); prs.append(lp[1]); nts.append(nt[0]); rcs.append(ref_e[c]); rrs.append(ref_e[r])
-            ds.append(float("nan") if e.deltas is None else e.deltas[n])
+            ds.append(float("nan") if e.deltas is None or e.deltas[n] is None else e.deltas[n])
     pc, pr, rc, rr = torch.stack(pcs), torch.stack(prs), torch.tensor(rcs), torch.tensor(rrs)
     s = settings
     losses, _, _, _, keep = _mmdpo(pc, pr, rc, rr, torch.tensor(ds), s.beta, s.w, s.k, s.beta_mode, s.negative_delta, s.missing_delta)
-    return mean_kept_loss(losses, keep) + s.gamma * -(pc / torch.stack(nts)).mean()
+    sft = torch.where(keep, -(pc / torch.stack(nts)), torch.zeros_like(pc))
+    return mean_kept_loss(losses, keep) + s.gamma * sft.sum() / keep.sum().clamp(min=1)
 
 # %% ../nbs/08_dpo.ipynb #1bddc973
 @torch.no_grad()
 def reference_logps(model, processor, examples:list,
                     batch_size:int=8, # queries per forward
-                    system:str|None=None, share_prefix:bool=True, max_length:int|None=None,
+                    system:str|None=None, share_prefix:bool=True,
+                    max_length:int|None=MAX_LENGTH, # longest prompt + response (see `logprobs.length_plan`)
                    ) -> list[list[float]]:
     "Each example's per-response log-probabilities under `model`."
     model.eval(); device = next(model.parameters()).device; out = []
@@ -226,14 +320,19 @@ def _to(batch, device):
 # %% ../nbs/08_dpo.ipynb #eb188dfd
 from transformers import Trainer, TrainingArguments
 
-class MMDPOTrainer(Trainer):
-    "A `Trainer` for MM-DPO on query groups."
+class MMDPOTrainer(GlobalMeanTrainer, Trainer):
+    "A `Trainer` for MM-DPO on query groups, its loss the mean over every kept pair of the global batch."
+    item_kinds = ("pairs",)
+
     def __init__(self, *args, settings:MMDPOSettings|None=None, ref_model=None, **kw):
         super().__init__(*args, **kw)
-        self.settings, self.ref_model = settings or MMDPOSettings(), ref_model
-        self.loss_is_scaled_for_ga = False  # our loss is a mean per micro-batch: let the Trainer divide by the accumulation steps
+        self.settings, self.ref_model = (settings or MMDPOSettings()).check(), ref_model
         self._metrics, self._generator = defaultdict(list), torch.Generator().manual_seed(self.args.seed)
         if self.ref_model is not None: self.ref_model.eval().requires_grad_(False)
+
+    def count_items(self, batch:dict) -> dict:
+        "The pairs of a collated micro-batch that the loss keeps."
+        return {"pairs": int(self.settings.keep(batch["delta"]).sum())}
 
     def _reference(self, model, inputs):
         "Reference log-probabilities computed online (when the data has none)."
@@ -255,9 +354,15 @@ class MMDPOTrainer(Trainer):
             h = ((logps[pairs[:, 0]] - ref[pairs[:, 0]]) - (logps[pairs[:, 1]] - ref[pairs[:, 1]])).detach()
             h = self.accelerator.pad_across_processes(h, pad_index=float("nan"))
             implicit_h = self.accelerator.gather(h); implicit_h = implicit_h[~torch.isnan(implicit_h)]
-        loss, metrics = group_dpo_loss(logps, ntok, ref, pairs, delta, self.settings, self._generator, implicit_h)
+        t = pair_terms(logps, ntok, ref, pairs, delta, self.settings, self._generator, implicit_h)
+        n = int(t["keep"].sum())
+        dpo = self.global_mean(t["dpo"].sum(), "pairs", num_items_in_batch, n)
+        sft = self.global_mean(t["sft"].sum(), "pairs", num_items_in_batch, n)
+        loss = dpo + self.settings.gamma * sft + logps.sum() * 0  # a graph even for a micro-batch without kept pairs
         if model.training:
-            for k, v in metrics.items(): self._metrics[k].append(float(v))
+            m = max(n, 1)
+            self._metrics["dpo"].append(float(t["dpo"].detach().sum()) / m); self._metrics["sft"].append(float(t["sft"].detach().sum()) / m)
+            for k, v in pair_metrics(t).items(): self._metrics[k].append(float(v))
         return (loss, {"logps": logps}) if return_outputs else loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -269,9 +374,10 @@ class MMDPOTrainer(Trainer):
         target.load_state_dict(loaded.state_dict())
 
     def log(self, logs:dict, *args, **kw):
-        "Add the MM-DPO metrics gathered since the last log."
+        "Add the MM-DPO metrics gathered since the last log (β's min and max over the window, the rest averaged)."
         if self._metrics and "loss" in logs:
-            logs = {**logs, **{f"mmdpo/{k}": sum(v) / len(v) for k, v in self._metrics.items()}}
+            agg = lambda k, v: min(v) if k.endswith("_min") else max(v) if k.endswith("_max") else sum(v) / len(v)
+            logs = {**logs, **{f"mmdpo/{k}": agg(k, v) for k, v in self._metrics.items()}}
             self._metrics.clear()
         super().log(logs, *args, **kw)
 
@@ -300,11 +406,31 @@ class RefLogpsConfig(Config):
     out: str = opt("runs/ref", "folder for queries.jsonl with each response's ref_logp")
     batch_size: int = opt(8, "queries per forward")
     system: str|None = opt(None, "a system message before every conversation (as the policy is trained)")
-    max_length: int|None = opt(None, "longest prompt + response in tokens (responses cut from their end)")
+    max_length: int|None = opt(MAX_LENGTH, "longest prompt + response in tokens: longer responses cut from their end, queries whose "
+                                           "prompt alone does not fit dropped (no ref_logp); none: no limit")
     share_prefix: bool = opt(True, "encode each query's image and prompt once for its responses")
     bf16: bool = opt(False, "run the model in bfloat16 (GPUs)")
     seed: int = opt(0, "seed of a test-bed model's weights")
 
+SHARD_KEYS = ("data", "model", "system", "max_length", "share_prefix", "bf16", "seed") # settings the shards depend on
+
+def _read_shard(path:Path) -> list[dict]:
+    "The complete records of a shard (a line a killed run left half-written is ignored)."
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+
+def _trim_shard(path:Path):
+    "Cut a half-written last line off a shard before appending to it."
+    if path.is_file() and (text := path.read_bytes()) and not text.endswith(b"\n"):
+        with open(path, "r+b") as f: f.truncate(text.rfind(b"\n") + 1)
+
+def _check_finite(data, qid:str, lps:list):
+    "Refuse a non-finite reference log-probability, naming the query."
+    bad = [i for i, v in enumerate(lps) if not math.isfinite(v)]
+    if bad: raise DataError(data, None, f"responses.{bad[0]}.ref_logp", f"query {qid!r}: the reference log-probability of response "
+                            f"{bad[0]} is {lps[bad[0]]} ({len(bad)} of {len(lps)} not finite); check the model's weights and dtype")
+
+# %% ../nbs/08_dpo.ipynb #dcd25c01
 def run_ref_logps(cfg:RefLogpsConfig) -> Path:
     "Compute every response's reference log-probability (resumable, one shard per process) and write them into the data."
     from accelerate import PartialState
@@ -314,28 +440,54 @@ def run_ref_logps(cfg:RefLogpsConfig) -> Path:
     if not data.is_file(): raise DataError(data, None, None, "data file not found")
     root = Path(cfg.image_root) if cfg.image_root else data.parent
     out, state = Path(cfg.out), PartialState(cpu=not torch.cuda.is_available())
-    shards = out / "ref-shards"; shards.mkdir(parents=True, exist_ok=True)
-    done = {rec["id"] for f in shards.glob("rank*.jsonl") for _, rec in read_jsonl(f)}
+    shards = out / "ref-shards"
+    settings = {k: getattr(cfg, k) for k in SHARD_KEYS}
+    old = json.loads((shards / "settings.json").read_text()) if (shards / "settings.json").is_file() else None
+    if old is not None and old != settings:  # every process refuses
+        raise ConfigError(f"{shards} holds log-probabilities computed with other settings ({old}); remove it or choose another out")
+    if state.is_main_process:
+        clean_stale_temps(out); shards.mkdir(parents=True, exist_ok=True)
+        write_text(shards / "settings.json", json.dumps(settings))
+    state.wait_for_everyone()
+    done = {rec["id"] for f in shards.glob("rank*.jsonl") for rec in _read_shard(f)}
     examples = query_dpo_examples(data, root, require_ranking=False)
     mine = [e for i, e in enumerate(examples) if i % state.num_processes == state.process_index and e.id not in done]
     model, processor = load_base(cfg.model, cfg.seed, torch.bfloat16 if cfg.bf16 else None)
     model.to(state.device)
-    with open(shards / f"rank{state.process_index}.jsonl", "a") as f:
+    shard = shards / f"rank{state.process_index}.jsonl"; _trim_shard(shard)
+    with open(shard, "a") as f, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*responses truncated to max_length")  # counted by the plan below
         for i in range(0, len(mine), cfg.batch_size):
             chunk = mine[i:i + cfg.batch_size]
-            for e, lp in zip(chunk, reference_logps(model, processor, chunk, cfg.batch_size, cfg.system, cfg.share_prefix, cfg.max_length)):
-                f.write(json.dumps({"id": e.id, "ref_logps": lp}) + "\n")
-            f.flush()
+            plan = length_plan(processor, [(e.medium, e.question, e.responses) for e in chunk], cfg.max_length, cfg.system)
+            kept = [e for j, e in enumerate(chunk) if j not in plan.dropped]
+            lps = iter(reference_logps(model, processor, kept, cfg.batch_size, cfg.system, cfg.share_prefix, cfg.max_length) if kept else [])
+            lines = []
+            for j, e in enumerate(chunk):
+                if j in plan.dropped: lines.append({"id": e.id, "ref_logps": None, "dropped": f"prompt over max_length={cfg.max_length}"})
+                else:
+                    lp = next(lps); _check_finite(data, e.id, lp)
+                    lines.append({"id": e.id, "ref_logps": lp, "cut": plan.cut[j]})
+            f.write("".join(json.dumps(r) + "\n" for r in lines)); f.flush()
     state.wait_for_everyone()
     if state.is_main_process:
-        got = {rec["id"]: rec["ref_logps"] for f in sorted(shards.glob("rank*.jsonl")) for _, rec in read_jsonl(f)}
+        got = {rec["id"]: rec for f in sorted(shards.glob("rank*.jsonl")) for rec in _read_shard(f)}
         queries = list(read_queries(data, root))
         for q in queries:
             if q.id not in got: raise DataError(data, None, "id", f"query {q.id!r} has no reference log-probabilities in {shards}")
-            for r, lp in zip(q.responses, got[q.id], strict=True): r.ref_logp = lp
+            lps = got[q.id]["ref_logps"]
+            if lps is None: continue  # dropped by the length rule: no ref_logp
+            _check_finite(data, q.id, lps)
+            for r, lp in zip(q.responses, lps, strict=True): r.ref_logp = lp
+        recs = [got[q.id] for q in queries]
+        report = {"queries": len(queries), "responses": sum(len(q.responses) for q in queries), "max_length": cfg.max_length,
+                  "responses_cut": sum(r.get("cut", 0) for r in recs), "queries_dropped": [r["id"] for r in recs if r["ref_logps"] is None]}
         write_queries(out / "queries.jsonl", queries)
+        write_text(out / "ref-logps-report.json", json.dumps(report, indent=1))
         cfg.save(out / "ref-logps-config.yaml")
-        print(f"reference log-probabilities of {sum(len(q.responses) for q in queries)} responses ({len(queries)} queries) in {out / 'queries.jsonl'}")
+        print(f"reference log-probabilities of {report['responses']} responses ({report['queries']} queries) in {out / 'queries.jsonl'}; "
+              f"max_length={cfg.max_length}: {report['responses_cut']} responses cut from their end, "
+              f"{len(report['queries_dropped'])} queries dropped (prompt alone over the limit; no ref_logp)")
     state.wait_for_everyone()
     return out / "queries.jsonl"
 
@@ -353,14 +505,15 @@ class TrainDPOConfig(Config):
     lr: float = opt(1e-4, "peak learning rate (the release: 1e-6 for a 7B model)")
     warmup_ratio: float = opt(0.1, "share of steps with a rising learning rate")
     beta: float = opt(0.1, "β_ori")
-    w: float = opt(0.5, "β's growth with the margin")
+    w: float|None = opt(None, "β's growth; none: the mode's default (dynamic 0.5, the paper; implicit 0.1, the release's ls_factor_weight)")
     k: float = opt(0.5, "β's rate")
     beta_mode: str = opt("dynamic", "dynamic (the paper), fixed (standard DPO) or implicit (the released code)")
     gamma: float = opt(0.25, "weight of the SFT term on chosen responses")
     negative_delta: str = opt("clamp", "pairs the reward model ranks the other way: clamp, skip or keep")
-    missing_delta: str = opt("fixed", "pairs without a margin: fixed (β_ori), skip or error")
+    missing_delta: str = opt("error", "pairs without a margin (dynamic β): error (score them with `mmrlhf score`), fixed (β_ori) or skip")
     share_prefix: bool = opt(True, "encode each query's image and prompt once for its responses")
-    max_length: int|None = opt(None, "longest prompt + response in tokens (responses cut from their end)")
+    max_length: int|None = opt(MAX_LENGTH, "longest prompt + response in tokens: longer responses cut from their end, queries whose "
+                                           "prompt alone does not fit dropped; none: no limit (as in ref-logps)")
     system: str|None = opt(None, "a system message before every conversation")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
     lora_alpha: int = opt(32, "LoRA alpha")
@@ -371,25 +524,51 @@ class TrainDPOConfig(Config):
     deepspeed: str|None = opt(None, "a DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json)")
     save_steps: int = opt(50, "checkpoint every this many steps")
     logging_steps: int = opt(10, "log every this many steps")
-    resume: bool = opt(False, "resume from the last checkpoint in `out`")
+    resume: bool = opt(False, "resume from the last complete checkpoint in `out`")
     seed: int = opt(0, "seed of the data order and of a test-bed model's weights")
 
+def _missing_delta_error(data, examples:list, summary:dict, settings:MMDPOSettings):
+    "Refuse pairs without a reward margin under the dynamic rule, unless a policy for them is set."
+    missing = summary["pairs"] - summary["with_delta"]
+    if settings.beta_mode != "dynamic" or settings.missing_delta != "error" or not missing: return
+    queries = sum(any(e.deltas is None or e.deltas[n] is None for n in range(len(e.pairs))) for e in examples)
+    raise DataError(data, None, "responses.reward", f"{missing} of {summary['pairs']} pairs ({queries} queries) have no reward margin δ "
+                    f"(responses without a reward): score them with `mmrlhf score --data {data} --model <reward model>`, or set "
+                    f"missing_delta=fixed to train them with β_ori={settings.beta} (standard DPO), or missing_delta=skip to leave them out")
+
+def _check_ref_settings(data:Path, cfg, longest:int):
+    "Refuse reference log-probabilities computed under another system message or a length limit that acts differently here."
+    f = data.parent / "ref-logps-config.yaml"
+    if not f.is_file(): return
+    import yaml
+    ref = yaml.safe_load(f.read_text()) or {}
+    if ref.get("system") != cfg.system:
+        raise ConfigError(f"system: the reference log-probabilities ({f}) were computed with system={ref.get('system')!r}, not {cfg.system!r}")
+    a, b = ref.get("max_length"), cfg.max_length
+    if a != b and longest > min(x if x is not None else math.inf for x in (a, b)):
+        raise ConfigError(f"max_length: the reference log-probabilities ({f}) were computed with max_length={a}, which cuts this data "
+                          f"differently from max_length={b}; train with max_length={a}")
+
+# %% ../nbs/08_dpo.ipynb #5c97e7bb
 def run_train_dpo(cfg:TrainDPOConfig) -> Path:
     "Train a policy with MM-DPO; the final model is written to `out/final`."
     from mmrlhf.testbed import apply_lora, load_base, save_vlm
     data = Path(cfg.data)
     if not data.is_file(): raise DataError(data, None, None, "data file not found")
     root = Path(cfg.image_root) if cfg.image_root else data.parent
-    settings = MMDPOSettings(cfg.beta, cfg.w, cfg.k, cfg.beta_mode, cfg.gamma, cfg.negative_delta, cfg.missing_delta)
-    try: pair_betas(None, torch.zeros(1), settings.beta, settings.w, settings.k, settings.beta_mode, settings.negative_delta, "fixed")
-    except ValueError as e: raise ConfigError(str(e)) from None
-    if cfg.missing_delta not in MISSING_DELTA: raise ConfigError(f"missing_delta: expected one of {MISSING_DELTA}, got {cfg.missing_delta!r}")
+    settings = MMDPOSettings(cfg.beta, cfg.w, cfg.k, cfg.beta_mode, cfg.gamma, cfg.negative_delta, cfg.missing_delta).check()
     train = [e for e in query_dpo_examples(data, root) if e.pairs]
     if not train: raise DataError(data, None, "ranking", "no query has a rank-different pair")
-    if cfg.lora_r == 0 and any(e.ref_logps is None or None in e.ref_logps for e in train):
-        raise DataError(data, None, "responses.ref_logp", "missing: run `mmrlhf ref-logps` first (full fine-tuning holds no reference model)")
+    _missing_delta_error(data, train, pair_summary(train, settings), settings)
     torch.manual_seed(cfg.seed)
     policy, processor = load_base(cfg.base, cfg.seed)
+    plan = length_plan(processor, [(e.medium, e.question, e.responses) for e in train], cfg.max_length, cfg.system)
+    if any(e.ref_logps is not None for e in train): _check_ref_settings(data, cfg, plan.longest)
+    train = [e for i, e in enumerate(train) if i not in set(plan.dropped)]
+    if not train: raise DataError(data, None, "question", f"no query fits in max_length={cfg.max_length} tokens")
+    if cfg.lora_r == 0 and any(e.ref_logps is None or None in e.ref_logps for e in train):
+        raise DataError(data, None, "responses.ref_logp", "missing: run `mmrlhf ref-logps` first (full fine-tuning holds no reference model)")
+    summary = pair_summary(train, settings)
     if not cfg.train_vision: freeze_vision(policy)
     if cfg.lora_r: policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.gradient_checkpointing:
@@ -401,14 +580,28 @@ def run_train_dpo(cfg:TrainDPOConfig) -> Path:
                              bf16=cfg.bf16, deepspeed=cfg.deepspeed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
     collator = DPOCollator(processor, cfg.system, cfg.share_prefix and not cfg.gradient_checkpointing, cfg.max_length)
     trainer = MMDPOTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, settings=settings, processing_class=processor)
-    trainer.train(resume_from_checkpoint=True if cfg.resume else None)
-    final = Path(cfg.out) / "final"
-    if trainer.args.should_save:
-        from transformers.integrations import is_deepspeed_zero3_enabled
+    out, final = Path(cfg.out), Path(cfg.out) / "final"
+    checkpoint = last_complete_checkpoint(out) if cfg.resume else None
+    if trainer.is_world_process_zero():
+        clean_stale_temps(out)
+        print(plan.summary()); print(describe_pairs(summary))
+        if cfg.resume: print(f"resuming from {checkpoint}" if checkpoint else f"resume: no complete checkpoint in {out}; starting from scratch")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*responses truncated to max_length")  # counted by the plan above
+        trainer.train(resume_from_checkpoint=checkpoint)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    main = trainer.args.should_save
+    if is_deepspeed_zero3_enabled():  # the weights are partitioned: every process takes part in the save
+        with (atomic_dir(final) if main else contextlib.nullcontext(final.parent / f".{final.name}.partial")) as staging:
+            trainer.accelerator.wait_for_everyone()   # the staging folder exists before anyone writes into it
+            trainer.save_model(str(staging))
+            trainer.accelerator.wait_for_everyone()   # every shard is written before it is renamed
+        if main and cfg.lora_r: print(f"LoRA adapter saved in {final}; merge it into {cfg.base} with peft to get a plain model")
+    elif main:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if cfg.lora_r and is_deepspeed_zero3_enabled():  # the weights are partitioned: keep the adapter (peft's format) beside the base
-            trainer.save_model(str(final)); print(f"LoRA adapter saved in {final}; merge it into {cfg.base} with peft to get a plain model")
-        else: save_vlm(model.merge_and_unload() if cfg.lora_r else model, processor, final)
-        cfg.save(Path(cfg.out) / "train-dpo-config.yaml")
+        with atomic_dir(final) as staging:  # `final/` appears only once whole
+            save_vlm(model.merge_and_unload() if cfg.lora_r else model, processor, staging)
+    if main:
+        cfg.save(out / "train-dpo-config.yaml")
         print(f"MM-DPO policy trained on {len(train)} queries ({sum(len(e.pairs) for e in train)} pairs) in {final}")
     return final

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['token_logps', 'encode_groups', 'unwrap', 'freeze_vision', 'response_logps', 'logps_and_grads']
+__all__ = ['MAX_LENGTH', 'token_logps', 'encode_groups', 'unwrap', 'freeze_vision', 'response_logps', 'logps_and_grads',
+           'prompt_length', 'LengthPlan', 'length_plan']
 
 # %% ../nbs/06_logprobs.ipynb #593decaa
 import inspect
 import warnings
+from dataclasses import dataclass
 
 # %% ../nbs/06_logprobs.ipynb #34a76198
 import torch
@@ -187,3 +189,46 @@ def logps_and_grads(model, batch:dict, weights:torch.Tensor) -> tuple[torch.Tens
     lp, _ = response_logps(model, batch)
     (lp * weights).sum().backward()
     return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+# %% ../nbs/06_logprobs.ipynb #5c6f4298
+MAX_LENGTH = 32768 # the default longest prompt + response, in tokens (image tokens included)
+
+def prompt_length(processor,
+                  medium, # a PIL image, a list of frames, or None
+                  prompt:str, # the user's text
+                  system:str|None=None, # a system message before the conversation
+                 ) -> int:
+    "Tokens of the rendered prompt (image tokens and generation prompt included) that precede a response."
+    return int(chat_batch(processor, [medium], [prompt], None, system=system)["attention_mask"].sum())
+
+@dataclass
+class LengthPlan:
+    "What `max_length` does to a list of query groups: which queries are dropped, how many responses are cut."
+    max_length: int|None # the limit (None: no limit)
+    queries: int # query groups seen
+    responses: int # responses seen
+    dropped: list # indices of the queries whose prompt alone takes max_length tokens or more
+    cut: list # per query, how many of its responses are cut from their end (0 for a dropped query)
+    longest: int # the longest prompt + response, in tokens, before any cut
+
+    def summary(self) -> str:
+        "One line for a run's output."
+        if self.max_length is None: return f"max_length: none (longest sequence {self.longest} tokens)"
+        return (f"max_length={self.max_length}: {sum(self.cut)} of {self.responses} responses cut from their end, "
+                f"{len(self.dropped)} of {self.queries} queries dropped (prompt alone over the limit); longest sequence {self.longest} tokens")
+
+def length_plan(processor,
+                groups:list, # per query: (medium, prompt, responses)
+                max_length:int|None=MAX_LENGTH, # longest prompt + response in tokens; None: no limit
+                system:str|None=None, # a system message before every conversation
+               ) -> LengthPlan:
+    "Apply the length rule (cut responses from their end, drop queries whose prompt alone does not fit) before any forward."
+    dropped, cut, longest, n = [], [], 0, 0
+    for q, (medium, prompt, resps) in enumerate(groups):
+        p = prompt_length(processor, medium, prompt, system)
+        spans = _label_spans(chat_batch(processor, [None] * len(resps), [""] * len(resps), list(resps))["labels"]) if resps else []
+        lengths = [p + e - s for s, e in spans]
+        n += len(lengths); longest = max([longest, p, *lengths])
+        if max_length is not None and p >= max_length: dropped.append(q)
+        cut.append(0 if max_length is None or p >= max_length else sum(l > max_length for l in lengths))
+    return LengthPlan(max_length, len(groups), n, dropped, cut, longest)
