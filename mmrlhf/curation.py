@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['REBALANCED', 'read_pool', 'categorise', 'clip_model', 'cpu_has_native_bf16', 'resolve_precision', 'embed_pool',
-           'Embedded', 'load_embeddings', 'InMemory', 'cluster', 'near_duplicates', 'find_duplicates',
-           'sample_balanced', 'curation_report', 'CurateConfig', 'run_curate']
+__all__ = ['REBALANCED', 'MANIFEST_VERSION', 'RESULTS', 'read_pool', 'scan_pool', 'categorise', 'clip_model',
+           'cpu_has_native_bf16', 'resolve_precision', 'model_fingerprint', 'check_manifest', 'embed_pool', 'Embedded',
+           'load_embeddings', 'InMemory', 'cluster', 'near_duplicates', 'find_duplicates', 'duplicate_records',
+           'sample_balanced', 'thumbnail', 'report_examples', 'curation_report', 'CurateConfig', 'run_curate']
 
 # %% ../nbs/05_curation.ipynb #f3c4a0a8
-import hashlib, io, json, math, random, re, time
+import base64, hashlib, html, io, json, math, random, re, time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Iterator
 import numpy as np
 
 # %% ../nbs/05_curation.ipynb #be0f5ca3
-from .core import Config, DataError, atomic_write, load_image, opt, read_jsonl, resolve_image_path, write_jsonl, write_text
+from .core import (Config, ConfigError, DataError, atomic_write, clean_stale_temps, load_image, opt, read_jsonl,
+                         resolve_image_path, write_jsonl, write_text)
 from .schema import Query, query_record
 
 # %% ../nbs/05_curation.ipynb #64cf2442
@@ -39,20 +41,65 @@ def _pool_item(rec:dict, file, line) -> dict:
     return {"id": str(rec["id"]), "images": images, "question": rec["question"], "reference": ref,
             "source": rec.get("source") or "", "category": rec.get("category"), "video": bool(rec.get("video")) or len(images) > 1}
 
+def _one_line(e:Exception) -> str: return f"{type(e).__name__}: " + " ".join(str(e).split())
+
+def _pool_rows(path:Path) -> Iterator[tuple[int, dict]]:
+    "(line or row number, raw record) from any pool format; unreadable files raise `DataError`."
+    if path.is_dir():
+        import datasets
+        try: ds = datasets.load_from_disk(str(path))
+        except Exception as e: raise DataError(path, None, None, f"not a saved datasets folder ({_one_line(e)})") from None
+        n = 0
+        try:
+            for rec in ds: n += 1; yield n, rec
+        except Exception as e: raise DataError(path, n + 1, None, f"unreadable dataset row ({_one_line(e)})") from None
+    elif path.suffix == ".parquet":
+        import pyarrow as pa, pyarrow.parquet as pq
+        n = 0
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+                for rec in batch.to_pylist(): n += 1; yield n, rec
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(path, n + 1 if n else None, None, f"unreadable Parquet ({_one_line(e)})") from None
+    else: yield from read_jsonl(path)  # bad bytes, bad JSON: DataError with file, line and column
+
+def _read_numbered(path) -> Iterator[tuple[int, dict]]:
+    "(line, pool item) pairs, validated."
+    path = Path(path)
+    for i, rec in _pool_rows(path): yield i, _pool_item(rec, path, i)
+
 def read_pool(path, # a .jsonl or .parquet file, or a folder saved by `datasets`
              ) -> Iterator[dict]:
     "Stream pool items from JSONL, Parquet or a Hugging Face dataset folder."
-    path = Path(path)
-    if path.is_dir():
-        import datasets
-        for i, rec in enumerate(datasets.load_from_disk(str(path))): yield _pool_item(rec, path, i + 1)
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for rec in batch.to_pylist(): n += 1; yield _pool_item(rec, path, n)
-    else:
-        for i, rec in read_jsonl(path): yield _pool_item(rec, path, i)
+    for _, item in _read_numbered(path): yield item
+
+# %% ../nbs/05_curation.ipynb #0b59d1f1
+def _hash64(data:bytes) -> int:
+    "A 63-bit integer hash (exact-duplicate keys that fit numpy int64)."
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
+
+def _item_key(item:dict) -> bytes:
+    "The canonical bytes of a pool item (every field the embeddings' metadata depends on)."
+    return json.dumps(item, sort_keys=True, ensure_ascii=False).encode()
+
+def scan_pool(path, # the pool (see `read_pool`)
+             ) -> dict:
+    "Count the pool's items and fingerprint their records; an empty pool or a repeated id raises `DataError`."
+    path, h, keys, n = Path(path), hashlib.blake2b(digest_size=16), [], 0
+    for _, item in _read_numbered(path):
+        n += 1; h.update(_item_key(item)); keys.append(_hash64(item["id"].encode()))
+    if n == 0: raise DataError(path, None, None, "the pool holds no items")
+    keys = np.array(keys, np.int64)
+    uniq, counts = np.unique(keys, return_counts=True)
+    if (counts > 1).any():  # a second pass, only for the few suspects, finds the lines
+        suspects, seen = set(uniq[counts > 1].tolist()), {}
+        for line, item in _read_numbered(path):
+            if _hash64(item["id"].encode()) not in suspects: continue
+            if item["id"] in seen:
+                raise DataError(path, line, "id", f"id {item['id']!r} is also on line {seen[item['id']]}; ids must be unique "
+                                f"({int((counts > 1).sum())} repeated in all)")
+            seen[item["id"]] = line
+    return {"items": n, "records": h.hexdigest()}
 
 # %% ../nbs/05_curation.ipynb #8b2660fd
 _OPTION = re.compile(r"(?:^|\n|\s)\(?([A-H])[.)]\s+\S")
@@ -93,10 +140,6 @@ def clip_model(name:str="ViT-B-32", # an open_clip model name, or "tiny"
     return model.eval(), preprocess
 
 # %% ../nbs/05_curation.ipynb #df455af3
-def _hash64(data:bytes) -> int:
-    "A 63-bit integer hash (exact-duplicate keys that fit numpy int64)."
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
-
 def cpu_has_native_bf16() -> bool:
     "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."
     try: flags = Path("/proc/cpuinfo").read_text()
@@ -108,6 +151,71 @@ def resolve_precision(precision:str, device) -> str:
     if precision != "auto": return precision
     return "fp16" if str(device).startswith("cuda") else ("bf16" if cpu_has_native_bf16() else "fp32")
 
+def _image_bytes(image_root, rel:str) -> tuple[bytes|None, str|None]:
+    "The bytes of an image under the root, or the reason it can't be read."
+    try: return resolve_image_path(image_root, rel).read_bytes(), None
+    except Exception as e: return None, f"{type(e).__name__}: {e}"
+
+def _add_item(h, item:dict, data:bytes|None, why:str|None):
+    "Add one pool record and its image's bytes (or why they can't be read) to a shard's fingerprint."
+    h.update(_item_key(item)); h.update(hashlib.blake2b(data if data is not None else why.encode()).digest())
+
+def _shard_fingerprint(settings_digest:str, items:list, image_root) -> str:
+    "A digest of the settings, the shard's pool records and the bytes of their images."
+    h = hashlib.blake2b(settings_digest.encode(), digest_size=16)
+    for item in items: _add_item(h, item, *_image_bytes(image_root, item["images"][0]))
+    return h.hexdigest()
+
+# %% ../nbs/05_curation.ipynb #f531bf6a
+def model_fingerprint(model, preprocess) -> str:
+    "A digest of a model's weights and image preprocessing: equal digests embed alike."
+    import torch
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(re.sub(r" at 0x[0-9a-f]+", "", repr(preprocess)).encode())  # no memory addresses
+    return h.hexdigest()
+
+# %% ../nbs/05_curation.ipynb #aeb40c47
+MANIFEST_VERSION = 1
+
+def _digest(obj) -> str: return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+def _manifest_digest(manifest:dict) -> str:
+    "What every shard of a run records: the manifest's digest (the model's display name aside)."
+    return _digest({**manifest, "settings": {k: v for k, v in manifest["settings"].items() if k != "model_name"}})
+
+def _settings_changes(old:dict, new:dict) -> list[str]:
+    "What differs between two manifests' settings, in words."
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k == "model_name" or old.get(k) == new.get(k): continue
+        if k == "model":
+            out.append(f"model: {old.get('model_name', '?')} (weights digest {str(old.get('model'))[:12]}) -> "
+                       f"{new.get('model_name', '?')} (weights digest {str(new.get('model'))[:12]})")
+        else: out.append(f"{k}: {old.get(k)} -> {new.get(k)}")
+    return out
+
+def check_manifest(emb_dir, # the embeddings folder
+                   manifest:dict, # what this run would write: {"settings": ..., "pool": ...}
+                   write:bool=True, # write it (atomically) when absent or when only the pool changed
+                  ) -> dict|None:
+    "The manifest found in `emb_dir` (None if none); `ConfigError` naming every setting that changed."
+    path = Path(emb_dir) / "manifest.json"
+    old = None
+    if path.exists():
+        try: old = json.loads(path.read_text())
+        except (OSError, ValueError): old = None  # unreadable: its shards are checked one by one anyway
+    if old is not None:
+        changes = _settings_changes(old.get("settings", {}), manifest["settings"])
+        if changes:
+            raise ConfigError(f"{emb_dir} holds embeddings made with other settings ({'; '.join(changes)}); rerun with the "
+                              f"earlier settings to resume, or remove {emb_dir} (or choose another --out) to start again")
+    if write and old != manifest: write_text(path, json.dumps(manifest, sort_keys=True, indent=1))
+    return old
+
+# %% ../nbs/05_curation.ipynb #4ef3586b
 def embed_pool(pool_path, # the pool file (see `read_pool`)
                image_root, # folder the image paths are relative to
                out, # output folder; shards go to `out/embeddings`
@@ -118,62 +226,107 @@ def embed_pool(pool_path, # the pool file (see `read_pool`)
                long_threshold:int=128, # see `categorise`
                process_index:int=0, num_processes:int=1, # this process's share of the shards
                progress:bool=True, # show a progress bar
+               model_name:str="", # how to name the model when a resume is refused
               ) -> list[Path]:
     "Embed every pool image into resumable shards; return the shard metadata files this process owns."
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
     emb_dir = Path(out) / "embeddings"; emb_dir.mkdir(parents=True, exist_ok=True)
-    n_items = sum(1 for _ in read_pool(pool_path))
-    n_shards = max(1, math.ceil(n_items / shard_size))
+    if num_processes == 1: clean_stale_temps(emb_dir)  # with several, the caller cleans before they start
+    scan = scan_pool(pool_path)
+    n_items, n_shards = scan["items"], max(1, math.ceil(scan["items"] / shard_size))
     if model is None: model, preprocess = clip_model()
     device = next(model.parameters()).device
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
-    mine = list(range(process_index, n_shards, num_processes))
-    todo = {sh for sh in mine if not (emb_dir / f"shard-{sh:05d}.json").exists()}
-    bar = tqdm(total=sum(min(shard_size, n_items - sh * shard_size) for sh in todo), desc="embedding", unit="img", disable=not progress)
-    vecs, meta, rejects, batch = [], [], [], []
-    def flush():
-        if not batch: return
-        x = torch.stack([preprocess(im) for im in batch]).to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            vecs.append(model.encode_image(x).float().cpu().numpy())
-        bar.update(len(batch)); batch.clear()
-    def finish(sh):
+    prec = resolve_precision(precision, device)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+    settings = {"version": MANIFEST_VERSION, "shard_size": shard_size, "batch_size": batch_size, "precision": prec,
+                "long_threshold": long_threshold, "model": model_fingerprint(model, preprocess), "model_name": model_name}
+    manifest = {"settings": settings, "pool": {**scan, "shards": n_shards}}
+    check_manifest(emb_dir, manifest)  # refuses other settings; every process writes the same content
+    s_digest, m_digest = _digest({k: v for k, v in settings.items() if k != "model_name"}), _manifest_digest(manifest)
+    if process_index == 0:  # shards a larger pool left behind
+        for p in emb_dir.glob("shard-*.*"):
+            stem = p.stem[len("shard-"):]
+            if p.suffix in (".json", ".npy") and stem.isdigit() and int(stem) >= n_shards: p.unlink(missing_ok=True)
+    mine = set(range(process_index, n_shards, num_processes))
+    bar = tqdm(total=sum(min(shard_size, n_items - sh * shard_size) for sh in mine), desc="embedding", unit="img",
+               disable=not progress)
+    counts = Counter()
+
+    def embed(sh, items):
+        js = emb_dir / f"shard-{sh:05d}.json"
+        js.unlink(missing_ok=True)  # from here on, a kill leaves this shard unfinished
+        h = hashlib.blake2b(s_digest.encode(), digest_size=16)
+        vecs, meta, rejects, batch = [], [], [], []
+        def flush():
+            if not batch: return
+            x = torch.stack([preprocess(im) for im in batch]).to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                vecs.append(model.encode_image(x).float().cpu().numpy())
+            bar.update(len(batch)); batch.clear()
+        for item in items:
+            rel = item["images"][0]
+            data, why = _image_bytes(image_root, rel)
+            _add_item(h, item, data, why)
+            if data is not None:
+                try:
+                    with Image.open(io.BytesIO(data)) as im: im = im.convert("RGB")
+                except Exception as e:  # name the file, not the in-memory buffer (whose address changes from run to run)
+                    why = f"{type(e).__name__}: " + re.sub(r"<_io.BytesIO object at 0x\w+>", repr(rel), str(e))
+            if why is not None:
+                rejects.append({"id": item["id"], "image": rel, "reason": why}); bar.update(1); continue
+            meta.append([item["id"], categorise(item, long_threshold), _hash64(data),
+                         _hash64(data + b"\0" + item["question"].strip().lower().encode())])
+            batch.append(im)
+            if len(batch) == batch_size: flush()
         flush()
         arr = np.concatenate(vecs) if vecs else np.zeros((0, model.visual.output_dim), np.float32)
         with atomic_write(emb_dir / f"shard-{sh:05d}.npy", "wb") as f: np.save(f, arr.astype(np.float32))
-        write_text(emb_dir / f"shard-{sh:05d}.json", json.dumps({"shard": sh, "items": meta, "rejects": rejects}))
-        vecs.clear(); meta.clear(); rejects.clear()
-    current = None
-    for i, item in enumerate(read_pool(pool_path)):  # one pass over the pool, whatever its size
+        write_text(js, json.dumps({"shard": sh, "items": meta, "rejects": rejects,
+                                   "fingerprint": h.hexdigest(), "manifest": m_digest}))
+
+    def process(sh, items):
+        js = emb_dir / f"shard-{sh:05d}.json"
+        old = None
+        if js.exists() and (emb_dir / f"shard-{sh:05d}.npy").exists():
+            try: old = json.loads(js.read_text())
+            except (OSError, ValueError): old = None
+        if old is not None and old.get("fingerprint") == _shard_fingerprint(s_digest, items, image_root):
+            if old.get("manifest") != m_digest:  # the same items in a changed pool
+                write_text(js, json.dumps({**old, "manifest": m_digest}))
+            counts["reused"] += 1; bar.update(len(items)); return
+        counts["changed" if old is not None else "new"] += 1
+        embed(sh, items)
+
+    current, items = None, []
+    for i, item in enumerate(read_pool(pool_path)):  # one pass over the pool, one shard's records in memory at a time
         sh = i // shard_size
         if sh != current:
-            if current in todo: finish(current)
-            current = sh
-        if sh not in todo: continue
-        rel = item["images"][0]
-        try:
-            data = resolve_image_path(image_root, rel).read_bytes()
-            with Image.open(io.BytesIO(data)) as im: im = im.convert("RGB")
-        except Exception as e:
-            rejects.append({"id": item["id"], "image": rel, "reason": f"{type(e).__name__}: {e}"}); bar.update(1); continue
-        meta.append([item["id"], categorise(item, long_threshold), _hash64(data), _hash64(data + b"\0" + item["question"].strip().lower().encode())])
-        batch.append(im)
-        if len(batch) == batch_size: flush()
-    if current in todo: finish(current)
+            if current in mine: process(current, items)
+            current, items = sh, []
+        if sh in mine: items.append(item)
+    if current in mine: process(current, items)
     bar.close()
-    return [emb_dir / f"shard-{s:05d}.json" for s in mine]
+    if counts["changed"]:
+        print(f"embeddings: {counts['changed']} shard(s) re-embedded because their pool items or images changed, "
+              f"{counts['reused']} reused, {counts['new']} new")
+    return [emb_dir / f"shard-{s:05d}.json" for s in sorted(mine)]
 
 # %% ../nbs/05_curation.ipynb #c4d58bd9
 class Embedded:
     "Memory-mapped pool embeddings with per-item metadata; vectors are centred and normalised on read."
     def __init__(self, shard_files:list, # `shard-NNNNN.json` files written by `embed_pool`
                  center:bool=True, # subtract the pool mean before normalising
+                 manifest:dict|None=None, # the run's manifest: every shard must belong to it
                 ):
         self.meta_files, self.shards, cats, ih, ph, self.rejects, sizes = list(shard_files), [], [], [], [], [], []
+        self.manifest, digest = manifest, _manifest_digest(manifest) if manifest is not None else None
         for m in self.meta_files:
             meta = json.loads(Path(m).read_text())
+            if digest is not None and meta.get("manifest") != digest:
+                raise FileNotFoundError(f"{m} belongs to another run of the pool (stale); "
+                                        "run `mmrlhf curate` again to re-embed it")
             self.shards.append(np.load(Path(m).with_suffix(".npy"), mmap_mode="r"))
             cats += [it[1] for it in meta["items"]]; ih += [it[2] for it in meta["items"]]; ph += [it[3] for it in meta["items"]]
             self.rejects += meta["rejects"]; sizes.append(len(meta["items"]))
@@ -226,15 +379,24 @@ class Embedded:
 def load_embeddings(out, # the folder `embed_pool` wrote into
                     center:bool=True, # subtract the mean before normalising
                    ) -> Embedded:
-    "The shards of `out/embeddings`, memory-mapped."
-    metas = sorted((Path(out) / "embeddings").glob("shard-*.json"))
-    if not metas: raise FileNotFoundError(f"no embedding shards in {Path(out) / 'embeddings'}")
-    return Embedded(metas, center)
+    "The shards of `out/embeddings` listed by its manifest, memory-mapped; a missing or stale shard is an error."
+    emb_dir = Path(out) / "embeddings"
+    if not (emb_dir / "manifest.json").exists():  # a folder from before manifests: whatever shards are there
+        metas = sorted(emb_dir.glob("shard-*.json"))
+        if not metas: raise FileNotFoundError(f"no embedding shards in {emb_dir}")
+        return Embedded(metas, center)
+    manifest = json.loads((emb_dir / "manifest.json").read_text())
+    metas = [emb_dir / f"shard-{s:05d}.json" for s in range(manifest["pool"]["shards"])]
+    missing = [p.name for p in metas if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(metas)} shards in {emb_dir} are unfinished ({missing[0]} first); "
+                                "run `mmrlhf curate` again to embed them")
+    return Embedded(metas, center, manifest)
 
 class InMemory(Embedded):
     "An `Embedded` over an array already in memory (for tests and small experiments)."
     def __init__(self, vectors:np.ndarray, center:bool=False):
-        self.shards, self.meta_files, self.rejects = [np.asarray(vectors, np.float32)], [], []
+        self.shards, self.meta_files, self.rejects, self.manifest = [np.asarray(vectors, np.float32)], [], [], None
         self.offsets, self.dim = np.array([0, len(vectors)], np.int64), vectors.shape[1]
         self.mean = vectors.mean(0).astype(np.float32) if center else None
         n = len(vectors); self.categories = np.array([""] * n); self.image_hash = self.pair_hash = np.arange(n, dtype=np.int64)
@@ -264,6 +426,11 @@ def _first_of_groups(keys:np.ndarray) -> np.ndarray:
     dup = np.ones(len(keys), bool); dup[first] = False
     return dup
 
+def _first_with_key(keys:np.ndarray) -> np.ndarray:
+    "For every item, the first item with the same key."
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first[inverse.ravel()]
+
 def _dedup_index(emb, members, flat_limit, ivf_limit, nprobe, seed):
     "A faiss inner-product index sized to the `members` (global indices), trained if it needs to be; returns (index, exact)."
     import faiss
@@ -287,7 +454,8 @@ def near_duplicates(emb, # the pool's embeddings, or an array of normalised vect
                     seed:int=0, # seed of the training sample
                     among:np.ndarray|None=None, # boolean mask: search only these items (e.g. without exact duplicates)
                     progress:bool=False, # show a progress bar
-                   ) -> np.ndarray:
+                    matches:bool=False, # also return, per item, the earlier item it repeats (-1: none) and their cosine
+                   ) -> np.ndarray|tuple[np.ndarray, np.ndarray, np.ndarray]:
     "Mask of items that are near-duplicates of an earlier item."
     from tqdm.auto import tqdm
     if isinstance(emb, np.ndarray): emb = InMemory(emb)
@@ -296,6 +464,7 @@ def near_duplicates(emb, # the pool's embeddings, or an array of normalised vect
     index, exact = _dedup_index(emb, members, flat_limit, ivf_limit, nprobe, seed)
     for start, x in emb.chunks(): index.add(np.ascontiguousarray(x[among[start:start + len(x)]]))
     dup, pos = np.zeros(len(emb), bool), 0
+    of, cos = np.full(len(emb), -1, np.int64), np.full(len(emb), np.nan, np.float32)
     bar = tqdm(total=len(members), desc="near-duplicates", unit="img", disable=not progress)
     for start, x in emb.chunks():
         x = np.ascontiguousarray(x[among[start:start + len(x)]])
@@ -305,19 +474,52 @@ def near_duplicates(emb, # the pool's embeddings, or an array of normalised vect
         cand = (nbrs >= 0) & (nbrs < here) & (sims >= (threshold if exact else threshold - 0.1))
         if not exact and cand.any():  # product-quantised scores are approximate: re-check with the exact vectors
             r, c = np.nonzero(cand)
-            true = np.einsum("ij,ij->i", x[r], emb.rows(members[nbrs[r, c]])) >= threshold
-            cand[:] = False; cand[r[true], c[true]] = True
-        dup[members[pos:pos + len(x)]] = cand.any(1)
+            exact_sims = np.einsum("ij,ij->i", x[r], emb.rows(members[nbrs[r, c]]))
+            true = exact_sims >= threshold
+            cand[:] = False; cand[r[true], c[true]] = True; sims = sims.copy(); sims[r, c] = exact_sims
+        hit = cand.any(1)
+        dup[members[pos:pos + len(x)]] = hit
+        if hit.any():  # the closest earlier match of each duplicate
+            best = np.where(cand, sims, -np.inf).argmax(1)
+            rows = np.flatnonzero(hit)
+            of[members[pos + rows]], cos[members[pos + rows]] = members[nbrs[rows, best[rows]]], sims[rows, best[rows]]
         pos += len(x); bar.update(len(x))
     bar.close()
-    return dup
+    return (dup, of, cos) if matches else dup
 
-def find_duplicates(emb:Embedded, threshold:float=0.95, **kw) -> dict:
+def find_duplicates(emb:Embedded, # the pool's embeddings
+                    threshold:float=0.95, # near-duplicate cosine, see `near_duplicates`
+                    matches:bool=False, # also return what each duplicate repeats: (masks, of, cosine)
+                    **kw) -> dict|tuple[dict, np.ndarray, np.ndarray]:
     "Masks of exact-image, same-image-and-question and near-duplicate items (each excluding the earlier kinds)."
     same_image = _first_of_groups(emb.image_hash)
     same_pair = _first_of_groups(emb.pair_hash) & ~same_image
-    near = near_duplicates(emb, threshold, among=~same_image, **kw)  # exact copies would crowd the neighbour lists
-    return {"same_image": same_image, "same_image_and_question": same_pair, "near_duplicate": near}
+    # exact copies are left out of the near search: they would crowd the neighbour lists
+    near, near_of, cos = near_duplicates(emb, threshold, among=~same_image, matches=True, **kw)
+    masks = {"same_image": same_image, "same_image_and_question": same_pair, "near_duplicate": near}
+    if not matches: return masks
+    of = np.where(same_image, _first_with_key(emb.image_hash), np.where(same_pair, _first_with_key(emb.pair_hash), near_of))
+    return masks, of, np.where(near, cos, np.nan).astype(np.float32)
+
+# %% ../nbs/05_curation.ipynb #eefcff0e
+def duplicate_records(emb:Embedded, # the pool's embeddings
+                      masks:dict, of:np.ndarray, cosine:np.ndarray, # from `find_duplicates(..., matches=True)`
+                     ) -> list[dict]:
+    "One record per removed item, in pool order: its kind, the item it repeats, the kept item it stands for, the cosine."
+    removed = np.logical_or.reduce(list(masks.values()))
+    idx = np.flatnonzero(removed)
+    kept = of[idx].copy()
+    while len(kept) and removed[kept].any():  # a chain (a copy of a near-duplicate): follow it to the item kept
+        m = removed[kept]; kept[m] = of[kept[m]]
+    ids = emb.ids_of(np.concatenate([idx, of[idx], kept]))
+    n, exact = len(idx), ~masks["near_duplicate"][idx]
+    out = []
+    for k, j in enumerate(idx):
+        rec = {"id": ids[k], "kind": "exact" if exact[k] else "near", "duplicate_of": ids[n + k], "kept": ids[2 * n + k],
+               "cosine": None if exact[k] else round(float(cosine[j]), 5), "category": str(emb.categories[j])}
+        if exact[k]: rec["same_question"] = bool(emb.pair_hash[j] == emb.pair_hash[of[j]])
+        out.append(rec)
+    return out
 
 # %% ../nbs/05_curation.ipynb #fe9fdf50
 def sample_balanced(categories:np.ndarray, # category of each candidate item
@@ -351,6 +553,33 @@ def sample_balanced(categories:np.ndarray, # category of each candidate item
                      "available": int((categories == c).sum())}
     return np.array(sorted(chosen), dtype=np.int64), report
 
+# %% ../nbs/05_curation.ipynb #7c036c07
+def thumbnail(image_root, # the image root
+              rel:str, # the image's path under it
+              size:int=96, # longest side, in pixels
+             ) -> tuple[str|None, str|None]:
+    "A small JPEG of an image as a `data:` URI, or None and the reason it can't be read."
+    try: im = load_image(image_root, rel)
+    except Exception as e: return None, f"{type(e).__name__}: {e}"
+    im.thumbnail((size, size)); buf = io.BytesIO(); im.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), None
+
+def report_examples(emb:Embedded, clusters:np.ndarray, # the embeddings and every item's cluster
+                    duplicates:list[dict], # from `duplicate_records`
+                    per_cluster:int=6, # example images per cluster
+                    pairs:int=24, # near-duplicate pairs to show: those closest to the threshold
+                    seed:int=0,
+                   ) -> tuple[dict, list[dict]]:
+    "Ids to show in the report: a seeded few per cluster, and the near-duplicates with the lowest cosines."
+    rng, k = np.random.default_rng(seed), int(clusters.max()) + 1 if len(clusters) else 0
+    picks = {c: np.sort(rng.choice(m, min(per_cluster, len(m)), replace=False)) for c in range(k)
+             if len(m := np.flatnonzero(clusters == c))}
+    flat = np.concatenate(list(picks.values())) if picks else np.zeros(0, np.int64)
+    ids, pos, examples = emb.ids_of(flat), 0, {}
+    for c, p in picks.items(): examples[c] = ids[pos:pos + len(p)]; pos += len(p)
+    near = sorted((r for r in duplicates if r["kind"] == "near"), key=lambda r: (r["cosine"], r["id"]))[:pairs]
+    return examples, near
+
 # %% ../nbs/05_curation.ipynb #e82cbbf4
 def _pca2(x:np.ndarray) -> np.ndarray:
     "The first two principal components of `x`."
@@ -358,10 +587,43 @@ def _pca2(x:np.ndarray) -> np.ndarray:
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     return x @ vt[:2].T
 
+def _thumbs_html(ids:list, image_paths:dict, image_root, size:int=96) -> str:
+    "Thumbnails of items (by id), each titled with its id; an unreadable image shows its reason."
+    cells = []
+    for i in ids:
+        uri, why = thumbnail(image_root, image_paths[i], size) if i in image_paths else (None, "not in the pool")
+        t = html.escape(str(i), quote=True)
+        cells.append(f"<img src='{uri}' title='{t}' alt='{t}'>" if uri else
+                     f"<span class='bad' title='{html.escape(why, quote=True)}'>{t}: unreadable</span>")
+    return "".join(cells)
+
+def _examples_html(examples:dict, pairs:list, image_paths:dict, image_root, clusters:np.ndarray, chosen:np.ndarray) -> str:
+    "The clusters by example images, and the near-duplicate pairs closest to the threshold."
+    if not examples and not pairs: return ""
+    k = int(clusters.max()) + 1 if len(clusters) else 0
+    size, cur = np.bincount(clusters, minlength=k), np.bincount(clusters[chosen], minlength=k)
+    rows = "".join(f"<tr><td>cluster {c}<br><small>{size[c]} items, {cur[c]} curated</small></td>"
+                   f"<td>{_thumbs_html(ids, image_paths, image_root)}</td></tr>" for c, ids in examples.items())
+    out = ("<h2>Clusters by example</h2><p>A seeded sample of each cluster's images (hover for the id).</p>"
+           "<table>" + rows + "</table>")
+    if pairs:
+        prs = "".join(f"<tr><td>{r['cosine']:.4f}</td><td>{_thumbs_html([r['id']], image_paths, image_root)}</td>"
+                      f"<td>{_thumbs_html([r['duplicate_of']], image_paths, image_root)}</td>"
+                      f"<td>{html.escape(r['id'])} repeats {html.escape(r['duplicate_of'])}</td></tr>" for r in pairs)
+        out += ("<h2>Near-duplicates closest to the threshold</h2><p>The removed items with the lowest cosines: if these "
+                "do not look like the same picture, raise the threshold. Every removed item is in duplicates.jsonl.</p>"
+                "<table><tr><th>cosine</th><th>removed</th><th>repeats (earlier)</th><th>ids</th></tr>" + prs + "</table>")
+    return out
+
 def curation_report(emb:Embedded, clusters:np.ndarray, chosen:np.ndarray, ratio_report:dict, dup_counts:dict,
                     path, # the HTML file to write
                     sample:int=3000, # points in the projection
                     seed:int=0,
+                    examples:dict|None=None, # cluster -> ids whose thumbnails to show (see `report_examples`)
+                    pairs:list|None=None, # near-duplicate records to show as image pairs
+                    image_paths:dict|None=None, # id -> image path, for the thumbnails
+                    image_root=None, # the folder those paths are relative to
+                    accounting:str="", # the count-in = count-out sentence
                    ) -> Path:
     "Write the curation report as one self-contained HTML page."
     import plotly.graph_objects as go
@@ -384,11 +646,15 @@ def curation_report(emb:Embedded, clusters:np.ndarray, chosen:np.ndarray, ratio_
                    for c, r in ratio_report.items())
     table = ("<table><tr><th>category</th><th>target</th><th>achieved</th><th>available</th><th>clusters used</th></tr>" + rows + "</table>"
              + "<p>Removed: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dup_counts.items()) + f"; {len(emb.rejects)} rejected (missing or unreadable images).</p>")
-    html = ("<html><head><meta charset='utf-8'><title>mmrlhf curation report</title><style>body{font-family:sans-serif;margin:2em}"
-            "td,th{padding:2px 10px;border-bottom:1px solid #ddd}</style></head><body><h1>Curation report</h1>"
-            f"<p>{len(emb)} embedded items, {k} clusters, {len(chosen)} curated.</p>{table}"
-            + sizes.to_html(full_html=False, include_plotlyjs=True) + proj.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
-    write_text(path, html)
+    gallery = _examples_html(examples or {}, pairs or [], image_paths or {}, image_root, clusters, chosen)
+    page = ("<html><head><meta charset='utf-8'><title>mmrlhf curation report</title><style>body{font-family:sans-serif;margin:2em}"
+            "td,th{padding:2px 10px;border-bottom:1px solid #ddd} img{margin:1px;vertical-align:middle} .bad{color:#a00}</style>"
+            "</head><body><h1>Curation report</h1>"
+            f"<p>{len(emb)} embedded items, {k} clusters, {len(chosen)} curated.</p>"
+            + (f"<p>{html.escape(accounting)}</p>" if accounting else "") + table
+            + sizes.to_html(full_html=False, include_plotlyjs=True) + proj.to_html(full_html=False, include_plotlyjs=False)
+            + gallery + "</body></html>")
+    write_text(path, page)
     return Path(path)
 
 # %% ../nbs/05_curation.ipynb #24417b3a
@@ -411,8 +677,12 @@ class CurateConfig(Config):
     center: bool = opt(True, "centre embeddings before clustering and deduplication")
     seed: int = opt(0, "seed of clustering and sampling")
     report: bool = opt(True, "write report.html")
+    thumbnails: int = opt(6, "example images per cluster in report.html")
+    near_examples: int = opt(24, "near-duplicate pairs shown in report.html (those with the lowest cosines)")
 
 # %% ../nbs/05_curation.ipynb #ca61c670
+RESULTS = ("curation.json", "curated.jsonl", "duplicates.jsonl", "rejects.jsonl", "report.html", "curate-config.yaml")
+
 def run_curate(cfg:CurateConfig) -> dict:
     "Curate `cfg.pool` into `cfg.out`; return the summary."
     import torch
@@ -423,36 +693,61 @@ def run_curate(cfg:CurateConfig) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())  # under `accelerate launch`, one of several processes
     rank, world = state.process_index, state.num_processes
     device = str(state.device) if torch.cuda.is_available() else "cpu"
+    if rank == 0: clean_stale_temps(out); clean_stale_temps(out / "embeddings")  # what a killed run left
+    if world > 1: state.wait_for_everyone()  # before any process starts writing temporary files
     model, preprocess = clip_model(cfg.model, cfg.weights, device, cfg.seed)
     t0 = time.time()
-    embed_pool(pool, root, out, model, preprocess, cfg.batch_size, cfg.shard_size, cfg.precision, cfg.long_threshold, rank, world)
+    embed_pool(pool, root, out, model, preprocess, cfg.batch_size, cfg.shard_size, cfg.precision, cfg.long_threshold, rank, world,
+               model_name=f"{cfg.model} with {cfg.weights or f'random weights (seed {cfg.seed})'}")
     if world > 1: state.wait_for_everyone()
     if rank != 0: return {}
     t_embed = time.time() - t0
+    for name in RESULTS: (out / name).unlink(missing_ok=True)  # the outputs below all come from this run; curation.json last
     emb = load_embeddings(out, cfg.center)
+    pool_items = emb.manifest["pool"]["items"]
+    if len(emb) + len(emb.rejects) != pool_items:
+        raise RuntimeError(f"{out / 'embeddings'}: shards hold {len(emb) + len(emb.rejects)} items, the pool {pool_items}")
     if len(emb) == 0:
         write_jsonl(out / "rejects.jsonl", emb.rejects)
-        raise DataError(pool, None, "images", f"none of {len(emb.rejects)} items could be embedded (first: {emb.rejects[0]['reason'] if emb.rejects else 'empty pool'}); reasons in {out / 'rejects.jsonl'}")
+        raise DataError(pool, None, "images", f"none of {len(emb.rejects)} items could be embedded (first: {emb.rejects[0]['reason']}); "
+                        f"reasons in {out / 'rejects.jsonl'}")
     _, clusters = cluster(emb, cfg.clusters, cfg.seed)
-    dups = find_duplicates(emb, cfg.near_dup_threshold, seed=cfg.seed, progress=True)
-    keep = np.flatnonzero(~np.logical_or.reduce(list(dups.values())))
+    dups, of, cos = find_duplicates(emb, cfg.near_dup_threshold, matches=True, seed=cfg.seed, progress=True)
+    removed = np.logical_or.reduce(list(dups.values()))
+    keep = np.flatnonzero(~removed)
     picked, ratio_report = sample_balanced(emb.categories[keep], clusters[keep], cfg.total, cfg.ratio, cfg.seed)
     chosen = keep[picked]
     chosen_ids = {i: (emb.categories[j], int(clusters[j])) for i, j in zip(emb.ids_of(chosen), chosen)}
-    def curated():
+    dup_records = duplicate_records(emb, dups, of, cos)
+    examples, pairs = ({}, []) if not cfg.report else \
+        report_examples(emb, clusters, dup_records, cfg.thumbnails, cfg.near_examples, cfg.seed)
+    shown = {i for ids in examples.values() for i in ids} | {r[k] for r in pairs for k in ("id", "duplicate_of")}
+    image_paths = {}
+    def curated():  # one pass over the pool: the curated queries, and the image paths the report shows
         for item in read_pool(pool):
+            if item["id"] in shown: image_paths[item["id"]] = item["images"][0]
             if item["id"] in chosen_ids:
                 category, _ = chosen_ids[item["id"]]
                 yield query_record(Query(item["id"], item["question"], category, item["images"], [], item.get("reference"), item.get("source") or ""))
     n = write_jsonl(out / "curated.jsonl", curated())
+    write_jsonl(out / "duplicates.jsonl", dup_records)
     write_jsonl(out / "rejects.jsonl", emb.rejects)
     dup_counts = {k: int(v.sum()) for k, v in dups.items()}
-    summary = {"pool_items": len(emb) + len(emb.rejects), "embedded": len(emb), "rejected": len(emb.rejects),
-               "duplicates": dup_counts, "clusters": int(clusters.max()) + 1, "curated": n, "ratio": ratio_report,
+    n_dup, not_sampled = int(removed.sum()), len(emb) - int(removed.sum()) - n
+    if n != len(chosen) or n + n_dup + not_sampled + len(emb.rejects) != pool_items:
+        raise RuntimeError(f"curation lost items: {pool_items} in, {n} curated + {n_dup} duplicates + {not_sampled} not sampled "
+                           f"+ {len(emb.rejects)} rejected out")
+    accounting = (f"{pool_items} pool items = {n} curated + {n_dup} duplicates (duplicates.jsonl) + {not_sampled} not sampled "
+                  f"+ {len(emb.rejects)} rejected (rejects.jsonl)")
+    summary = {"pool_items": pool_items, "embedded": len(emb), "rejected": len(emb.rejects),
+               "duplicates": dup_counts, "duplicates_removed": n_dup, "not_sampled": not_sampled, "accounting": accounting,
+               "clusters": int(clusters.max()) + 1, "curated": n, "ratio": ratio_report,
                "clusters_covered": len({c for _, c in chosen_ids.values()}), "embed_seconds": round(t_embed, 1),
                "seconds": round(time.time() - t0, 1)}
-    write_text(out / "curation.json", json.dumps(summary, indent=1))
-    if cfg.report: curation_report(emb, clusters, chosen, ratio_report, dup_counts, out / "report.html", seed=cfg.seed)
+    if cfg.report:
+        curation_report(emb, clusters, chosen, ratio_report, dup_counts, out / "report.html", seed=cfg.seed,
+                        examples=examples, pairs=pairs, image_paths=image_paths, image_root=root, accounting=accounting)
     cfg.save(out / "curate-config.yaml")
-    print(f"{summary['pool_items']} pool items -> {n} curated ({summary['rejected']} rejected, {sum(dup_counts.values())} duplicates) in {out}")
+    write_text(out / "curation.json", json.dumps(summary, indent=1))  # last: its presence marks a complete set of outputs
+    print(f"{accounting}; in {out}")
     return summary
