@@ -131,7 +131,7 @@ def clip_model(name:str="ViT-B-32", # an open_clip model name, or "tiny"
     if name == "tiny":
         d = _tf.mkdtemp(); Path(d, "mmrlhf-tiny-clip.json").write_text(json.dumps(_TINY_CLIP))
         open_clip.add_model_config(d); name = "mmrlhf-tiny-clip"
-    if weights is not None and not Path(weights).is_file(): raise FileNotFoundError(f"CLIP weights {weights} not found (give a local file)")
+    if weights is not None and not Path(weights).is_file(): raise ConfigError(f"CLIP weights {weights} not found (give a local file)")
     torch.manual_seed(seed)
     level = logging.getLogger().level
     if weights is None: logging.getLogger().setLevel(logging.ERROR)  # random weights are intended here
@@ -325,8 +325,8 @@ class Embedded:
         for m in self.meta_files:
             meta = json.loads(Path(m).read_text())
             if digest is not None and meta.get("manifest") != digest:
-                raise FileNotFoundError(f"{m} belongs to another run of the pool (stale); "
-                                        "run `mmrlhf curate` again to re-embed it")
+                raise DataError(m, None, None, "belongs to another run of the pool (stale); "
+                                "run `mmrlhf curate` again to re-embed it")
             self.shards.append(np.load(Path(m).with_suffix(".npy"), mmap_mode="r"))
             cats += [it[1] for it in meta["items"]]; ih += [it[2] for it in meta["items"]]; ph += [it[3] for it in meta["items"]]
             self.rejects += meta["rejects"]; sizes.append(len(meta["items"]))
@@ -383,14 +383,14 @@ def load_embeddings(out, # the folder `embed_pool` wrote into
     emb_dir = Path(out) / "embeddings"
     if not (emb_dir / "manifest.json").exists():  # a folder from before manifests: whatever shards are there
         metas = sorted(emb_dir.glob("shard-*.json"))
-        if not metas: raise FileNotFoundError(f"no embedding shards in {emb_dir}")
+        if not metas: raise DataError(emb_dir, None, None, "no embedding shards: run `mmrlhf curate` first")
         return Embedded(metas, center)
     manifest = json.loads((emb_dir / "manifest.json").read_text())
     metas = [emb_dir / f"shard-{s:05d}.json" for s in range(manifest["pool"]["shards"])]
     missing = [p.name for p in metas if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(metas)} shards in {emb_dir} are unfinished ({missing[0]} first); "
-                                "run `mmrlhf curate` again to embed them")
+        raise DataError(emb_dir, None, None, f"{len(missing)} of {len(metas)} shards are unfinished ({missing[0]} first); "
+                                             "run `mmrlhf curate` again to embed them")
     return Embedded(metas, center, manifest)
 
 class InMemory(Embedded):

@@ -6,15 +6,15 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['RELEASE_SYSTEM', 'RELEASE_PROMPT', 'DEFAULT_PROMPT', 'TEMPLATES', 'critique_prompt', 'ScoreHead', 'last_token_index',
-           'RewardConfig', 'is_lora', 'CritiqueRewardModel', 'reward_batch', 'RewardLossWeights', 'reward_loss',
-           'batch_pairs', 'merged_state_dict', 'rewardbench_metrics', 'RewardExample', 'RewardCollator',
-           'RewardTrainer', 'world_reward_examples', 'score_examples', 'generate_critiques', 'query_examples',
-           'TrainRewardConfig', 'run_train_reward', 'ScoreConfig', 'run_score', 'EvalRewardBenchConfig',
-           'run_eval_rewardbench']
+__all__ = ['RELEASE_SYSTEM', 'RELEASE_PROMPT', 'DEFAULT_PROMPT', 'LOSS_FORMS', 'TERM_ITEMS', 'TEMPLATES', 'critique_prompt',
+           'ScoreHead', 'last_token_index', 'RewardConfig', 'is_lora', 'CritiqueRewardModel', 'reward_batch',
+           'RewardLossWeights', 'reward_loss_sums', 'combine_terms', 'reward_loss', 'batch_pairs', 'merged_state_dict',
+           'rewardbench_metrics', 'RewardExample', 'RewardCollator', 'RewardTrainer', 'world_reward_examples',
+           'score_examples', 'generate_critiques', 'head_length', 'fit_queries', 'query_examples', 'TrainRewardConfig',
+           'run_train_reward', 'ScoreConfig', 'run_score', 'EvalRewardBenchConfig', 'run_eval_rewardbench']
 
 # %% ../nbs/07_reward.ipynb #2b969b32
-import json, warnings
+import json, math, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def _hidden_size(model) -> int:
 
 class CritiqueRewardModel(nn.Module):
     "A VLM that writes critiques (its LM head) and scores responses (a score head on its last hidden state)."
-    accepts_loss_kwargs = False # our loss is a mean per batch: the Trainer must divide it by the accumulation steps
+    accepts_loss_kwargs = False # the forward takes no num_items_in_batch: `RewardTrainer` normalises the loss itself
     def __init__(self, vlm, # a vision-language model from transformers
                  config:RewardConfig|None=None, # score-head and prompt settings
                  freeze_vision:bool=True, # keep the vision tower's weights fixed
@@ -155,6 +155,7 @@ def reward_batch(processor,
                  template:str=DEFAULT_PROMPT, # the critique prompt
                  system:str|None=None, # a system message (the release's checkpoint was trained with one)
                  max_length:int|None=None, # longest sequence in tokens (image tokens included); None: no limit
+                 counts:dict|None=None, # if given, its "seen" and "cut" are increased by this batch's sequences and cut ones
                 ):
     "Model inputs with one sequence per response, and each query's offset into them."
     media, questions, answers, critiques, offsets = [], [], [], [], []
@@ -177,6 +178,8 @@ def reward_batch(processor,
             warnings.warn(f"{len(long)} of {len(answers)} sequences were longer than max_length={max_length} tokens: "
                           "their responses (then critiques) were cut from the end")
             enc = encode()
+        if counts is not None: counts["cut"] = counts.get("cut", 0) + len(long)
+    if counts is not None: counts["seen"] = counts.get("seen", 0) + len(answers)
     return enc, offsets
 
 # %% ../nbs/07_reward.ipynb #0e5cca8f
@@ -187,22 +190,47 @@ class RewardLossWeights:
     score: float = 1.0 # Bradley-Terry on pairs
     center: float = 0.01 # mean of (r_w + r_l)^2
 
+LOSS_FORMS = {"paper": "critiques", "release": "pairs"} # loss form -> the items its critique term is a mean over
+TERM_ITEMS = {"bt": "pairs", "center": "pairs"} # the pair terms, and the items they are means over
+
+def _check_form(form:str):
+    if form not in LOSS_FORMS: raise ValueError(f"loss form: expected one of {list(LOSS_FORMS)}, got {form!r}")
+
+def reward_loss_sums(ce:torch.Tensor, # per-sequence critique cross-entropy (NaN where none)
+                     rewards:torch.Tensor, # per-sequence reward
+                     pairs:list, # (chosen, rejected) indices into the batch's sequences (may be empty)
+                     margins:torch.Tensor|None=None, # optional per-pair margin m in -log sigma(r_w - r_l - m)
+                     form:str="paper", # paper (critique term over critiques) or release (CE_w + CE_l per pair)
+                    ) -> tuple[dict, dict]:
+    "Each loss term summed over its items, and the counts of those items (`pairs`, `critiques`)."
+    _check_form(form)
+    idx = torch.tensor(pairs, dtype=torch.long, device=rewards.device).reshape(-1, 2)
+    rc, rr = rewards[idx[:, 0]], rewards[idx[:, 1]]
+    diff = rc - rr - (0 if margins is None else margins.to(rewards))
+    has = ~torch.isnan(ce); ce0 = torch.where(has, ce, torch.zeros_like(ce))
+    crit = ce0.sum() if form == "paper" else (ce0[idx[:, 0]] + ce0[idx[:, 1]]).sum()
+    sums = {"bt": -F.logsigmoid(diff).sum(), "center": ((rc + rr) ** 2).sum(), "critique": crit, "correct": (rc > rr).sum().detach()}
+    return sums, {"pairs": len(pairs), "critiques": int(has.sum())}
+
+def combine_terms(means:dict, # per term (bt, center, critique): its mean
+                  weights:RewardLossWeights=RewardLossWeights(),
+                 ) -> torch.Tensor:
+    "The weighted total of the loss terms."
+    return weights.score * means["bt"] + weights.center * means["center"] + weights.critique * means["critique"]
+
 def reward_loss(ce:torch.Tensor, # per-sequence critique cross-entropy (NaN where none)
                 rewards:torch.Tensor, # per-sequence reward
-                pairs:list, # (chosen, rejected) indices into the batch's sequences
+                pairs:list, # (chosen, rejected) indices into the batch's sequences (may be empty)
                 weights:RewardLossWeights=RewardLossWeights(),
                 margins:torch.Tensor|None=None, # optional per-pair margin m in -log sigma(r_w - r_l - m)
+                form:str="paper", # paper or release (see above)
                ) -> tuple[torch.Tensor, dict]:
-    "Total loss and its parts."
-    c = torch.tensor([p[0] for p in pairs], device=rewards.device); r = torch.tensor([p[1] for p in pairs], device=rewards.device)
-    diff = rewards[c] - rewards[r] - (0 if margins is None else margins)
-    bt = -F.logsigmoid(diff).mean()
-    center = ((rewards[c] + rewards[r]) ** 2).mean()
-    has = ~torch.isnan(ce)
-    crit = ce[has].mean() if has.any() else rewards.new_zeros(())
-    total = weights.score * bt + weights.center * center + weights.critique * crit
-    return total, {"bt": bt.detach(), "center": center.detach(), "critique": crit.detach(),
-                   "accuracy": (rewards[c] > rewards[r]).float().mean().detach()}
+    "Total loss and its parts, each term a mean over this batch's own items."
+    sums, counts = reward_loss_sums(ce, rewards, pairs, margins, form)
+    items = {**TERM_ITEMS, "critique": LOSS_FORMS[form]}
+    means = {k: sums[k] / max(counts[n], 1) for k, n in items.items()}
+    acc = sums["correct"].float() / counts["pairs"] if counts["pairs"] else rewards.new_tensor(float("nan"))
+    return combine_terms(means, weights), {**{k: v.detach() for k, v in means.items()}, "accuracy": acc.detach()}
 
 def batch_pairs(offsets:list, pair_lists:list) -> list:
     "Each query's (chosen, rejected) response indices, shifted to batch sequence indices."
@@ -254,6 +282,7 @@ def rewardbench_metrics(results:list, # per query: (category, [(r_chosen, r_reje
 
 # %% ../nbs/07_reward.ipynb #dd53770a
 from transformers import Trainer, TrainingArguments
+from .core import GlobalMeanTrainer
 
 @dataclass
 class RewardExample:
@@ -265,6 +294,7 @@ class RewardExample:
     pairs: list # (chosen, rejected) response indices
     category: str = ""
     margins: list|None = None # per pair: the margin m in -log sigma(r_w - r_l - m), or None
+    id: str = "" # the query's id, for messages
 
 class RewardCollator:
     "Turns a list of `RewardExample`s into one batch of sequences with batch-level pair indices."
@@ -275,26 +305,44 @@ class RewardCollator:
                  max_length:int|None=None, # longest sequence in tokens; longer ones are cut (see `reward_batch`)
                 ):
         self.processor, self.template, self.use_critiques, self.system, self.max_length = processor, template, use_critiques, system, max_length
+        self.counts = {"seen": 0, "cut": 0} # sequences collated, and those cut to max_length
+    @property
+    def seen(self) -> int: return self.counts["seen"]
+    @property
+    def cut(self) -> int: return self.counts["cut"]
     def __call__(self, examples:list) -> dict:
         groups = [(e.medium, e.question, e.responses, e.critiques if self.use_critiques else None) for e in examples]
-        enc, offsets = reward_batch(self.processor, groups, self.template, self.system, self.max_length)
+        enc, offsets = reward_batch(self.processor, groups, self.template, self.system, self.max_length, self.counts)
         batch = {**enc, "pairs": batch_pairs(offsets, [e.pairs for e in examples])}
         if any(e.margins is not None for e in examples):
             batch["margins"] = torch.tensor([m for e in examples for m in (e.margins if e.margins is not None else [0.0] * len(e.pairs))])
         return batch
 
-class RewardTrainer(Trainer):
-    "A `Trainer` for `CritiqueRewardModel` on query groups."
-    def __init__(self, *args, loss_weights:RewardLossWeights|None=None, reward_processor=None, **kw):
+class RewardTrainer(GlobalMeanTrainer, Trainer):
+    "A `Trainer` for `CritiqueRewardModel` on query groups; each loss term is a mean over the items of the global batch."
+    item_kinds = ("pairs", "critiques")
+    def __init__(self, *args, loss_weights:RewardLossWeights|None=None, reward_processor=None,
+                 loss_form:str="paper", # paper or release (see `reward_loss_sums`)
+                 **kw):
+        _check_form(loss_form)
         super().__init__(*args, **kw)
-        self.loss_weights, self.reward_processor = loss_weights or RewardLossWeights(), reward_processor
+        self.loss_weights, self.reward_processor, self.loss_form = loss_weights or RewardLossWeights(), reward_processor, loss_form
+
+    def count_items(self, batch:dict) -> dict:
+        "Pairs, and sequences with a critique target, in one collated batch."
+        labels = batch.get("labels")
+        return {"pairs": len(batch["pairs"]), "critiques": 0 if labels is None else int((labels[:, 1:] != -100).any(1).sum())}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs); pairs, margins = inputs.pop("pairs"), inputs.pop("margins", None)
         ce, rewards = model(**inputs)
-        loss, parts = reward_loss(ce, rewards, pairs, self.loss_weights, margins)
-        if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
-            self.log({f"reward/{k}": float(v) for k, v in parts.items()})
+        sums, counts = reward_loss_sums(ce, rewards, pairs, margins, self.loss_form)
+        items = {**TERM_ITEMS, "critique": LOSS_FORMS[self.loss_form]}
+        loss = combine_terms({k: self.global_mean(sums[k], n, num_items_in_batch, counts[n]) for k, n in items.items()}, self.loss_weights)
+        if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:   # this micro-batch's own means
+            parts = {k: float(sums[k].detach()) / max(counts[n], 1) for k, n in items.items()}
+            if counts["pairs"]: parts["accuracy"] = float(sums["correct"]) / counts["pairs"]
+            self.log({f"reward/{k}": v for k, v in parts.items()})
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
     def _save(self, output_dir=None, state_dict=None):
@@ -367,8 +415,34 @@ def generate_critiques(model:CritiqueRewardModel, processor, examples:list,
         out.append(replace(e, critiques=[t.strip() or "(no critique)" for t in texts[k:k + n]])); k += n
     return out
 
+# %% ../nbs/07_reward.ipynb #3409a97d
+from .logprobs import MAX_LENGTH
+
+def head_length(processor, medium, question:str,
+                template:str=DEFAULT_PROMPT, # the critique prompt
+                system:str|None=None, # a system message
+                with_critique:bool=True, # whether the sequence ends with a critique
+               ) -> int:
+    "Tokens of a query's sequence with a one-token response and critique: the part `max_length` cannot cut."
+    enc = chat_batch(processor, [medium], [critique_prompt(question, "x", template)], ["x"] if with_critique else None,
+                     padding_side="right", system=system)
+    return int(enc["attention_mask"].sum())
+
+def fit_queries(processor, examples:list, # `RewardExample`s
+                max_length:int|None, # longest sequence in tokens; None: every query fits
+                template:str=DEFAULT_PROMPT, system:str|None=None,
+                with_critique:bool=True, # whether sequences end with a critique
+               ) -> tuple[list, list]:
+    "The examples whose head fits in `max_length`, and the indices of those whose head alone is longer."
+    if max_length is None: return list(examples), []
+    fit, over = [], []
+    for i, e in enumerate(examples):
+        (fit if head_length(processor, e.medium, e.question, template, system, with_critique) <= max_length else over).append(i)
+    return [examples[i] for i in fit], over
+
 # %% ../nbs/07_reward.ipynb #776732c3
-from .core import Config, DataError, opt, write_text
+import contextlib
+from .core import Config, DataError, atomic_dir, clean_stale_temps, last_complete_checkpoint, opt, write_text
 from .schema import query_medium
 from .testbed import load_base
 
@@ -392,7 +466,7 @@ def query_examples(path, image_root,
             if any(r.scores is None for r in q.responses): raise DataError(path, None, "responses.scores", f"query {q.id!r}: a margin needs every response's scores")
             mean = [sum(r.scores[d] for d in DIMENSIONS) / len(DIMENSIONS) for r in q.responses]
             margins = [margin_scale * (mean[c] - mean[r]) for c, r in pairs]
-        out.append(RewardExample(query_medium(q, image_root), q.question, [r.text for r in q.responses], crit, pairs, q.category, margins))
+        out.append(RewardExample(query_medium(q, image_root), q.question, [r.text for r in q.responses], crit, pairs, q.category, margins, q.id))
     return out
 
 TEMPLATES = {"default": (DEFAULT_PROMPT, None), "release": (RELEASE_PROMPT, RELEASE_SYSTEM)}
@@ -408,6 +482,7 @@ class TrainRewardConfig(Config):
     batch_size: int = opt(4, "queries per device per step (each with all its responses)")
     grad_accum: int = opt(1, "gradient accumulation steps")
     lr: float = opt(2e-3, "peak learning rate (1e-6 for a 7B model, as in the release)")
+    loss: str = opt("paper", "loss form: paper (critique CE a mean over critiques) or release (CE_w + CE_l in each pair's term)")
     critique_weight: float = opt(1.0, "weight of the critique loss (0 with use_critiques false: score-only)")
     score_weight: float = opt(1.0, "weight of the Bradley-Terry loss")
     center_weight: float = opt(0.01, "weight of the centring term")
@@ -416,9 +491,10 @@ class TrainRewardConfig(Config):
     margin_scale: float = opt(0.0, "margin term: -log σ(r_w - r_l - m), m = this x the pair's difference of mean annotator scores (0: off)")
     template: str = opt("default", "critique prompt: default or release")
     save_steps: int = opt(100, "checkpoint every this many steps")
-    resume: bool = opt(False, "resume from the last checkpoint in `out`")
+    resume: bool = opt(False, "resume from the newest complete checkpoint in `out` (incomplete ones are skipped with a warning)")
     bf16: bool = opt(False, "bf16 mixed precision (GPUs)")
-    max_length: int|None = opt(32768, "longest sequence in tokens, image tokens included (longer: response, then critique cut; none: no limit)")
+    max_length: int|None = opt(MAX_LENGTH, "longest sequence in tokens, image tokens included (longer: response, then critique cut; "
+                                           "a query whose head alone is longer is left out; none: no limit)")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
     lora_alpha: int = opt(0, "LoRA alpha, the update being alpha/r * BA (0: twice the rank)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input")
@@ -426,16 +502,26 @@ class TrainRewardConfig(Config):
     deepspeed: str|None = opt(None, "DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json)")
     seed: int = opt(0, "seed of the weights and the data order")
 
+def _no_pairs(data, n:int) -> DataError:
+    return DataError(data, None, "ranking", f"none of its {n} usable queries has two responses of different rank: no pair to train "
+                                            "the score head on (all responses tied)")
+
 def run_train_reward(cfg:TrainRewardConfig):
     "Train a critique reward model; the final model is written to `out/final`."
     data = Path(cfg.data)
     if not data.is_file(): raise DataError(data, None, None, "data file not found")
     root = Path(cfg.image_root) if cfg.image_root else data.parent
     if cfg.template not in TEMPLATES: raise ValueError(f"template: unknown {cfg.template!r}; known: {list(TEMPLATES)}")
+    _check_form(cfg.loss)
     template, system = TEMPLATES[cfg.template]
     train = query_examples(data, root, cfg.use_critiques, cfg.critique_source, cfg.margin_scale)
+    if not any(e.pairs for e in train): raise _no_pairs(data, len(train))
     torch.manual_seed(cfg.seed)
     vlm, processor = load_base(cfg.base, cfg.seed)
+    n_read = len(train)
+    kept, over = fit_queries(processor, train, cfg.max_length, template, system, cfg.use_critiques)
+    over_ids, train = [train[i].id for i in over], kept
+    if not any(e.pairs for e in train): raise _no_pairs(data, len(train))
     hidden = _hidden_size(vlm)
     if cfg.lora_r: vlm = apply_lora(vlm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model = CritiqueRewardModel(vlm, RewardConfig(hidden, template=template, system=system))
@@ -448,14 +534,27 @@ def run_train_reward(cfg:TrainRewardConfig):
                              remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, deepspeed=cfg.deepspeed or None,
                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
     collate = RewardCollator(processor, template, cfg.use_critiques, system, cfg.max_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=collate,
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=collate, loss_form=cfg.loss,
                             loss_weights=RewardLossWeights(cfg.critique_weight, cfg.score_weight, cfg.center_weight), reward_processor=processor)
-    trainer.train(resume_from_checkpoint=True if cfg.resume else None)
-    trainer.save_model(str(Path(cfg.out) / "final"))
-    if trainer.args.should_save:   # the main process of a distributed run
-        cfg.save(Path(cfg.out) / "train-reward-config.yaml")
-        print(f"reward model trained on {len(train)} queries in {Path(cfg.out) / 'final'}")
-    return Path(cfg.out) / "final"
+    out, main = Path(cfg.out), trainer.args.should_save   # `main`: the process that writes (the first of a distributed run)
+    if main:
+        if (n := clean_stale_temps(out)): print(f"removed {n} temporary files or folders a stopped run left in {out}")
+        if over: print(f"max_length={cfg.max_length}: {len(over)} of {n_read} queries left out, their image, prompt and question alone "
+                       f"over the limit: {', '.join(repr(i) for i in over_ids[:10])}{' ...' if len(over) > 10 else ''}")
+    ckpt = last_complete_checkpoint(out) if cfg.resume else None
+    if cfg.resume and main: print(f"resuming from {ckpt}" if ckpt else f"resume: no complete checkpoint in {out}; starting from scratch")
+    trainer.train(resume_from_checkpoint=ckpt)
+    final = out / "final"
+    # the final folder appears whole or not at all; every process may write into the staging folder (a ZeRO-3 save)
+    with (atomic_dir(final) if main else contextlib.nullcontext(final.parent / f".{final.name}.partial")) as staging:
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(staging))
+        trainer.accelerator.wait_for_everyone()
+    if main:
+        cfg.save(out / "train-reward-config.yaml")
+        print(f"reward model trained on {len(train)} of {n_read} queries ({sum(len(e.pairs) for e in train)} pairs; "
+              f"{collate.cut} of {collate.seen} sequences cut to max_length on this process) in {final}")
+    return final
 
 # %% ../nbs/07_reward.ipynb #60a6f62e
 @dataclass
@@ -464,30 +563,54 @@ class ScoreConfig(Config):
     data: str = opt("runs/pairs/queries.jsonl", "queries to score (schema JSONL)")
     image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's folder)")
     model: str = opt("runs/reward/final", "a reward model folder (from `mmrlhf train-reward`)")
-    out: str = opt("runs/scored", "folder for the scored queries.jsonl and pairs.jsonl (with margins)")
+    out: str = opt("runs/scored", "folder for the scored queries.jsonl and pairs.jsonl (with margins), and rejected.jsonl")
     critiques: str = opt("generate", "generate (critique, then score), given (the data's critiques) or none")
     max_new_tokens: int = opt(128, "longest generated critique")
     temperature: float = opt(0.0, "critique sampling temperature (0: greedy, as in the release)")
     top_p: float = opt(1.0, "nucleus sampling's mass (with temperature above 0)")
     seed: int = opt(0, "seed of sampled critiques")
     batch_size: int = opt(8, "queries per scoring batch")
-    max_length: int|None = opt(32768, "longest sequence in tokens, image tokens included (longer: response, then critique cut; none: no limit)")
+    max_length: int|None = opt(MAX_LENGTH, "longest sequence in tokens, image tokens included (longer: response, then critique cut; "
+                                           "a query whose head alone is longer is left out, in rejected.jsonl; none: no limit)")
+
+def _cut_for_generation(processor, e, limit:int, template:str, system:str|None):
+    "A copy of `e` whose responses are cut from the end so that each critique prompt fits in `limit` tokens, and how many were cut."
+    from dataclasses import replace
+    tok, head = processor.tokenizer, head_length(processor, e.medium, e.question, template, system, with_critique=False)
+    out, cut = [], 0
+    for a in e.responses:
+        ids = tok.encode(a, add_special_tokens=False)
+        if head + len(ids) <= limit: out.append(a); continue   # the head counts one response token already: a token to spare
+        cut += 1
+        try: out.append(_fit_sequence(processor, e.medium, e.question, a, None, template, system, limit)[0])
+        except ValueError: out.append(tok.decode(ids[:1]))
+    return replace(e, responses=out), cut
 
 def run_score(cfg:ScoreConfig) -> dict:
-    "Write each response's critique and reward and each pair's margin into the data."
+    "Write each response's critique and reward and each pair's margin into the data; queries that cannot fit go to rejected.jsonl."
+    from dataclasses import replace
     from mmrlhf.schema import read_queries, write_queries, expand_pairs, joined_reasons
     from mmrlhf.core import write_jsonl
     if cfg.critiques not in ("generate", "given", "none"): raise ValueError(f"critiques: expected generate, given or none, got {cfg.critiques!r}")
     data = Path(cfg.data); root = Path(cfg.image_root) if cfg.image_root else data.parent
     model, processor = CritiqueRewardModel.from_pretrained(cfg.model)
+    template, system = model.config.template, model.config.system
     queries = list(read_queries(data, root))
     examples = [RewardExample(query_medium(q, root), q.question, [r.text for r in q.responses],
-                              [r.critique or joined_reasons(r) or "" for r in q.responses] if cfg.critiques == "given" else None, [], q.category)
-                for q in queries]
+                              [r.critique or joined_reasons(r) or "" for r in q.responses] if cfg.critiques == "given" else None, [], q.category,
+                              id=q.id) for q in queries]
+    n_read, gen_cut = len(queries), 0
+    examples, over = fit_queries(processor, examples, cfg.max_length, template, system, cfg.critiques != "none")
+    rejected = [{"id": queries[i].id, "reason": f"its image, prompt and question alone are over max_length={cfg.max_length} tokens"}
+                for i in over]
+    queries = [q for i, q in enumerate(queries) if i not in set(over)]
     if cfg.critiques == "generate":
         torch.manual_seed(cfg.seed)
+        if cfg.max_length is not None:   # room for the critique: the prompts the model continues stay within max_length
+            cuts = [_cut_for_generation(processor, e, cfg.max_length - cfg.max_new_tokens, template, system) for e in examples]
+            examples, gen_cut = [e for e, _ in cuts], sum(n for _, n in cuts)
         examples = generate_critiques(model, processor, examples, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-    collate = RewardCollator(processor, model.config.template, cfg.critiques != "none", model.config.system, cfg.max_length)
+    collate = RewardCollator(processor, template, cfg.critiques != "none", system, cfg.max_length)
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i:i + cfg.batch_size]
         batch = collate(chunk); batch.pop("pairs")
@@ -495,14 +618,22 @@ def run_score(cfg:ScoreConfig) -> dict:
         k = 0
         for q, e in zip(queries[i:i + cfg.batch_size], chunk):
             for j, r in enumerate(q.responses):
-                r.reward = float(rewards[k]); k += 1
+                v = float(rewards[k]); k += 1
+                if not math.isfinite(v):
+                    raise DataError(data, None, f"responses.{j}.reward", f"query {q.id!r}: the model gave response {j} the reward {v}, "
+                                    "not a finite number (a broken model or input); nothing was written")
+                r.reward = v
                 if cfg.critiques == "generate": r.critique = e.critiques[j]
     out = Path(cfg.out)
     write_queries(out / "queries.jsonl", queries)
     n = write_jsonl(out / "pairs.jsonl", (p for q in queries for p in expand_pairs(q)))
+    write_jsonl(out / "rejected.jsonl", rejected)
     cfg.save(out / "score-config.yaml")
-    print(f"scored {sum(len(q.responses) for q in queries)} responses of {len(queries)} queries; {n} pairs with margins in {out}")
-    return {"queries": len(queries), "pairs": n}
+    print(f"scored {sum(len(q.responses) for q in queries)} responses of {len(queries)} of {n_read} queries "
+          f"({len(rejected)} rejected, in rejected.jsonl; {gen_cut} responses cut before generation, {collate.cut} of {collate.seen} "
+          f"sequences cut when scored, to max_length); "
+          f"{n} pairs with margins in {out}")
+    return {"queries": len(queries), "pairs": n, "rejected": len(rejected), "cut_for_generation": gen_cut, "cut": collate.cut}
 
 # %% ../nbs/07_reward.ipynb #42d7a11d
 @dataclass

@@ -404,6 +404,7 @@ def test_deepspeed_zero3_lora_run_saves_a_usable_model(pairs_world, tmp_path):
 
 DDP_SCRIPT = '''
 import os, sys
+from dataclasses import replace
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 from safetensors.torch import save_file
@@ -412,11 +413,14 @@ from mmrlhf.reward import CritiqueRewardModel, RewardCollator, RewardTrainer, wo
 from mmrlhf.testbed import build_tiny_vlm, quiet_cpu_run
 quiet_cpu_run(); torch.set_num_threads(1)
 out, batch_size, grad_accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-# Every query has 4 responses and 5 pairs. Each process's loss is a mean over its own pairs and responses, and DDP averages
-# the processes' gradients: that equals the gradient of the mean over the global batch only when every process holds
-# as many pairs and responses as the others. With uneven query groups the two would weigh pairs differently.
-train = [e for e in world_reward_examples(0, 40) if len(e.responses) == 4 and len(e.pairs) == 5][:8]
-assert len(train) == 8
+# Queries with different numbers of responses (2 to 4) and of pairs (1 to 6). A loss that is a mean over each process's
+# (or micro-batch's) own pairs and critiques weighs a pair by who shares its batch; the mean over the global batch does not.
+shapes = [(4, 4), (2, 1), (4, 6), (3, 2), (2, 1), (4, 5), (3, 1), (4, 3)]
+train = []
+for e, (k, p) in zip(world_reward_examples(0, 8), shapes):
+    pairs = [(c, r) for c, r in e.pairs if c < k and r < k][:p]
+    assert len(pairs) == p, (k, p, e.pairs)
+    train.append(replace(e, responses=e.responses[:k], critiques=e.critiques[:k], pairs=pairs))
 vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
 model = CritiqueRewardModel(vlm)
 # plain SGD without clipping: the update is proportional to the gradient, so any mis-scaled loss shows (Adam would hide it)
@@ -498,3 +502,165 @@ def test_critique_source_and_margins(tmp_path):
     with_m, _ = reward_loss(ce, rewards, pairs, margins=margins)
     without, _ = reward_loss(ce, rewards, pairs)
     assert margins.shape == (len(pairs),) and (margins >= 0).all() and with_m > without  # a positive margin asks for more
+
+
+# ---- loss forms and pair-less batches ----------------------------------------------------------------------------
+
+def _bt(d): import math; return math.log1p(math.exp(-d))
+
+
+def test_loss_forms_match_an_independent_computation(model):
+    "paper: pair terms over pairs, critique CE over critiqued sequences; release: per pair BT + 0.01 centre + CE_w + CE_l."
+    rm, processor = model
+    data = groups(11, 3)
+    enc, offsets = reward_batch(processor, [g for g, _ in data])
+    with torch.no_grad(): ce, rewards = rm(**enc)
+    pairs = batch_pairs(offsets, [p for _, p in data])
+    assert len({len(p) for _, p in data}) > 1 or len(pairs) > 3
+    r, c = rewards.tolist(), ce.tolist()
+    w = RewardLossWeights(critique=0.7, score=1.3, center=0.01)
+    bt = sum(_bt(r[i] - r[j]) for i, j in pairs) / len(pairs)
+    centre = sum((r[i] + r[j]) ** 2 for i, j in pairs) / len(pairs)
+    paper = 1.3 * bt + 0.01 * centre + 0.7 * sum(c) / len(c)
+    release = sum(1.3 * _bt(r[i] - r[j]) + 0.01 * (r[i] + r[j]) ** 2 + 0.7 * (c[i] + c[j]) for i, j in pairs) / len(pairs)
+    assert abs(paper - release) > 1e-3                                       # the two forms differ on this batch
+    assert reward_loss(ce, rewards, pairs, w)[0].item() == pytest.approx(paper, rel=1e-5)
+    assert reward_loss(ce, rewards, pairs, w, form="paper")[0].item() == pytest.approx(paper, rel=1e-5)
+    assert reward_loss(ce, rewards, pairs, w, form="release")[0].item() == pytest.approx(release, rel=1e-5)
+    with pytest.raises(ValueError, match="release"):
+        reward_loss(ce, rewards, pairs, w, form="per-token")
+
+
+def test_trainer_loss_form_is_the_named_formula(tmp_path):
+    from transformers import TrainingArguments
+    from mmrlhf.reward import RewardCollator, RewardTrainer, world_reward_examples
+    vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+    rm = CritiqueRewardModel(vlm).eval()
+    ex = world_reward_examples(3, 3)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    batch = RewardCollator(processor)(ex)
+    with torch.no_grad():
+        ce, rewards = rm(**{k: v for k, v in batch.items() if k != "pairs"})
+        for form in ("paper", "release"):
+            trainer = RewardTrainer(model=rm, args=args, data_collator=RewardCollator(processor), reward_processor=processor, loss_form=form)
+            assert trainer.count_items(batch) == {"pairs": sum(len(e.pairs) for e in ex), "critiques": sum(len(e.responses) for e in ex)}
+            got = trainer.compute_loss(rm, dict(batch))
+            assert got.item() == pytest.approx(reward_loss(ce, rewards, batch["pairs"], form=form)[0].item(), rel=1e-5)
+
+
+def test_batch_without_pairs_keeps_only_its_critique_term(model):
+    rm, processor = model
+    (m, q, resp, crit), _ = groups(12, 1)[0]
+    enc, _ = reward_batch(processor, [(m, q, resp, crit)])
+    rm.train()
+    ce, rewards = rm(**enc)
+    total, parts = reward_loss(ce, rewards, [])                            # a query whose responses are all tied
+    rm.eval()
+    assert total.item() == pytest.approx(ce.mean().item(), rel=1e-6) and parts["bt"] == 0 and parts["center"] == 0
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in rm.named_parameters() if "language_model" in n)
+    rm.zero_grad(set_to_none=True)
+
+
+def _retie(data, which):
+    import json
+    recs = [json.loads(l) for l in data.read_text().splitlines()]
+    for i in which: recs[i]["ranking"] = [1] * len(recs[i]["responses"])
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def test_all_tied_data_is_refused(pairs_world, tmp_path):
+    from mmrlhf.core import DataError
+    from mmrlhf.reward import TrainRewardConfig, run_train_reward
+    data, root = pairs_world
+    _retie(data, range(4))
+    with pytest.raises(DataError, match="no pair to train") as e:
+        run_train_reward(TrainRewardConfig(data=str(data), image_root=str(root), out=str(tmp_path / "rm"), steps=1))
+    assert e.value.field == "ranking" and str(data) in str(e.value)
+    assert not (tmp_path / "rm").exists()
+
+
+def test_score_refuses_a_non_finite_reward(pairs_world, tmp_path):
+    from mmrlhf.core import DataError
+    from mmrlhf.reward import ScoreConfig, run_score
+    data, root = pairs_world
+    vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+    rm = CritiqueRewardModel(vlm)
+    with torch.no_grad(): rm.head.net[4].bias.fill_(float("nan"))          # a broken model
+    rm.save_pretrained(tmp_path / "broken", processor)
+    first = __import__("json").loads(data.read_text().splitlines()[0])["id"]
+    with pytest.raises(DataError, match=f"query {first!r}: .*nan, not a finite number"):
+        run_score(ScoreConfig(data=str(data), image_root=str(root), model=str(tmp_path / "broken"), out=str(tmp_path / "s"),
+                              critiques="given"))
+    assert not (tmp_path / "s" / "queries.jsonl").exists() and not (tmp_path / "s" / "pairs.jsonl").exists()
+
+
+# ---- resume and long inputs --------------------------------------------------------------------------------------
+
+def _final_weights(folder):
+    from safetensors.torch import load_file
+    head = load_file(str(folder / "score_head.safetensors"))
+    vlm = {}
+    for f in sorted(folder.glob("model*.safetensors")): vlm.update(load_file(str(f)))
+    return {**head, **vlm}
+
+
+def test_resume_skips_an_incomplete_checkpoint(pairs_world, tmp_path):
+    import json, shutil
+    from mmrlhf.reward import TrainRewardConfig, run_train_reward
+    data, root = pairs_world
+    out = tmp_path / "rm"
+    cfg = TrainRewardConfig(data=str(data), image_root=str(root), out=str(out), steps=4, save_steps=2, batch_size=2)
+    run_train_reward(cfg)
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} >= {"checkpoint-2", "checkpoint-4", "final"}
+    assert not list(out.glob(".*.partial")) and not any(out.glob(".staging/*"))   # no staging folder left behind
+    whole = _final_weights(out / "final")
+    # a run killed while writing checkpoint-4: only its config.json was written
+    shutil.rmtree(out / "checkpoint-4"); shutil.rmtree(out / "final")
+    (out / "checkpoint-4").mkdir(); shutil.copy(out / "checkpoint-2" / "config.json", out / "checkpoint-4" / "config.json")
+    (out / ".final.partial").mkdir(); (out / ".final.partial" / "config.json").write_text("{}")   # and a half-written final
+    cfg.resume = True
+    with pytest.warns(UserWarning, match="checkpoint-4"):
+        run_train_reward(cfg)
+    resumed = _final_weights(out / "final")
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert whole.keys() == resumed.keys()
+    for k in whole: assert torch.allclose(whole[k], resumed[k], atol=1e-6), k   # continued from checkpoint-2 to the same end
+    assert not (out / ".final.partial").exists()
+
+
+def test_a_1mb_question_is_left_out_counted_and_named(pairs_world, tmp_path, capsys):
+    import json
+    from mmrlhf.reward import ScoreConfig, TrainRewardConfig, run_score, run_train_reward
+    data, root = pairs_world
+    recs = [json.loads(l) for l in data.read_text().splitlines()]
+    recs[1]["question"] = "Describe the picture. " * 48000                 # about 1 MB
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    final = run_train_reward(TrainRewardConfig(data=str(data), image_root=str(root), out=str(tmp_path / "rm"), steps=1, save_steps=1))
+    said = capsys.readouterr().out
+    assert f"1 of 4 queries left out" in said and repr(recs[1]["id"]) in said and "trained on 3 of 4 queries" in said
+    result = run_score(ScoreConfig(data=str(data), image_root=str(root), model=str(final), out=str(tmp_path / "s"), critiques="given"))
+    assert result["queries"] == 3 and result["rejected"] == 1                 # count in = count out + rejects
+    rejected = [json.loads(l) for l in (tmp_path / "s" / "rejected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rejected] == [recs[1]["id"]] and "max_length=32768" in rejected[0]["reason"]
+    scored = [json.loads(l)["id"] for l in (tmp_path / "s" / "queries.jsonl").read_text().splitlines()]
+    assert scored == [r["id"] for i, r in enumerate(recs) if i != 1]
+
+
+def test_generation_prompts_are_cut_to_max_length(pairs_world, tmp_path):
+    import json
+    from mmrlhf.reward import ScoreConfig, run_score
+    from mmrlhf.testbed import save_vlm
+    data, root = pairs_world
+    recs = [json.loads(l) for l in data.read_text().splitlines()]
+    recs[0]["responses"][0]["text"] = "It is a shape. " * 20000             # a 300 kB response
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+    CritiqueRewardModel(vlm).save_pretrained(tmp_path / "rm", processor)
+    result = run_score(ScoreConfig(data=str(data), image_root=str(root), model=str(tmp_path / "rm"), out=str(tmp_path / "s"),
+                                   max_new_tokens=4, max_length=400))
+    assert result["queries"] == 4 and result["rejected"] == 0 and result["cut_for_generation"] == 1
+    scored = [json.loads(l) for l in (tmp_path / "s" / "queries.jsonl").read_text().splitlines()]
+    assert scored[0]["responses"][0]["text"] == recs[0]["responses"][0]["text"]   # the data keeps the whole response
+    assert all(isinstance(r["reward"], float) for q in scored for r in q["responses"])
