@@ -6,20 +6,22 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['SUBSETS', 'RELEASE_FIELDS', 'PAIR_FORMATS', 'FORMATS', 'parse_ranking', 'ranking_string', 'category_of',
-           'from_release', 'to_release', 'read_release', 'write_release', 'to_dpo_pairs', 'group_pairs',
-           'read_dpo_pairs', 'write_dpo_pairs', 'to_reward_bench', 'from_reward_bench', 'read_reward_bench',
-           'write_reward_bench', 'to_trl', 'from_trl', 'to_llamafactory', 'from_llamafactory', 'to_swift', 'from_swift',
-           'read_format', 'write_format', 'convert']
+__all__ = ['SUBSETS', 'RELEASE_FIELDS', 'PAIR_FORMATS', 'FORMATS', 'PATH_LAYOUTS', 'parse_ranking', 'ranking_string',
+           'category_of', 'from_release', 'to_release', 'read_release', 'write_release', 'ls_factor', 'to_dpo_pairs',
+           'group_pairs', 'read_dpo_pairs', 'write_dpo_pairs', 'to_reward_bench', 'from_reward_bench',
+           'read_reward_bench', 'write_reward_bench', 'to_trl', 'from_trl', 'to_llamafactory', 'from_llamafactory',
+           'llamafactory_dataset_info', 'to_swift', 'from_swift', 'read_format', 'write_format', 'convert',
+           'export_images']
 
 # %% ../nbs/04_formats.ipynb #0835d88a
-import hashlib, json, re, warnings
+import hashlib, json, math, re, warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 # %% ../nbs/04_formats.ipynb #80e1d4e4
-from .core import DataError, read_jsonl, write_jsonl
-from .schema import Query, Response, pair_indices, read_queries, write_queries, joined_reasons
+from .core import DataError, read_jsonl, resolve_image_path, write_jsonl, write_text
+from .schema import Query, Response, listed_pair, pair_indices, read_queries, write_queries, joined_reasons
 from .synthetic import CATEGORIES
 
 # %% ../nbs/04_formats.ipynb #2ac9bb38
@@ -51,7 +53,7 @@ def parse_ranking(value, # a ranking: a list, or a string like "1>2=3>4"
                   line:int|None=None, # its line number, for errors
                   fld:str="final_ranking", # its field name, for errors
                  ) -> list[int]:
-    "The rank of each response (1 = best, ties share a rank) from any published form of a ranking."
+    "The rank of each response (lower is better, ties share a rank, gaps allowed) from any published form of a ranking."
     if ranking_as not in ("ranks", "order"): raise ValueError(f"ranking_as must be 'ranks' or 'order', got {ranking_as!r}")
     if isinstance(value, str): return _ranking_from_string(value, k, file, line, fld)
     _need(isinstance(value, list), file, line, fld, f"must be a list or a string like '1>2=3>4', got {type(value).__name__}")
@@ -190,12 +192,16 @@ def to_release(q:Query) -> dict:
 def read_release(path, # the release's `data.jsonl`
                  ranking_as:str="ranks", # how to read a list `final_ranking`: "ranks" or "order"
                  default_category:str|None=None, # the category when a media path names none
+                 check=None, # a function of each `Query` that raises `DataError` for one the caller refuses (file and line are filled in)
                 ) -> Iterator[Query]:
     "Stream the `Query`s of a release file; raise `DataError` at the first bad line."
     seen = set()
     for line, rec in read_jsonl(path):
         q = from_release(rec, path, line, ranking_as, default_category)
         _need(q.id not in seen, path, line, "id", f"duplicate id {q.id!r}")
+        if check is not None:
+            try: check(q)
+            except DataError as e: raise DataError(path, line, e.field, e.reason) from None
         seen.add(q.id)
         yield q
 
@@ -220,6 +226,7 @@ class _Pair:
     rejected_reason: str|None = None # critique of `rejected`, as written on this line
     tie: bool = False # the two are tied (`is_tie`)
     extras: dict = field(default_factory=dict) # the line's other fields
+    pid: str|None = None # the line's own id, where the layout gives each pair one
 
 def _short(text:str, n:int=40) -> str: return repr(text if len(text) <= n else text[:n - 1] + "…")
 
@@ -267,7 +274,8 @@ def _content_id(question:str, images:list) -> str:
     "A stable query id for layouts without ids: a hash of the question and media."
     return "q-" + hashlib.sha1(json.dumps([question, images], ensure_ascii=False).encode()).hexdigest()[:12]
 
-def _regroup(rows:Iterable[_Pair], file, default_category, substring:bool, names:dict, extras:dict|None, pairs:dict|None) -> list[Query]:
+def _regroup(rows:Iterable[_Pair], file, default_category, substring:bool, names:dict, extras:dict|None, pairs:dict|None,
+             keep_pairs:bool=False, layout:str|None=None) -> list[Query]:
     "Query groups from pair lines; `names` maps question, media, chosen, rejected to the layout's field names."
     _check_default(default_category)
     groups = {}
@@ -291,15 +299,21 @@ def _regroup(rows:Iterable[_Pair], file, default_category, substring:bool, names
                 if why and t not in critique: critique[t] = why
         ranking = _levels(texts, [(index[r.chosen], index[r.rejected], r.tie, r.line) for r in rs], file, qid, names["chosen"])
         category = _category(first.images, first.video, substring, default_category, file, first.line, names["media"])
-        out.append(Query(qid, first.question, category, list(first.images), [Response(t, critique=critique.get(t)) for t in texts], ranking=ranking))
+        q = Query(qid, first.question, category, list(first.images), [Response(t, critique=critique.get(t)) for t in texts], ranking=ranking)
+        out.append(q)
         if pairs is not None: pairs[qid] = [(index[r.chosen], index[r.rejected]) for r in rs]
+        listed = []
         for r in rs:
             ex = dict(r.extras)
             for side, t, why in (("chosen", r.chosen, r.chosen_reason), ("rejected", r.rejected, r.rejected_reason)):
                 if why is not None and why != (critique.get(t) or ""): ex[f"{side}_reason"] = why
+            if keep_pairs:
+                if r.pid is not None: ex.pop("id", None)
+                listed.append(listed_pair(index[r.chosen], index[r.rejected], r.pid, r.tie, ex))
             if not ex: continue
             if extras is not None: extras[qid, r.chosen, r.rejected] = ex
-            else: unkept.update(ex)
+            elif not keep_pairs: unkept.update(ex)
+        if keep_pairs: q.pairs, q.source = listed, layout
     if unkept: warnings.warn(f"{file}: pair lines carry field(s) {sorted(unkept)} that a query doesn't hold; pass extras={{}} to keep them")
     return out
 
@@ -311,16 +325,25 @@ def _numbered(records, file) -> Iterator[tuple[int, dict]]:
         yield line, rec
 
 def _pairs_of(q:Query, pairs:dict|None) -> list:
-    "The pairs to write for `q`: as read, if `pairs` has them, else every rank-different pair."
+    "The (chosen, rejected) pairs to write for `q`: as given in `pairs`, else as `q` lists them, else every rank-different pair."
     return pairs[q.id] if pairs is not None and q.id in pairs else pair_indices(q)
 
-def _with_extras(rec:dict, q:Query, c:Response, r:Response, extras:dict|None) -> dict:
+def _entries(q:Query, pairs:dict|None, layout:str) -> list[tuple[int, int, str|None, bool, dict|None]]:
+    "(chosen, rejected, id, tie, fields) per line to write: the given `pairs`, else the pairs `q` lists, else every rank-different pair."
+    if pairs is not None and q.id in pairs: return [(i, j, None, False, None) for i, j in pairs[q.id]]
+    if q.pairs is not None and q.ranking is not None:
+        own = q.source == layout  # a line's other fields go back only into the layout they came from
+        return [(p["chosen"], p["rejected"], p.get("id"), bool(p.get("tie")), p.get("fields") if own else None) for p in q.pairs]
+    return [(i, j, None, False, None) for i, j in pair_indices(q)]
+
+def _with_extras(rec:dict, q:Query, c:Response, r:Response, extras:dict|None, fields:dict|None=None) -> dict:
+    if fields: rec.update(fields)
     if extras: rec.update(extras.get((q.id, c.text, r.text), {}))
     return rec
 
 # %% ../nbs/04_formats.ipynb #260f4cb1
 _PAIR_CORE = {"id", "image", "video", "prompt", "chosen", "rejected", "chosen_reason", "rejected_reason"}
-_NUMERIC = ("reference_chosen_logp", "reference_rejected_logp", "mix_reference_chosen_logp", "mix_reference_rejected_logp", "ls_factor")
+_NUMERIC = ("reference_chosen_logp", "reference_rejected_logp", "mix_reference_chosen_logp", "mix_reference_rejected_logp", "ls_factor", "margin")
 _ID_SUFFIX = re.compile(r"_\d+$")
 _PAIR_NAMES = {"question": "prompt", "media": "image", "chosen": "chosen", "rejected": "rejected"}
 
@@ -337,23 +360,41 @@ def _pair_line(rec:dict, file, line, strip_suffix:bool) -> _Pair:
     for f in _NUMERIC:
         v = rec.get(f)
         _need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), file, line, f, f"must be a number, got {v!r}")
+        _need(v is None or math.isfinite(v), file, line, f, f"{v!r} is not a number a trainer can use")
     tie = rec.get("is_tie", False)
     _need(isinstance(tie, bool), file, line, "is_tie", f"must be true or false, got {tie!r}")
     images, video = _media(rec, file, line)
     return _Pair(line, qid, _question(rec["prompt"]), images, video, rec["chosen"], rec["rejected"],
                  rec.get("chosen_reason"), rec.get("rejected_reason"), tie, {k: v for k, v in rec.items() if k not in _PAIR_CORE})
 
+def ls_factor(delta:float, # the reward margin r(chosen) - r(rejected)
+              k:float=0.5, # how fast β grows with the margin (the paper's k)
+             ) -> float:
+    "The release's per-pair `ls_factor` that gives the paper's β(δ) = β(1 + w(1 - e^(-kδ))) with `--ls_factor_weight w`."
+    return 1.0 - math.exp(-k * delta)
+
+def _pair_numbers(c:Response, r:Response, k:float) -> dict:
+    "The reference log-probs and the reward margin of a pair, under the release's names, where the data has them."
+    out = {}
+    if c.ref_logp is not None and r.ref_logp is not None:
+        out["reference_chosen_logp"], out["reference_rejected_logp"] = float(c.ref_logp), float(r.ref_logp)
+    if c.reward is not None and r.reward is not None:
+        out["margin"] = float(c.reward - r.reward); out["ls_factor"] = ls_factor(out["margin"], k)
+    return out
+
 def to_dpo_pairs(q:Query, # an annotated query
                  extras:dict|None=None, # (query id, chosen, rejected) -> more fields for that line, as filled by `group_pairs`
                  pairs:dict|None=None, # query id -> (chosen, rejected) index pairs to write instead of every rank-different pair
+                 k:float=0.5, # the margin's k in `ls_factor`
                 ) -> list[dict]:
-    "The `dpo_pairs.jsonl` lines of a query, ids `<query id>_<n>`."
+    "The `dpo_pairs.jsonl` lines of a query (ids as listed, else `<query id>_<n>`), with reference log-probs and margins where known."
     out = []
-    for n, (i, j) in enumerate(_pairs_of(q, pairs)):
+    for n, (i, j, pid, tie, fields) in enumerate(_entries(q, pairs, "dpo_pairs")):
         c, r = q.responses[i], q.responses[j]
-        rec = {"id": f"{q.id}_{n}", **_media_record(q), "prompt": q.question, "chosen": c.text, "rejected": r.text,
-               "chosen_reason": _critique(c) or "", "rejected_reason": _critique(r) or ""}
-        out.append(_with_extras(rec, q, c, r, extras))
+        rec = {"id": pid if pid is not None else f"{q.id}_{n}", **_media_record(q), "prompt": q.question, "chosen": c.text, "rejected": r.text,
+               "chosen_reason": _critique(c) or "", "rejected_reason": _critique(r) or "", **_pair_numbers(c, r, k)}
+        if tie: rec["is_tie"] = True
+        out.append(_with_extras(rec, q, c, r, extras, fields))
     return out
 
 def group_pairs(records, # `dpo_pairs` lines: dicts, or (line, dict) as `read_jsonl` yields them
@@ -361,6 +402,7 @@ def group_pairs(records, # `dpo_pairs` lines: dicts, or (line, dict) as `read_js
                 extras:dict|None=None, # filled with (query id, chosen, rejected) -> the line's other fields
                 pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
                 default_category:str|None=None, # the category when a media path names none
+                keep_pairs:bool=False, # keep each line on its query (`Query.pairs`: ids, repeats, order, ties, other fields)
                ) -> list[Query]:
     "Regroup `dpo_pairs` lines into queries whose ranking induces every given pair."
     rows, count = [], {}
@@ -368,17 +410,19 @@ def group_pairs(records, # `dpo_pairs` lines: dicts, or (line, dict) as `read_js
         row = _pair_line(rec, file, line, True)
         n = count[row.qid] = count.get(row.qid, -1) + 1
         if rec["id"] != f"{row.qid}_{n}": row.extras["id"] = rec["id"]
+        row.pid = rec["id"]
         rows.append(row)
-    return _regroup(rows, file, default_category, False, _PAIR_NAMES, extras, pairs)
+    return _regroup(rows, file, default_category, False, _PAIR_NAMES, extras, pairs, keep_pairs, "dpo_pairs")
 
 # %% ../nbs/04_formats.ipynb #e214e79c
 def read_dpo_pairs(path, # a `dpo_pairs.jsonl` file
                    extras:dict|None=None, # filled with (query id, chosen, rejected) -> the line's other fields
                    pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
                    default_category:str|None=None, # the category when a media path names none
+                   keep_pairs:bool=False, # keep each line on its query (`Query.pairs`)
                   ) -> list[Query]:
     "The query groups of a `dpo_pairs.jsonl` file."
-    return group_pairs(read_jsonl(path), path, extras, pairs, default_category)
+    return group_pairs(read_jsonl(path), path, extras, pairs, default_category, keep_pairs)
 
 def write_dpo_pairs(queries, # annotated `Query`s
                     path, # the file to write
@@ -395,11 +439,12 @@ def to_reward_bench(q:Query, # an annotated query
                    ) -> list[dict]:
     "The RewardBench lines of a query, all with the query's id."
     out = []
-    for i, j in _pairs_of(q, pairs):
+    for i, j, _, tie, fields in _entries(q, pairs, "reward_bench"):
         c, r = q.responses[i], q.responses[j]
         rec = {"id": q.id, **_media_record(q), "prompt": q.question, "chosen": c.text, "rejected": r.text,
                "chosen_reason": _critique(c) or "", "rejected_reason": _critique(r) or ""}
-        out.append(_with_extras(rec, q, c, r, extras))
+        if tie: rec["is_tie"] = True
+        out.append(_with_extras(rec, q, c, r, extras, fields))
     return out
 
 def from_reward_bench(records, # RewardBench lines: dicts, or (line, dict) as `read_jsonl` yields them
@@ -407,18 +452,20 @@ def from_reward_bench(records, # RewardBench lines: dicts, or (line, dict) as `r
                       extras:dict|None=None, # filled with (query id, chosen, rejected) -> the line's other fields
                       pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
                       default_category:str|None=None, # the category when a media path names none
+                      keep_pairs:bool=False, # keep each line on its query (`Query.pairs`: repeats, order, ties, other fields)
                      ) -> list[Query]:
     "Group RewardBench lines by id into queries."
     rows = [_pair_line(rec, file, line, False) for line, rec in _numbered(records, file)]
-    return _regroup(rows, file, default_category, True, _PAIR_NAMES, extras, pairs)
+    return _regroup(rows, file, default_category, True, _PAIR_NAMES, extras, pairs, keep_pairs, "reward_bench")
 
 def read_reward_bench(path, # an `mm_reward_bench.jsonl` file
                       extras:dict|None=None, # filled with (query id, chosen, rejected) -> the line's other fields
                       pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
                       default_category:str|None=None, # the category when a media path names none
+                      keep_pairs:bool=False, # keep each line on its query (`Query.pairs`)
                      ) -> list[Query]:
     "The query groups of a RewardBench file."
-    return from_reward_bench(read_jsonl(path), path, extras, pairs, default_category)
+    return from_reward_bench(read_jsonl(path), path, extras, pairs, default_category, keep_pairs)
 
 def write_reward_bench(queries, # annotated `Query`s
                        path, # the file to write
@@ -456,10 +503,11 @@ def to_trl(q:Query, # an annotated query
     "TRL's conversational vision preference rows of a query, one per pair."
     def answer(t): return [{"role": "assistant", "content": [{"type": "text", "text": t}]}]
     out = []
-    for i, j in _pairs_of(q, pairs):
+    for i, j, _, tie, fields in _entries(q, pairs, "trl"):
+        if tie: continue  # TRL has no ties (`write_format` counts what it leaves out)
         c, r = q.responses[i], q.responses[j]
         prompt = [{"role": "user", "content": [{"type": "image"} for _ in q.images] + [{"type": "text", "text": q.question}]}]
-        out.append(_with_extras({"images": list(q.images), "prompt": prompt, "chosen": answer(c.text), "rejected": answer(r.text)}, q, c, r, extras))
+        out.append(_with_extras({"images": list(q.images), "prompt": prompt, "chosen": answer(c.text), "rejected": answer(r.text)}, q, c, r, extras, fields))
     return out
 
 def _trl_row(rec:dict, file, line) -> _Pair:
@@ -481,10 +529,11 @@ def from_trl(rows, # TRL rows: dicts, or (line, dict) as `read_jsonl` yields the
              extras:dict|None=None, # filled with (query id, chosen, rejected) -> the row's other fields
              pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
              default_category:str|None=None, # the category when an image path names none
+             keep_pairs:bool=False, # keep each row on its query (`Query.pairs`: repeats, order, other fields)
             ) -> list[Query]:
     "Regroup TRL preference rows by question and images into queries."
     return _regroup([_trl_row(rec, file, line) for line, rec in _numbered(rows, file)], file, default_category, False,
-                    {"question": "prompt", "media": "images", "chosen": "chosen", "rejected": "rejected"}, extras, pairs)
+                    {"question": "prompt", "media": "images", "chosen": "chosen", "rejected": "rejected"}, extras, pairs, keep_pairs, "trl")
 
 # %% ../nbs/04_formats.ipynb #4d4ab0c4
 def _media_tokens(q:Query) -> tuple[str, str, str]:
@@ -509,11 +558,12 @@ def to_llamafactory(q:Query, # an annotated query
     "LLaMA-Factory's sharegpt preference records of a query, one per pair."
     prompt, key, _ = _media_tokens(q)
     out = []
-    for i, j in _pairs_of(q, pairs):
+    for i, j, _, tie, fields in _entries(q, pairs, "llamafactory"):
+        if tie: continue  # a ranking dataset has no ties (`write_format` counts what it leaves out)
         c, r = q.responses[i], q.responses[j]
         rec = {"conversations": [{"from": "human", "value": prompt}], "chosen": {"from": "gpt", "value": c.text},
                "rejected": {"from": "gpt", "value": r.text}, **({key: list(q.images)} if q.images else {})}
-        out.append(_with_extras(rec, q, c, r, extras))
+        out.append(_with_extras(rec, q, c, r, extras, fields))
     return out
 
 def _llamafactory_row(rec:dict, file, line) -> _Pair:
@@ -537,10 +587,33 @@ def from_llamafactory(rows, # LLaMA-Factory records: dicts, or (line, dict) as `
                       extras:dict|None=None, # filled with (query id, chosen, rejected) -> the record's other fields
                       pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
                       default_category:str|None=None, # the category when a media path names none
+                      keep_pairs:bool=False, # keep each record on its query (`Query.pairs`: repeats, order, other fields)
                      ) -> list[Query]:
     "Regroup LLaMA-Factory preference records by question and media into queries."
     return _regroup([_llamafactory_row(rec, file, line) for line, rec in _numbered(rows, file)], file, default_category, False,
-                    {"question": "conversations.0.value", "media": "images", "chosen": "chosen", "rejected": "rejected"}, extras, pairs)
+                    {"question": "conversations.0.value", "media": "images", "chosen": "chosen", "rejected": "rejected"}, extras, pairs,
+                    keep_pairs, "llamafactory")
+
+# %% ../nbs/04_formats.ipynb #515841f0
+def llamafactory_dataset_info(data_file, # a LLaMA-Factory export (JSONL)
+                              media=("images",), # the media columns the file has: "images" and/or "videos"
+                              name:str|None=None, # the dataset's name (default: the file name without .jsonl)
+                             ) -> dict:
+    "Add the export's entry to the `dataset_info.json` beside it (kept, or created), atomically; return the entry."
+    data_file = Path(data_file); info = data_file.parent / "dataset_info.json"
+    name = name or data_file.name.removesuffix(".jsonl")
+    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", **{m: m for m in ("images", "videos") if m in media}}
+    entry = {"file_name": data_file.name, "formatting": "sharegpt", "ranking": True, "columns": columns,
+             "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}}
+    known = {}
+    if info.exists():
+        try: known = json.loads(info.read_bytes().decode("utf-8") or "{}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(info, None, None, f"is not valid JSON ({e}); fix or remove it: the export's entry goes into it") from None
+        if not isinstance(known, dict): raise DataError(info, None, None, f"must be an object of dataset name -> entry, got {type(known).__name__}")
+    known[name] = entry
+    write_text(info, json.dumps(known, indent=2, ensure_ascii=False) + "\n")
+    return entry
 
 # %% ../nbs/04_formats.ipynb #2910bfe3
 def to_swift(q:Query, # an annotated query
@@ -550,11 +623,12 @@ def to_swift(q:Query, # an annotated query
     "ms-swift's preference records of a query, one per pair."
     prompt, key, _ = _media_tokens(q)
     out = []
-    for i, j in _pairs_of(q, pairs):
+    for i, j, _, tie, fields in _entries(q, pairs, "swift"):
+        if tie: continue  # ms-swift's DPO has no ties (`write_format` counts what it leaves out)
         c, r = q.responses[i], q.responses[j]
         rec = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": c.text}],
                "rejected_response": r.text, **({key: list(q.images)} if q.images else {})}
-        out.append(_with_extras(rec, q, c, r, extras))
+        out.append(_with_extras(rec, q, c, r, extras, fields))
     return out
 
 def _swift_row(rec:dict, file, line) -> _Pair:
@@ -575,10 +649,12 @@ def from_swift(rows, # ms-swift records: dicts, or (line, dict) as `read_jsonl` 
                extras:dict|None=None, # filled with (query id, chosen, rejected) -> the record's other fields
                pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
                default_category:str|None=None, # the category when a media path names none
+               keep_pairs:bool=False, # keep each record on its query (`Query.pairs`: repeats, order, other fields)
               ) -> list[Query]:
     "Regroup ms-swift preference records by question and media into queries."
     return _regroup([_swift_row(rec, file, line) for line, rec in _numbered(rows, file)], file, default_category, False,
-                    {"question": "messages.0.content", "media": "images", "chosen": "messages.1.content", "rejected": "rejected_response"}, extras, pairs)
+                    {"question": "messages.0.content", "media": "images", "chosen": "messages.1.content", "rejected": "rejected_response"}, extras, pairs,
+                    keep_pairs, "swift")
 
 # %% ../nbs/04_formats.ipynb #9fd3d0dd
 PAIR_FORMATS = {"dpo_pairs": (group_pairs, to_dpo_pairs), "reward_bench": (from_reward_bench, to_reward_bench),
@@ -594,25 +670,44 @@ def read_format(path, # a JSONL file
                 pairs:dict|None=None, # pair layouts: filled with each query's pairs as listed
                 default_category:str|None=None, # the category when a media path names none
                 ranking_as:str="ranks", # release: how to read a list `final_ranking`
+                keep_pairs:bool=False, # pair layouts: keep each line on its query (`Query.pairs`)
                ) -> list[Query]:
     "The queries in `path`, read as layout `fmt`."
     _check_format(fmt)
     if fmt == "mmrlhf": return list(read_queries(path))
     if fmt == "release": return list(read_release(path, ranking_as, default_category))
-    return PAIR_FORMATS[fmt][0](read_jsonl(path), path, extras, pairs, default_category)
+    return PAIR_FORMATS[fmt][0](read_jsonl(path), path, extras, pairs, default_category, keep_pairs=keep_pairs)
+
+_TIED_LAYOUTS = ("dpo_pairs", "reward_bench")  # the layouts that can say `is_tie`
 
 def write_format(queries, # `Query`s
                  path, # the file to write (atomically)
                  fmt:str, # the layout, one of `FORMATS`
                  extras:dict|None=None, # pair layouts: more fields per line, as filled by `read_format`
                  pairs:dict|None=None, # pair layouts: the pairs to write per query id
+                 dataset_info:bool=True, # llamafactory: also add the file's entry to `dataset_info.json` beside it
                 ) -> int:
-    "Write `queries` to `path` in layout `fmt`; return the number of lines."
+    "Write `queries` to `path` in layout `fmt`; return the number of lines (what a layout can't hold is counted in a warning)."
     _check_format(fmt)
     if fmt == "mmrlhf": return write_queries(path, queries)
     if fmt == "release": return write_release(queries, path)
-    to = PAIR_FORMATS[fmt][1]
-    return write_jsonl(path, (rec for q in queries for rec in to(q, extras, pairs)))
+    to, ties, fields, names, media = PAIR_FORMATS[fmt][1], 0, 0, set(), set()
+    def lines():
+        nonlocal ties, fields
+        for q in queries:
+            if q.pairs is not None and not (pairs is not None and q.id in pairs):
+                if fmt not in _TIED_LAYOUTS: ties += sum(bool(p.get("tie")) for p in q.pairs)
+                if q.source != fmt:
+                    fields += sum(bool(p.get("fields")) for p in q.pairs); names.update(k for p in q.pairs for k in p.get("fields") or {})
+            for rec in to(q, extras, pairs):
+                media.update(k for k in ("images", "videos") if k in rec)
+                yield rec
+    n = write_jsonl(path, lines())
+    if ties: warnings.warn(f"{path}: {ties} tied pair(s) are not written: {fmt} has no ties")
+    if fields: warnings.warn(f"{path}: {fields} pair line(s) carry field(s) {sorted(names)} of their own layout that {fmt} has no place for; "
+                             "they are not written")
+    if fmt == "llamafactory" and dataset_info: llamafactory_dataset_info(path, media)
+    return n
 
 def convert(input, # the JSONL file to read
             output, # the JSONL file to write (atomically)
@@ -623,13 +718,33 @@ def convert(input, # the JSONL file to read
            ) -> dict:
     "Convert a file between any two layouts; return counts of what was read, written and left behind."
     _check_format(src_format); _check_format(dst_format)
-    extras, pairs = {}, {}
-    queries = read_format(input, src_format, extras, pairs, default_category, ranking_as)
-    keep = src_format == dst_format
-    n = write_format(queries, output, dst_format, extras if keep else None, pairs)
-    left = 0 if keep else len(extras)
-    if left:
-        names = sorted({k for ex in extras.values() for k in ex})
-        warnings.warn(f"{left} pair line(s) of {input} carry field(s) {names} that {dst_format} has no place for; they are not in {output}")
-    no_pairs = sum(not _pairs_of(q, pairs) for q in queries) if dst_format in PAIR_FORMATS else 0
+    pair_file = src_format in PAIR_FORMATS  # its lines stay on their queries: ids, repeats, order, ties, other fields
+    queries = read_format(input, src_format, default_category=default_category, ranking_as=ranking_as, keep_pairs=pair_file)
+    n = write_format(queries, output, dst_format)
+    left = 0 if src_format == dst_format or not pair_file else sum(bool(p.get("fields")) for q in queries for p in q.pairs)
+    no_pairs = sum(not pair_indices(q) for q in queries) if dst_format in PAIR_FORMATS else 0
     return {"queries": len(queries), "lines": n, "extras_left_behind": left, "queries_without_pairs": no_pairs}
+
+# %% ../nbs/04_formats.ipynb #7e7391ce
+PATH_LAYOUTS = ("trl", "llamafactory", "swift")  # layouts whose trainers open image paths from the working directory
+
+def export_images(queries, # `Query`s about to be exported
+                  image_root, # the folder their image paths are relative to
+                  absolute:bool=True, # rewrite each path as an absolute path inside `image_root`
+                  check:bool=True, # every image (or clip folder) must exist
+                  file="<queries>", # where the queries came from, for errors (their line is the query's number)
+                 ) -> Iterator[Query]:
+    "The queries with their image paths checked and, if asked, made absolute; a missing image raises `DataError`."
+    for n, q in enumerate(queries, 1):
+        paths = []
+        for i, p in enumerate(q.images):
+            if Path(p).is_absolute(): full = Path(p)
+            else:
+                try: full = resolve_image_path(image_root, p)
+                except ValueError as e: raise DataError(file, n, f"images.{i}", f"query {q.id!r}: {e}") from None
+            if check and not full.exists():
+                raise DataError(file, n, f"images.{i}", f"query {q.id!r}: image {p!r} not found under {image_root}; "
+                                                       "an export pointing at it would fail only once training reaches it")
+            paths.append(str(full) if absolute else p)
+        q.images = paths
+        yield q

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['DIMENSIONS', 'LEVELS', 'level', 'Response', 'Query', 'parse_query', 'DataErrors', 'ReadReport', 'read_queries',
-           'query_record', 'write_queries', 'query_medium', 'pair_indices', 'expand_pairs', 'joined_reasons',
-           'all_tied', 'add_tie_response', 'oracle_scores', 'oracle_annotate', 'query_stats', 'krippendorff_alpha',
-           'kendall_tau_b', 'agreement', 'group_row', 'group_features', 'save_groups', 'load_groups', 'PairsConfig',
-           'run_pairs']
+           'query_record', 'json_line', 'write_queries', 'query_medium', 'dense_ranks', 'listed_pair', 'pair_indices',
+           'expand_pairs', 'joined_reasons', 'identical_texts', 'refuse_identical_texts', 'all_tied',
+           'add_tie_response', 'oracle_scores', 'oracle_annotate', 'query_stats', 'krippendorff_alpha', 'kendall_tau_b',
+           'agreement', 'group_row', 'group_features', 'save_groups', 'load_groups', 'PairsConfig', 'run_pairs']
 
 # %% ../nbs/03_schema.ipynb #6e9422b4
-import json
+import json, math, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Iterator
 
 # %% ../nbs/03_schema.ipynb #a044d36e
-from .core import DataError, atomic_write, read_jsonl, resolve_image_path
+from .core import DataError, atomic_dir, atomic_write, clean_stale_temps, read_jsonl, resolve_image_path
 from .synthetic import CATEGORIES
 
 # %% ../nbs/03_schema.ipynb #93eda1d2
@@ -58,16 +58,17 @@ class Query:
     responses: list # `Response`s, K >= 2
     reference: str|None = None # a reference answer, if known
     source: str = "" # where the query comes from
-    ranking: list|None = None # rank of each response, 1 = best, ties share a rank
+    ranking: list|None = None # rank of each response: lower is better, equal ranks are ties (order only, see `dense_ranks`)
     ranking_reason: str = "" # why this ranking
     annotators: list = field(default_factory=list) # who annotated
     truth: dict|None = None # ground truth (synthetic data only)
+    pairs: list|None = None # the pairs as a pair file listed them (see `listed_pair`); None: every rank-different pair
 
     @property
     def annotated(self) -> bool: return self.ranking is not None
 
 # %% ../nbs/03_schema.ipynb #abccb9e4
-_QUERY_FIELDS = {"id", "question", "category", "images", "responses", "reference", "source", "ranking", "ranking_reason", "annotators", "truth"}
+_QUERY_FIELDS = {"id", "question", "category", "images", "responses", "reference", "source", "ranking", "ranking_reason", "annotators", "truth", "pairs"}
 _RESPONSE_FIELDS = {"text", "model", "scores", "reasons", "critique", "added", "reward", "defects", "ref_logp"}
 
 def _need(cond, file, line, fld, reason):
@@ -102,14 +103,38 @@ def _parse_response(r, i, file, line) -> Response:
     for k in ("reward", "ref_logp"):
         v = r.get(k)
         _need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), file, line, f"{where}.{k}", f"must be a number or null, got {v!r}")
+        _need(v is None or math.isfinite(v), file, line, f"{where}.{k}", f"{v!r} is not a number a trainer can use (use null for a missing one)")
     return Response(r["text"], r.get("model", ""), scores, reasons, r.get("critique"), r.get("added"), r.get("reward"), r.get("defects"), r.get("ref_logp"))
 
 # %% ../nbs/03_schema.ipynb #655cc4f4
 def _check_ranking(ranking, n, file, line):
+    "A ranking is one integer >= 1 per response; lower is better, equal is a tie; gaps are allowed (order only)."
     _need(isinstance(ranking, list), file, line, "ranking", f"must be a list of ranks, one per response, got {type(ranking).__name__}")
     _need(len(ranking) == n, file, line, "ranking", f"has {len(ranking)} ranks for {n} responses")
     for i, v in enumerate(ranking):
-        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, file, line, f"ranking.{i}", f"must be a rank >= 1, got {v!r}")
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, file, line, f"ranking.{i}",
+              f"must be a rank >= 1 (lower is better, equal ranks tie, gaps are allowed), got {v!r}")
+
+_PAIR_KEYS = {"chosen", "rejected", "id", "tie", "fields"}
+
+def _check_pairs(pairs, ranking, n, file, line):
+    "Listed pairs: response indices that agree with the ranking (a tie between equal ranks, else the better one chosen)."
+    _need(isinstance(pairs, list), file, line, "pairs", f"must be a list of pairs, got {type(pairs).__name__}")
+    _need(ranking is not None, file, line, "pairs", "listed pairs need a ranking")
+    for k, p in enumerate(pairs):
+        where = f"pairs.{k}"
+        _need(isinstance(p, dict), file, line, where, f"must be an object with chosen and rejected, got {type(p).__name__}")
+        _need(not set(p) - _PAIR_KEYS, file, line, where, f"unknown field(s) {sorted(set(p) - _PAIR_KEYS)}")
+        for side in ("chosen", "rejected"):
+            v = p.get(side)
+            _need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n, file, line, f"{where}.{side}", f"must be a response index 0..{n - 1}, got {v!r}")
+        c, r = p["chosen"], p["rejected"]
+        _need(c != r, file, line, where, "chosen and rejected are the same response")
+        _need(p.get("id") is None or isinstance(p["id"], str), file, line, f"{where}.id", "must be a string")
+        _need(p.get("tie", False) in (True, False), file, line, f"{where}.tie", f"must be true or false, got {p.get('tie')!r}")
+        _need(p.get("fields") is None or isinstance(p["fields"], dict), file, line, f"{where}.fields", "must be an object")
+        if p.get("tie"): _need(ranking[c] == ranking[r], file, line, where, f"a tie between ranks {ranking[c]} and {ranking[r]}")
+        else: _need(ranking[c] < ranking[r], file, line, where, f"chooses rank {ranking[c]} over rank {ranking[r]}")
 
 def _readable_image(path) -> bool:
     "Whether `path` opens as an image (the header is read and checked, not the pixels)."
@@ -146,12 +171,13 @@ def parse_query(rec:dict, # one decoded JSON record
     _need(all(scored) or not any(scored), file, line, "responses", "some responses are scored and some are not")
     ranking = rec.get("ranking")
     if ranking is not None: _check_ranking(ranking, len(responses), file, line)
+    if rec.get("pairs") is not None: _check_pairs(rec["pairs"], ranking, len(responses), file, line)
     for k in ("reference", "ranking_reason", "source"):
         _need(rec.get(k) is None or isinstance(rec[k], str), file, line, k, "must be a string")
     ann = rec.get("annotators", [])
     _need(isinstance(ann, list) and all(isinstance(a, str) for a in ann), file, line, "annotators", "must be a list of names")
     return Query(rec["id"], rec["question"], rec["category"], images, responses, rec.get("reference"), rec.get("source") or "",
-                 ranking, rec.get("ranking_reason") or "", ann, rec.get("truth"))
+                 ranking, rec.get("ranking_reason") or "", ann, rec.get("truth"), rec.get("pairs"))
 
 # %% ../nbs/03_schema.ipynb #c917a70e
 class DataErrors(ValueError):
@@ -159,50 +185,73 @@ class DataErrors(ValueError):
     def __init__(self, errors:list, shown:int=50):
         self.errors = errors
         lines = [str(e) for e in errors[:shown]] + ([f"... and {len(errors) - shown} more"] if len(errors) > shown else [])
-        super().__init__(f"{len(errors)} bad record(s):\n" + "\n".join(lines))
+        super().__init__(lines[0] if len(errors) == 1 else f"{len(errors)} bad record(s):\n" + "\n".join(lines))
 
 @dataclass
 class ReadReport:
     "What `read_queries` saw."
     read: int = 0 # records read
     rejected: int = 0 # records moved to the reject file
+    listed_ties: int = 0 # pair-file input: lines marked as ties
+    repeated_pairs: int = 0 # pair-file input: lines that repeat an earlier line's two responses (identical texts, merged)
 
-def _records(path, image_root) -> Iterator[tuple[int, Query|None, DataError|None, str|None]]:
+def _nonfinite(obj, where:str="") -> str|None:
+    "The dotted field of the first NaN or infinite number in a decoded record, if any."
+    if isinstance(obj, float) and not math.isfinite(obj): return where or "(the record)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    return next((f for k, v in items if (f := _nonfinite(v, f"{where}.{k}" if where else str(k))) is not None), None)
+
+def _decode(raw:bytes, path, i:int) -> dict:
+    "One line of a query file as a record; bad bytes, bad JSON and NaN raise `DataError`."
+    try: text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, i, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8") from None
+    odd = []  # `json.loads` reads NaN and Infinity unless told; note them, then find where they are
+    try: rec = json.loads(text, parse_constant=lambda c: odd.append(c) or float(c))
+    except json.JSONDecodeError as e: raise DataError(path, i, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict): raise DataError(path, i, None, f"expected a JSON object, got {type(rec).__name__}")
+    if odd and (bad := _nonfinite(rec)) is not None:
+        raise DataError(path, i, bad, "NaN or infinity is not a number (JSON has no such value); use null for a missing one")
+    return rec
+
+def _records(path, image_root, check=None) -> Iterator[tuple[int, Query|None, DataError|None, str|None]]:
     "Yield (line, query, error, raw) for every record, checking duplicate ids."
     seen = set()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             if not raw.strip(): continue
+            text = raw.decode("utf-8", errors="backslashreplace")
             try:
-                rec = json.loads(raw)
-                if not isinstance(rec, dict): raise DataError(path, i, None, f"expected a JSON object, got {type(rec).__name__}")
-                q = parse_query(rec, path, i, image_root)
+                q = parse_query(_decode(raw, path, i), path, i, image_root)
                 key = (q.id, tuple(q.annotators))
                 if key in seen: raise DataError(path, i, "id", f"duplicate id {q.id!r}" + (f" for annotators {q.annotators}" if q.annotators else ""))
+                if check is not None:
+                    try: check(q)
+                    except DataError as e: raise DataError(path, i, e.field, e.reason) from None
                 seen.add(key)
-                yield i, q, None, raw
-            except json.JSONDecodeError as e: yield i, None, DataError(path, i, None, f"invalid JSON ({e.msg} at column {e.colno})"), raw
-            except DataError as e: yield i, None, e, raw
+                yield i, q, None, text
+            except DataError as e: yield i, None, e, text
 
 def read_queries(path, # JSONL file of query records
                  image_root=None, # if given, images must exist inside it
                  rejects=None, # if given, bad records go to this file instead of raising
                  report:ReadReport|None=None, # filled with counts as the file is read
+                 check=None, # a function of each valid `Query` that raises `DataError` for one this caller refuses
                 ) -> Iterator[Query]:
     "Stream valid `Query`s from `path`; raise `DataErrors` for bad records, or move them to `rejects`."
     report = report if report is not None else ReadReport()
     if rejects is None:
-        errors = [e for _, _, e, _ in _records(path, image_root) if e is not None]
+        errors = [e for _, _, e, _ in _records(path, image_root, check) if e is not None]
         if errors: raise DataErrors(errors)
-        for _, q, _, _ in _records(path, image_root): report.read += 1; yield q
+        for _, q, _, _ in _records(path, image_root, check): report.read += 1; yield q
         return
     with atomic_write(rejects) as out:
-        for i, q, e, raw in _records(path, image_root):
+        for i, q, e, raw in _records(path, image_root, check):
             report.read += 1
             if e is None: yield q
             else:
                 report.rejected += 1
-                out.write(json.dumps({"line": i, "error": str(e), "field": e.field, "reason": e.reason, "record": raw.rstrip("\n")}, ensure_ascii=False) + "\n")
+                out.write(json.dumps({"line": i, "error": str(e), "field": e.field, "reason": e.reason, "record": raw.rstrip("\n")}, ensure_ascii=False, allow_nan=False) + "\n")
 
 # %% ../nbs/03_schema.ipynb #957467cd
 def _response_record(r:Response) -> dict:
@@ -217,13 +266,24 @@ def query_record(q:Query) -> dict:
     for k in ("source", "ranking_reason"):
         if getattr(q, k): rec[k] = getattr(q, k)
     if q.annotators: rec["annotators"] = list(q.annotators)
+    if q.pairs is not None: rec["pairs"] = [dict(p) for p in q.pairs]
     return rec
 
+def json_line(rec:dict, # a JSON-serialisable record
+              path, # the file it goes to, for the error
+              n:int, # its record number in that file, for the error
+             ) -> str:
+    "One JSONL line; NaN or infinity raise a `ValueError` naming the file, record and field (JSON has no such value)."
+    try: return json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError:
+        if (bad := _nonfinite(rec)) is None: raise
+        raise ValueError(f"{path}: record {n} ({rec.get('id', 'no id')!r}): {bad} is NaN or infinite; refusing to write invalid JSON") from None
+
 def write_queries(path, queries) -> int:
-    "Write `Query`s as JSONL, atomically; return the count."
+    "Write `Query`s as JSONL, atomically; return the count (NaN or infinity raise `ValueError`)."
     n = 0
     with atomic_write(path) as f:
-        for q in queries: f.write(json.dumps(query_record(q), ensure_ascii=False) + "\n"); n += 1
+        for q in queries: n += 1; f.write(json_line(query_record(q), path, n))
     return n
 
 # %% ../nbs/03_schema.ipynb #7f963897
@@ -235,30 +295,76 @@ def query_medium(q:Query, image_root):
     return frames[0] if q.category != "video" and len(frames) == 1 else frames
 
 # %% ../nbs/03_schema.ipynb #953efad3
+def dense_ranks(ranking:list, # ranks, one per response: lower is better, equal ranks tie, gaps allowed
+               ) -> list[int]:
+    "The canonical form of a ranking: the same order with ranks 1, 2, 3, ... and no gaps."
+    level = {v: n for n, v in enumerate(sorted(set(ranking)), 1)}
+    return [level[v] for v in ranking]
+
+def listed_pair(chosen:int, # index of the preferred response
+                rejected:int, # index of the other response
+                id:str|None=None, # the pair's id in the file, if the layout has one
+                tie:bool=False, # the file marks the two as tied (`is_tie`)
+                fields:dict|None=None, # the line's other fields, kept for writing it back
+               ) -> dict:
+    "One entry of `Query.pairs`: a pair as a pair file listed it."
+    p = {"chosen": chosen, "rejected": rejected}
+    if id is not None: p["id"] = id
+    if tie: p["tie"] = True
+    if fields: p["fields"] = dict(fields)
+    return p
+
 def pair_indices(q:Query) -> list[tuple[int, int]]:
-    "All (chosen, rejected) index pairs of responses with different ranks, best first."
+    "The (chosen, rejected) index pairs of `q`: those listed in `q.pairs` (ties left out), else every rank-different pair, best first."
     if q.ranking is None: return []
+    if q.pairs is not None: return [(p["chosen"], p["rejected"]) for p in q.pairs if not p.get("tie")]
     order = sorted(range(len(q.responses)), key=lambda i: q.ranking[i])
     return [(i, j) for a, i in enumerate(order) for j in order[a + 1:] if q.ranking[i] < q.ranking[j]]
 
 # %% ../nbs/03_schema.ipynb #b3597f0b
+def _listed(q:Query) -> list[tuple[int, int, str|None, bool]]:
+    "(chosen, rejected, id, tie) for each pair of `q`, as listed or derived."
+    if q.ranking is None: return []
+    if q.pairs is not None: return [(p["chosen"], p["rejected"], p.get("id"), bool(p.get("tie"))) for p in q.pairs]
+    return [(i, j, None, False) for i, j in pair_indices(q)]
+
 def expand_pairs(q:Query) -> Iterator[dict]:
-    "One record per rank-different pair of `q`, with both responses' annotations."
-    for n, (i, j) in enumerate(pair_indices(q)):
+    "One record per pair of `q` (as listed, or every rank-different pair), with both responses' annotations."
+    ranks = dense_ranks(q.ranking) if q.ranking is not None else None
+    for n, (i, j, pid, tie) in enumerate(_listed(q)):
         c, r = q.responses[i], q.responses[j]
         margin = None if c.reward is None or r.reward is None else c.reward - r.reward
-        yield {"id": f"{q.id}_{n}", "query_id": q.id, "images": q.images, "question": q.question, "category": q.category,
-               "chosen": c.text, "rejected": r.text, "chosen_index": i, "rejected_index": j,
-               "chosen_rank": q.ranking[i], "rejected_rank": q.ranking[j],
+        rec = {"id": pid if pid is not None else f"{q.id}_{n}", "query_id": q.id, "images": q.images, "question": q.question,
+               "category": q.category, "chosen": c.text, "rejected": r.text, "chosen_index": i, "rejected_index": j,
+               "chosen_rank": ranks[i], "rejected_rank": ranks[j],
                "chosen_scores": c.scores, "rejected_scores": r.scores,
                "chosen_reason": c.critique or joined_reasons(c), "rejected_reason": r.critique or joined_reasons(r),
                "margin": margin}
+        if tie: rec["is_tie"] = True
+        yield rec
 
 def joined_reasons(r:Response) -> str|None:
     "The three score reasons as one critique, when no expanded critique exists."
     if not r.reasons: return None
     score = lambda d: f" ({r.scores[d]}/5)" if r.scores and d in r.scores else ""
     return " ".join(f"{d.capitalize()}{score(d)}: {r.reasons[d]}" for d in DIMENSIONS if r.reasons.get(d))
+
+# %% ../nbs/03_schema.ipynb #ebe5a647
+def identical_texts(q:Query) -> list[tuple[int, int]]:
+    "The (i, j) responses, i < j, that have the same text but different ranks."
+    if q.ranking is None: return []
+    seen, out = {}, []
+    for j, r in enumerate(q.responses):
+        out += [(i, j) for i in seen.get(r.text, []) if q.ranking[i] != q.ranking[j]]
+        seen.setdefault(r.text, []).append(j)
+    return out
+
+def refuse_identical_texts(q:Query):
+    "Raise `DataError` (no file or line: the reader adds them) if `q` has one text at two different ranks."
+    if hit := identical_texts(q):
+        i, j = hit[0]
+        raise DataError(None, None, f"responses.{j}.text", f"is the text of response {i} too, ranked {q.ranking[j]} against {q.ranking[i]}: "
+                                                         "a pair of one text with itself (set identical_texts=warn to keep it)")
 
 # %% ../nbs/03_schema.ipynb #ca2e0b19
 def all_tied(q:Query) -> bool:
@@ -453,7 +559,7 @@ def group_row(q:Query) -> dict:
             "scores": [[(r.scores or {}).get(d, 0) for d in DIMENSIONS] for r in q.responses],
             "critiques": [r.critique or joined_reasons(r) or "" for r in q.responses],
             "rewards": [float("nan") if r.reward is None else float(r.reward) for r in q.responses],
-            "ranking": list(q.ranking or []), "pairs": [list(p) for p in pair_indices(q)]}
+            "ranking": dense_ranks(q.ranking or []), "pairs": [list(p) for p in pair_indices(q)]}
 
 def group_features():
     "The Arrow schema of a query-group row."
@@ -470,29 +576,47 @@ def _group_rows_from_file(path):
     for _, rec in read_jsonl(path): yield group_row(parse_query(rec, path))
 
 def save_groups(source, # a validated query JSONL file (streamed), or a list of `Query`s
-                path, # folder for the Arrow dataset
+                path, # folder for the Arrow dataset (written in a staging folder, then renamed into place)
                ):
     "Write query groups as a Hugging Face dataset (Arrow) at `path`; a file source is streamed in bounded memory."
     import datasets, shutil, tempfile as _tf
     if isinstance(source, (str, Path)):
-        cache = _tf.mkdtemp(dir=Path(path).parent if Path(path).parent.exists() else None, prefix=".groups-cache-")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        cache = _tf.mkdtemp(dir=Path(path).parent, prefix=".groups-cache-", suffix=".partial")
         try:
             ds = datasets.Dataset.from_generator(_group_rows_from_file, features=group_features(),
                                                  gen_kwargs={"path": str(source)}, cache_dir=cache, keep_in_memory=False)
-            ds.save_to_disk(str(path))
+            with atomic_dir(path) as tmp: ds.save_to_disk(str(tmp))
         finally: shutil.rmtree(cache, ignore_errors=True)
         return load_groups(path)
     ds = datasets.Dataset.from_list([group_row(q) for q in source], features=group_features())
-    ds.save_to_disk(str(path))
+    with atomic_dir(path) as tmp: ds.save_to_disk(str(tmp))
     return ds
 
+def _incomplete(path:Path) -> str|None:
+    "What is missing from a saved dataset folder, or None if it looks whole."
+    if not path.is_dir(): return "not found (run `mmrlhf pairs` to write it)"
+    meta = {}
+    for name in ("dataset_info.json", "state.json"):
+        try: meta[name] = json.loads((path / name).read_text(encoding="utf-8"))
+        except FileNotFoundError: return f"has no {name}"
+        except (ValueError, OSError) as e: return f"{name} is empty or damaged ({e})"
+    missing = [f["filename"] for f in meta["state.json"].get("_data_files", []) if not (path / f["filename"]).is_file()]
+    return f"misses its data file(s) {missing}" if missing else None
+
 def load_groups(path):
-    "Open query groups saved by `save_groups` (memory-mapped)."
+    "Open query groups saved by `save_groups` (memory-mapped); an incomplete folder raises `DataError`."
     import datasets
-    return datasets.load_from_disk(str(path))
+    path = Path(path)
+    why = _incomplete(path)
+    if why is None:
+        try: return datasets.load_from_disk(str(path))
+        except Exception as e: why = f"can't be opened ({type(e).__name__}: {e})"
+    raise DataError(path, None, None, f"query groups folder {why}; it is incomplete (a run stopped while writing it?): "
+                                      "write it again with `mmrlhf pairs`")
 
 # %% ../nbs/03_schema.ipynb #011a3b6c
-from .core import Config, opt, write_text
+from .core import Config, ConfigError, opt, write_text
 
 @dataclass
 class PairsConfig(Config):
@@ -500,46 +624,109 @@ class PairsConfig(Config):
     input: str = opt("runs/world/queries.jsonl", "JSONL file of queries")
     out: str = opt("runs/pairs", "folder for queries.jsonl, pairs.jsonl, groups/, stats.json")
     image_root: str|None = opt(None, "folder the image paths are relative to (default: the input's folder)")
-    check_images: bool = opt(True, "check that every image exists inside the image root")
+    check_images: bool = opt(True, "check that every image exists inside the image root (on reading our layout, and before any export)")
     rejects: bool = opt(False, "move bad records to rejects.jsonl instead of stopping")
     oracle: bool = opt(False, "annotate with the shapes-world oracle before expanding")
     groups: bool = opt(True, "also write the query groups as an Arrow dataset")
     input_format: str = opt("mmrlhf", "layout of the input: mmrlhf, release, dpo_pairs, reward_bench, trl, llamafactory or swift (see formats)")
     export: list = opt([], "also write the result in these layouts, e.g. [dpo_pairs, trl, swift]")
     default_category: str|None = opt(None, "category of imported queries whose media paths name none")
+    derive_pairs: bool = opt(False, "pair-file input: replace the pairs as listed by every rank-different pair of the ranking they imply")
+    identical_texts: str = opt("warn", "responses with one text at different ranks: warn (count and first ids) or reject (a bad record)")
+    absolute_images: bool = opt(True, "write absolute image paths in the trl, llamafactory and swift exports (found from any folder)")
 
 def _scores_only(q:Query) -> Query:
     "A copy of `q` with just what agreement needs (no texts), to keep memory small."
     return Query(q.id, "", q.category, [], [Response("", scores=r.scores) for r in q.responses], ranking=q.ranking, annotators=q.annotators)
 
+def _finite(obj):
+    "`obj` with NaN and infinities as None (JSON has no such numbers)."
+    if isinstance(obj, float): return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict): return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [_finite(v) for v in obj]
+    return obj
+
+def _repeats(q:Query) -> int:
+    "How many of a regrouped query's listed pairs repeat an earlier one's two responses."
+    seen, n = set(), 0
+    for p in q.pairs or []:
+        key = (p["chosen"], p["rejected"]); n += key in seen; seen.add(key)
+    return n
+
+def _check_pairs_config(cfg:PairsConfig):
+    from mmrlhf.formats import FORMATS
+    for name, fmts in (("input_format", [cfg.input_format]), ("export", cfg.export)):
+        bad = [f for f in fmts if f not in FORMATS]
+        if bad: raise ConfigError(f"{name}: unknown layout(s) {bad}; known: {', '.join(FORMATS)}")
+    if cfg.identical_texts not in ("warn", "reject"): raise ConfigError(f"identical_texts: must be warn or reject, got {cfg.identical_texts!r}")
+
+# %% ../nbs/03_schema.ipynb #ddb889bf
+def _source(cfg:PairsConfig, src:Path, root, rejects, report:ReadReport):
+    "The input's queries, each checked (and annotated) as the settings say."
+    def prepare(q):
+        if cfg.oracle: oracle_annotate(q)
+        if cfg.identical_texts == "reject": refuse_identical_texts(q)
+    if cfg.input_format == "mmrlhf":
+        check = prepare if cfg.identical_texts == "reject" else None  # refused inside the reader: named by line, or moved to rejects
+        for q in read_queries(src, root, rejects, report, check=check):
+            if check is None and cfg.oracle: oracle_annotate(q)
+            yield q
+        return
+    from mmrlhf.formats import PAIR_FORMATS, read_format, read_release
+    if cfg.input_format == "release":
+        for q in read_release(src, default_category=cfg.default_category, check=prepare): report.read += 1; yield q
+        return
+    for q in read_format(src, cfg.input_format, default_category=cfg.default_category, keep_pairs=True):
+        report.read += len(q.pairs); report.listed_ties += sum(bool(p.get("tie")) for p in q.pairs)
+        report.repeated_pairs += _repeats(q)
+        if cfg.derive_pairs: q.pairs = None
+        prepare(q)
+        yield q
+
 def run_pairs(cfg:PairsConfig) -> dict:
     "Validate, (annotate,) expand and summarise `cfg.input`; return the statistics."
     src, out = Path(cfg.input), Path(cfg.out)
+    _check_pairs_config(cfg)
     if not src.is_file(): raise DataError(src, None, None, "input file not found")
-    root = (Path(cfg.image_root) if cfg.image_root else src.parent) if cfg.check_images else None
-    report, light = ReadReport(), []
+    clean_stale_temps(out)
+    root_dir = Path(cfg.image_root) if cfg.image_root else src.parent
+    root = root_dir if cfg.check_images else None
+    report, light, twins, counts = ReadReport(), [], [], {"queries": 0, "lines": 0}
+    from mmrlhf.formats import PAIR_FORMATS
+    pair_file = cfg.input_format in PAIR_FORMATS
     with atomic_write(out / "queries.jsonl") as fq, atomic_write(out / "pairs.jsonl") as fp:
         def annotated():
-            if cfg.input_format == "mmrlhf": source = read_queries(src, root, out / "rejects.jsonl" if cfg.rejects else None, report)
-            else:
-                from mmrlhf.formats import read_format
-                source = read_format(src, cfg.input_format, extras={}, default_category=cfg.default_category)
-            for q in source:
-                if cfg.oracle: oracle_annotate(q)
-                fq.write(json.dumps(query_record(q), ensure_ascii=False) + "\n")
-                for p in expand_pairs(q): fp.write(json.dumps(p, ensure_ascii=False) + "\n")
+            rejects = out / "rejects.jsonl" if cfg.rejects and cfg.input_format == "mmrlhf" else None
+            for q in _source(cfg, src, root if cfg.input_format == "mmrlhf" else None, rejects, report):
+                if identical_texts(q): twins.append(q.id)
+                counts["queries"] += 1; fq.write(json_line(query_record(q), out / "queries.jsonl", counts["queries"]))
+                for p in expand_pairs(q): counts["lines"] += 1; fp.write(json_line(p, out / "pairs.jsonl", counts["lines"]))
                 if q.annotated: light.append(_scores_only(q))
                 yield q
         stats = query_stats(annotated())
     stats["agreement"] = agreement(light)
     stats["rejected"] = report.rejected
+    stats["pair_lines"] = counts["lines"]
+    stats["identical_text_queries"] = len(twins)
+    if pair_file:
+        stats["input"] = {"pair_lines": report.read, "tied_lines": report.listed_ties, "repeated_pairs": report.repeated_pairs,
+                          "pairs": "derived from the ranking" if cfg.derive_pairs else "as listed"}
+    if twins:
+        warnings.warn(f"{len(twins)} quer{'y has' if len(twins) == 1 else 'ies have'} responses with one text at different ranks "
+                      f"(pairs of a text with itself dilute the gradient), e.g. {twins[:5]}; set identical_texts=reject to refuse them")
     if cfg.groups:
         import datasets; datasets.disable_progress_bars()
         save_groups(out / "queries.jsonl", out / "groups")
     for fmt in cfg.export:
-        from mmrlhf.formats import write_format
-        write_format(read_queries(out / "queries.jsonl"), out / f"export.{fmt}.jsonl", fmt)
-    write_text(out / "stats.json", json.dumps(stats, indent=1))
+        from mmrlhf.formats import PATH_LAYOUTS, export_images, write_format
+        queries = export_images(read_queries(out / "queries.jsonl"), root_dir, cfg.absolute_images and fmt in PATH_LAYOUTS,
+                                cfg.check_images, out / "queries.jsonl")
+        write_format(queries, out / f"export.{fmt}.jsonl", fmt)
+    write_text(out / "stats.json", json.dumps(_finite(stats), indent=1, allow_nan=False))
     cfg.save(out / "pairs-config.yaml")
-    print(f"{stats['queries']} queries ({report.rejected} rejected) -> {stats['pairs']} pairs in {out}")
+    if pair_file:
+        print(f"{report.read} pair lines ({report.listed_ties} tied, {report.repeated_pairs} repeating a pair of identical-text responses, "
+              f"merged into one response each) -> {stats['queries']} queries, {counts['lines']} lines in {out / 'pairs.jsonl'}"
+              + (" (pairs derived from the implied ranking)" if cfg.derive_pairs else ""))
+    else: print(f"{stats['queries']} queries ({report.rejected} rejected) -> {stats['pairs']} pairs in {out}")
     return stats

@@ -1,5 +1,6 @@
 "Published layouts: lossless round trips, pair sets kept through every layout, and bad input named by file, line and field."
 import json, warnings
+from pathlib import Path
 
 import pytest
 
@@ -316,3 +317,148 @@ def test_failed_write_leaves_the_old_file(tmp_path):
     bad.responses = None  # a broken query makes the writer fail after the first line
     with pytest.raises(TypeError): write_release([from_release({**RELEASE, "id": "new"}), bad], target)
     assert target.read_bytes() == before
+
+
+# --- exports a trainer can use as written ------------------------------------------------------------------------
+
+def cli(*args, cwd=None):
+    import subprocess, sys
+    return subprocess.run([sys.executable, "-m", "mmrlhf.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def lines_of(path):
+    return [r for _, r in read_jsonl(path)]
+
+
+def test_keep_pairs_round_trips_repeats_ties_and_ids_in_every_layout():
+    base = {"image": "long/1.png", "prompt": "Q?", "chosen_reason": "", "rejected_reason": ""}
+    dpo = [{"id": "q_900", **base, "chosen": "A", "rejected": "B"}, {"id": "q_901", **base, "chosen": "A", "rejected": "B", "ls_factor": 0.3},
+           {"id": "q_905", **base, "chosen": "B", "rejected": "C"}, {"id": "q_906", **base, "chosen": "C", "rejected": "D", "is_tie": True}]
+    [q] = group_pairs(dpo, keep_pairs=True)
+    assert [(p["chosen"], p["rejected"], p.get("id"), p.get("tie", False)) for p in q.pairs] == \
+           [(0, 1, "q_900", False), (0, 1, "q_901", False), (1, 2, "q_905", False), (2, 3, "q_906", True)]
+    assert to_dpo_pairs(q) == dpo and pair_indices(q) == [(0, 1), (0, 1), (1, 2)]
+    # through our own file and back: the pairs travel with the query
+    back = parse_query(json.loads(json.dumps(query_record(q))))
+    assert to_dpo_pairs(back) == dpo
+    # the pair layouts without ties keep every preference line, repeats included, in order
+    for fmt in ("trl", "llamafactory", "swift"):
+        read, write = PAIR_FORMATS[fmt]
+        rows = write(q)
+        assert len(rows) == 3
+        [again] = read(rows, keep_pairs=True)
+        assert [(again.responses[p["chosen"]].text, again.responses[p["rejected"]].text) for p in again.pairs] == [("A", "B"), ("A", "B"), ("B", "C")]
+        assert write(again) == rows, fmt
+
+
+def test_dpo_pairs_export_carries_margins_and_reference_logps():
+    q = from_release(RELEASE)
+    for n, r in enumerate(q.responses): r.reward, r.ref_logp = 2.0 - n, -10.0 - 3 * n
+    lines = to_dpo_pairs(q)
+    assert len(lines) == 5
+    import math
+    for line, (i, j) in zip(lines, pair_indices(q)):
+        c, r = q.responses[i], q.responses[j]
+        # the names MM-RLHF's DPODataset reads (llava/train/train_dpo.py): reference_*_logp, ls_factor
+        assert (line["reference_chosen_logp"], line["reference_rejected_logp"]) == (c.ref_logp, r.ref_logp)
+        delta = c.reward - r.reward
+        assert line["margin"] == pytest.approx(delta)
+        # with --ls_factor_weight w the release's β·(1 + w·ls_factor) is the paper's β(1 + w(1 - e^(-kδ))), k = 0.5
+        assert line["ls_factor"] == pytest.approx(1 - math.exp(-0.5 * delta))
+    # without rewards or reference log-probs there is nothing to carry, and nothing made up
+    plain = to_dpo_pairs(from_release(RELEASE))[0]
+    assert not {"reference_chosen_logp", "reference_rejected_logp", "margin", "ls_factor"} & set(plain)
+    # a partial set is not carried either: both responses need the number
+    q.responses[1].ref_logp = None
+    assert "reference_chosen_logp" not in to_dpo_pairs(q, pairs={q.id: [(1, 2)]})[0]
+
+
+def test_nan_in_a_pair_file_is_refused(tmp_path):
+    bad = json.dumps(DPO[0]).replace("-3.5", "NaN")
+    (tmp_path / "p.jsonl").write_text(json.dumps(DPO[1]) + "\n" + bad + "\n")
+    e = error(lambda: read_dpo_pairs(tmp_path / "p.jsonl", extras={}))
+    assert (e.line, e.field) == (2, "reference_chosen_logp")
+    e = error(lambda: group_pairs([{**DPO[0], "ls_factor": float("inf")}], "mem", extras={}))
+    assert (e.line, e.field) == (1, "ls_factor")
+
+
+@pytest.fixture
+def world_dir(tmp_path):
+    from mmrlhf.synthetic import SynthConfig, write_world
+    return write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=12, seed=2))
+
+
+def test_exports_point_trainers_at_images_from_any_folder(tmp_path, world_dir, monkeypatch):
+    from mmrlhf.schema import PairsConfig, run_pairs
+    out = tmp_path / "p"
+    run_pairs(PairsConfig(input=str(world_dir), out=str(out), oracle=True, groups=False, export=["trl", "swift", "llamafactory", "dpo_pairs"]))
+    elsewhere = tmp_path / "elsewhere"; elsewhere.mkdir(); monkeypatch.chdir(elsewhere)
+    import datasets
+    trl = datasets.load_dataset("json", data_files=str(out / "export.trl.jsonl"), split="train")
+    trl = trl.cast_column("images", datasets.Sequence(datasets.Image()))
+    assert all(im.size[0] > 0 for row in trl for im in row["images"])  # opened from another working directory
+    for fmt in ("swift", "llamafactory"):
+        paths = [p for rec in lines_of(out / f"export.{fmt}.jsonl") for p in rec.get("images", rec.get("videos", []))]
+        assert paths and all(Path(p).is_absolute() and Path(p).exists() for p in paths), fmt
+    # the release's own layout keeps paths relative to the image root (its loader joins them onto image_folder)
+    media = [r.get("image", r.get("video")) for r in lines_of(out / "export.dpo_pairs.jsonl")]
+    assert all(not Path(p).is_absolute() for m in media for p in ([m] if isinstance(m, str) else m))
+    run_pairs(PairsConfig(input=str(world_dir), out=str(tmp_path / "rel"), oracle=True, groups=False, export=["trl"], absolute_images=False))
+    assert all(not Path(p).is_absolute() for r in lines_of(tmp_path / "rel" / "export.trl.jsonl") for p in r["images"])
+
+
+def test_a_missing_image_stops_the_export(tmp_path, world_dir):
+    from mmrlhf.schema import PairsConfig, run_pairs
+    from mmrlhf.core import DataError as DE
+    run_pairs(PairsConfig(input=str(world_dir), out=str(tmp_path / "p"), oracle=True, groups=False, export=["dpo_pairs"]))
+    pairs_file = tmp_path / "p" / "export.dpo_pairs.jsonl"
+    first = lines_of(pairs_file)[0]
+    media = first.get("image", first.get("video"))
+    img = media if isinstance(media, str) else media[0]
+    (Path(world_dir).parent / img).unlink()
+    with pytest.raises(DE) as e:
+        run_pairs(PairsConfig(input=str(pairs_file), out=str(tmp_path / "x"), input_format="dpo_pairs", image_root=str(Path(world_dir).parent),
+                              default_category="long", groups=False, export=["trl"]))
+    assert e.value.field == "images.0" and e.value.line == 1 and f"image {img!r} not found" in e.value.reason
+    assert not (tmp_path / "x" / "export.trl.jsonl").exists()
+    r = cli("pairs", "--input", pairs_file, "--out", tmp_path / "y", "--input-format", "dpo_pairs", "--image-root", Path(world_dir).parent,
+            "--default-category", "long", "--no-groups", "export=[swift]")
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_llamafactory_export_registers_itself(tmp_path):
+    out = tmp_path / "lf"; out.mkdir()
+    (out / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.json"}}))
+    world = [world_query(5, i) for i in range(20)]
+    clips = [q for q in world if q.category == "video" and len(q.images) == 1]
+    from mmrlhf.formats import write_format
+    write_format(world, out / "export.llamafactory.jsonl", "llamafactory")
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["mine"] == {"file_name": "mine.json"}  # the entry that was there stays
+    entry = info["export.llamafactory"]
+    assert (entry["file_name"], entry["formatting"], entry["ranking"]) == ("export.llamafactory.jsonl", "sharegpt", True)
+    present = {k for rec in lines_of(out / "export.llamafactory.jsonl") for k in rec}
+    assert set(entry["columns"].values()) == present and entry["columns"]["messages"] == "conversations"
+    assert ("videos" in present) == bool(clips)
+    # an image-free set has no media columns at all
+    write_format([from_release({k: v for k, v in RELEASE.items() if k != "image"}, default_category="long")], out / "text.jsonl", "llamafactory")
+    assert set(json.loads((out / "dataset_info.json").read_text())["text"]["columns"]) == {"messages", "chosen", "rejected"}
+    (out / "dataset_info.json").write_text("{broken")
+    e = error(lambda: write_format(world, out / "export.llamafactory.jsonl", "llamafactory"))
+    assert e.file == str(out / "dataset_info.json") and "not valid JSON" in e.reason
+
+
+def test_convert_keeps_repeated_lines_and_their_ids(tmp_path):
+    base = {"image": "long/1.png", "prompt": "Q?", "chosen_reason": "", "rejected_reason": ""}
+    dpo = [{"id": "q_900", **base, "chosen": "A", "rejected": "B", "ls_factor": 0.1},
+           {"id": "q_901", **base, "chosen": "A", "rejected": "B", "ls_factor": 0.3},
+           {"id": "q_905", **base, "chosen": "B", "rejected": "C", "is_tie": True}]
+    write_jsonl(tmp_path / "in.jsonl", dpo)
+    stats = convert(tmp_path / "in.jsonl", tmp_path / "out.jsonl", "dpo_pairs", "dpo_pairs")
+    assert lines_of(tmp_path / "out.jsonl") == dpo and stats["lines"] == 3
+    with pytest.warns(UserWarning) as caught:
+        stats = convert(tmp_path / "in.jsonl", tmp_path / "swift.jsonl", "dpo_pairs", "swift")
+    said = " ".join(str(w.message) for w in caught)
+    assert "1 tied pair(s) are not written" in said and "3 pair line(s) carry field(s) ['is_tie', 'ls_factor']" in said
+    assert stats["extras_left_behind"] == 3
+    assert [(r["messages"][1]["content"], r["rejected_response"]) for r in lines_of(tmp_path / "swift.jsonl")] == [("A", "B"), ("A", "B")]

@@ -200,3 +200,154 @@ def test_pairs_imports_and_exports_layouts(tmp_path):
     stats = run_pairs(PairsConfig(input=str(tmp_path / "p" / "export.release.jsonl"), out=str(tmp_path / "q"), input_format="release",
                                   check_images=False, default_category="long"))
     assert stats["pairs"] == n_pairs and stats["queries"] == 20
+
+
+# --- nothing lost, nothing silent ---------------------------------------------------------------------------------
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mmrlhf.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def pair_line(pid, chosen, rejected, **kw):
+    return {"id": pid, "image": "long/1.png", "prompt": "Which is it?", "chosen": chosen, "rejected": rejected,
+            "chosen_reason": "", "rejected_reason": "", **kw}
+
+
+# a release-style pair file: ids far from 0, the same text pair twice (two responses with one text), a tie, and a partial
+# pair set (A > B and B > C, but no A > C line); a second query interleaved after the first
+PAIR_FILE = [pair_line("q1_6971175", "A", "B"), pair_line("q1_6971176", "A", "B"), pair_line("q1_6971180", "B", "C"),
+             pair_line("q1_6971181", "C", "D", is_tie=True), pair_line("q2_3", "E", "F") | {"image": "long/2.png"}]
+
+
+def test_pairs_keeps_a_pair_file_as_read(tmp_path):
+    from mmrlhf.core import write_jsonl
+    write_jsonl(tmp_path / "p.jsonl", PAIR_FILE)
+    stats = run_pairs(PairsConfig(input=str(tmp_path / "p.jsonl"), out=str(tmp_path / "o"), input_format="dpo_pairs",
+                                  check_images=False, export=["dpo_pairs"]))
+    out = [json.loads(l) for l in (tmp_path / "o" / "pairs.jsonl").read_text().splitlines()]
+    # count in = count out: every line, with its id, in its order, repeats and the tie included; no pair added
+    assert [(p["id"], p["chosen"], p["rejected"], p.get("is_tie", False)) for p in out] == \
+           [(l["id"], l["chosen"], l["rejected"], l.get("is_tie", False)) for l in PAIR_FILE]
+    assert stats["input"] == {"pair_lines": 5, "tied_lines": 1, "repeated_pairs": 1, "pairs": "as listed"}
+    assert stats["pairs"] == 4 and stats["pair_lines"] == 5
+    # the training groups hold the listed preferences (the tie is no preference), the repeat included
+    from mmrlhf.schema import load_groups
+    groups = load_groups(tmp_path / "o" / "groups")
+    texts = [[(g["responses"][i], g["responses"][j]) for i, j in g["pairs"]] for g in groups]
+    assert texts == [[("A", "B"), ("A", "B"), ("B", "C")], [("E", "F")]]
+    # the export in the input's layout gives the file back, line for line
+    back = [json.loads(l) for l in (tmp_path / "o" / "export.dpo_pairs.jsonl").read_text().splitlines()]
+    assert back == PAIR_FILE
+    # asked for, the pairs are derived from the implied ranking A > B > C = D instead
+    run_pairs(PairsConfig(input=str(tmp_path / "p.jsonl"), out=str(tmp_path / "d"), input_format="dpo_pairs",
+                          check_images=False, groups=False, derive_pairs=True))
+    derived = [(p["chosen"], p["rejected"]) for p in map(json.loads, (tmp_path / "d" / "pairs.jsonl").read_text().splitlines())]
+    rank = {"A": 1, "B": 2, "C": 3, "D": 3, "E": 1, "F": 2}
+    assert sorted(derived) == sorted((a, b) for a in rank for b in rank if (a < "E") == (b < "E") and rank[a] < rank[b])
+
+
+def test_ranking_forms_are_one_ranking(tmp_path):
+    from mmrlhf.schema import group_row, save_groups, load_groups
+    from mmrlhf.formats import PAIR_FORMATS, to_release
+    forms = {"dense": [1, 2, 2, 3], "competition": [1, 2, 2, 4], "gapped": [1, 3, 3, 3000]}
+    made = {}
+    for name, ranking in forms.items():
+        rec = variant(id="q", ranking=ranking, images=[], responses=[{"text": t, "reward": float(n)} for n, t in enumerate(("best", "mid 1", "mid 2", "worst"))])
+        made[name] = parse_query(rec)  # every form is valid
+    want = {("best", "mid 1"), ("best", "mid 2"), ("best", "worst"), ("mid 1", "worst"), ("mid 2", "worst")}
+    for name, q in made.items():
+        assert {(q.responses[i].text, q.responses[j].text) for i, j in pair_indices(q)} == want, name
+    dense = made["dense"]
+    for name, q in made.items():
+        assert list(expand_pairs(q)) == list(expand_pairs(dense)), name
+        assert group_row(q) == group_row(dense), name
+        for fmt, (_, write) in PAIR_FORMATS.items():
+            assert write(q) == write(dense), (name, fmt)
+    save_groups(list(made.values()), tmp_path / "g")  # a rank of 3000 fits the groups' columns
+    assert [g["ranking"] for g in load_groups(tmp_path / "g")] == [[1, 2, 2, 3]] * 3
+
+
+def twin_query(qid="twin"):
+    return variant(id=qid, images=[], responses=[{"text": "Same."}, {"text": "Other."}, {"text": "Same."}], ranking=[1, 2, 3])
+
+
+def test_identical_texts_at_different_ranks_warn_or_reject(tmp_path):
+    f = write_lines(tmp_path / "q.jsonl", [json.dumps(variant(images=[])), json.dumps(twin_query("t1")), json.dumps(twin_query("t2")),
+                                           json.dumps(variant(id="tied", images=[], responses=[{"text": "x"}, {"text": "x"}], ranking=[1, 1]))])
+    with pytest.warns(UserWarning, match=r"2 queries have responses with one text at different ranks.*\['t1', 't2'\]"):
+        stats = run_pairs(PairsConfig(input=str(f), out=str(tmp_path / "w"), groups=False))
+    assert stats["identical_text_queries"] == 2 and stats["queries"] == 4
+    with pytest.raises(DataErrors) as e:
+        run_pairs(PairsConfig(input=str(f), out=str(tmp_path / "r"), groups=False, identical_texts="reject"))
+    assert [(err.line, err.field) for err in e.value.errors] == [(2, "responses.2.text"), (3, "responses.2.text")]
+    stats = run_pairs(PairsConfig(input=str(f), out=str(tmp_path / "j"), groups=False, identical_texts="reject", rejects=True))
+    assert (stats["queries"], stats["rejected"]) == (2, 2)
+    assert [json.loads(l)["line"] for l in (tmp_path / "j" / "rejects.jsonl").read_text().splitlines()] == [2, 3]
+    r = cli("pairs", "--input", f, "--out", tmp_path / "c", "--no-groups", "identical_texts=maybe")
+    assert r.returncode == 2 and "identical_texts" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("field,value", [("reward", "NaN"), ("ref_logp", "-Infinity"), ("reward", "Infinity")])
+def test_nan_is_refused_on_read(tmp_path, field, value):
+    line = json.dumps(variant(images=[])).replace('"model": "m1"', f'"model": "m1", "{field}": {value}')
+    f = write_lines(tmp_path / "q.jsonl", [json.dumps(variant(id="ok", images=[])), line])
+    with pytest.raises(DataErrors) as e: list(read_queries(f))
+    [err] = e.value.errors
+    assert (err.file, err.line, err.field) == (str(f), 2, f"responses.0.{field}")
+    with pytest.raises(DataError) as e1: parse_query(with_response(0, **{field: float(value)}), "x.jsonl", 4)
+    assert (e1.value.line, e1.value.field) == (4, f"responses.0.{field}")
+
+
+def test_nan_is_never_written(tmp_path):
+    q = parse_query(variant()); q.responses[1].ref_logp = float("nan")
+    target = tmp_path / "q.jsonl"
+    write_queries(target, [parse_query(variant(id="old"))])
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match=r"record 1 \('q1'\): responses\.1\.ref_logp is NaN or infinite"):
+        write_queries(target, [q])
+    assert target.read_bytes() == before
+    q.responses[1].ref_logp = None; q.responses[0].reward, q.responses[1].reward = float("inf"), 0.0
+    with pytest.raises(ValueError, match="margin is NaN or infinite"):
+        from mmrlhf.schema import json_line
+        json_line(next(expand_pairs(q)), "pairs.jsonl", 1)
+    # stats of a file without several annotators carry no NaN: stats.json is strict JSON
+    world = write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=6, seed=1))
+    run_pairs(PairsConfig(input=str(world), out=str(tmp_path / "p"), oracle=True, groups=False))
+    def refuse(c): raise AssertionError(f"{c} in stats.json")
+    json.loads((tmp_path / "p" / "stats.json").read_text(), parse_constant=refuse)
+
+
+def test_groups_folder_is_whole_or_absent(tmp_path, monkeypatch):
+    import datasets
+    from mmrlhf.schema import load_groups, save_groups
+    qs = [parse_query(variant(id=f"q{i}", images=[])) for i in range(3)]
+    save_groups(qs, tmp_path / "g")
+    real = datasets.Dataset.save_to_disk
+    def dies_half_way(self, path, **kw):
+        Path(path).mkdir(parents=True, exist_ok=True); (Path(path) / "dataset_info.json").write_bytes(b"")
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", dies_half_way)
+    with pytest.raises(KeyboardInterrupt): save_groups(qs[:1], tmp_path / "g")
+    with pytest.raises(KeyboardInterrupt): save_groups(qs[:1], tmp_path / "new")
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real)
+    assert len(load_groups(tmp_path / "g")) == 3 and not (tmp_path / "new").exists()  # the old folder intact; no partial new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+    # a folder left incomplete by anything else is a DataError that says so, not a JSON traceback from `datasets`
+    (tmp_path / "g" / "dataset_info.json").write_bytes(b"")
+    with pytest.raises(DataError, match="dataset_info.json is empty or damaged.*incomplete"): load_groups(tmp_path / "g")
+    save_groups(qs, tmp_path / "h"); (tmp_path / "h" / "data-00000-of-00001.arrow").unlink()
+    with pytest.raises(DataError, match=r"misses its data file\(s\) \['data-00000-of-00001.arrow'\]"): load_groups(tmp_path / "h")
+
+
+def test_pairs_command_names_a_non_utf8_line(tmp_path):
+    good = json.dumps(variant(images=[])).encode()
+    bad = json.dumps(variant(id="q2", images=[], question="Caf\u00e9?")).encode().replace(b"Caf\\u00e9", b"Caf\xe9")
+    (tmp_path / "q.jsonl").write_bytes(good + b"\n" + bad + b"\n")
+    r = cli("pairs", "--input", tmp_path / "q.jsonl", "--out", tmp_path / "o", "--no-groups")
+    assert r.returncode == 2, r.stderr
+    col = bad.index(bytes([0xe9])) + 1
+    assert r.stderr.strip().splitlines() == [f"mmrlhf pairs: error: {tmp_path / 'q.jsonl'}:2: not UTF-8 (byte 0xe9 at column {col}); "
+                                             "re-encode the file as UTF-8"]
+    (tmp_path / "p.jsonl").write_bytes(json.dumps(pair_line("x_0", "A", "B")).encode() + b"\n" + b'{"id": "x_1", "prompt": "\xff"}\n')
+    r = cli("pairs", "--input", tmp_path / "p.jsonl", "--out", tmp_path / "o", "--input-format", "dpo_pairs", "--no-check-images")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "p.jsonl:2: not UTF-8" in r.stderr and "Traceback" not in r.stderr
