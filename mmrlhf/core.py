@@ -7,9 +7,9 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config_args', 'config_from_args', 'seed_everything',
-           'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps', 'DataError', 'read_jsonl',
-           'write_jsonl', 'resolve_image_path', 'load_image', 'mean_ci', 'last_complete_checkpoint',
-           'GlobalMeanTrainer']
+           'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps', 'DataError',
+           'decode_json_line', 'json_line', 'read_jsonl', 'write_jsonl', 'resolve_image_path', 'load_image', 'mean_ci',
+           'last_complete_checkpoint', 'GlobalMeanTrainer']
 
 # %% ../nbs/00_core.ipynb #939603ce
 import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, tempfile, types, typing, warnings
@@ -247,27 +247,43 @@ def _nonfinite_field(obj, where:str="") -> str|None:
     "The dotted path of the first NaN or infinite number in a decoded record, if any."
     if isinstance(obj, float) and not math.isfinite(obj): return where or "(the record)"
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    for k, v in items:
-        if (found := _nonfinite_field(v, f"{where}.{k}" if where else str(k))) is not None: return found
-    return None
+    return next((f for k, v in items if (f := _nonfinite_field(v, f"{where}.{k}" if where else str(k))) is not None), None)
+
+def decode_json_line(raw:bytes, # one line of a JSONL file, as read
+                     path, # the file, for errors
+                     line:int, # its 1-based line number, for errors
+                    ) -> dict:
+    "One JSONL line as a record; bytes that are not UTF-8, bad JSON, a non-object and NaN raise `DataError`."
+    try: text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, line, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                          "re-encode the file as UTF-8") from None
+    odd = []  # `json.loads` reads NaN and Infinity unless told: note them, then find where they are
+    try: rec = json.loads(text, parse_constant=lambda c: odd.append(c) or float(c))
+    except json.JSONDecodeError as e: raise DataError(path, line, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict): raise DataError(path, line, None, f"expected a JSON object, got {type(rec).__name__}")
+    if odd and (bad := _nonfinite_field(rec)) is not None:
+        raise DataError(path, line, bad, "NaN or infinity is not a number (JSON has no such value); use null for a missing one")
+    return rec
+
+def json_line(rec:dict, # a JSON-serialisable record
+              path, # the file it goes to, for the error
+              n:int, # its record number in that file, for the error
+             ) -> str:
+    "One JSONL line; NaN or infinity raise a `ValueError` naming the file, record and field."
+    try: return json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError:
+        if (bad := _nonfinite_field(rec)) is None: raise
+        raise ValueError(f"{path}: record {n} ({rec.get('id', 'no id')!r}): {bad} is NaN or infinite; "
+                         "refusing to write invalid JSON") from None
 
 def read_jsonl(path, # a file with one JSON object per line (UTF-8)
               ) -> typing.Iterator[tuple[int, dict]]:
-    "Yield `(line_number, record)` for each non-blank line; bad bytes, bad JSON and NaN raise `DataError`."
+    "Yield `(line_number, record)` for each non-blank line; the first bad line raises `DataError`."
     path = Path(path)
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
-            try: line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(path, i, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                               "re-encode the file as UTF-8") from None
-            if not line.strip(): continue
-            try: rec = json.loads(line)
-            except json.JSONDecodeError as e: raise DataError(path, i, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict): raise DataError(path, i, None, f"expected a JSON object, got {type(rec).__name__}")
-            if (bad := _nonfinite_field(rec)) is not None:
-                raise DataError(path, i, bad, "NaN or infinity is not a number (JSON has no such value); use null for a missing one")
-            yield i, rec
+            if raw.strip(): yield i, decode_json_line(raw, path, i)
 
 def write_jsonl(path, # the file to write (atomically)
                 records:typing.Iterable[dict], # JSON-serialisable mappings, finite numbers only
@@ -275,10 +291,7 @@ def write_jsonl(path, # the file to write (atomically)
     "Write one JSON object per line, atomically; return the number written (NaN or infinity raise `ValueError`)."
     n = 0
     with atomic_write(path) as f:
-        for rec in records:
-            if (bad := _nonfinite_field(rec)) is not None:
-                raise ValueError(f"{path}: record {n + 1} ({rec.get('id', 'no id')!r}): {bad} is NaN or infinite; refusing to write invalid JSON")
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n"); n += 1
+        for rec in records: n += 1; f.write(json_line(rec, path, n))
     return n
 
 # %% ../nbs/00_core.ipynb #c5d6048d

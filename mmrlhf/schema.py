@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['DIMENSIONS', 'LEVELS', 'level', 'Response', 'Query', 'parse_query', 'DataErrors', 'ReadReport', 'read_queries',
-           'query_record', 'json_line', 'write_queries', 'query_medium', 'dense_ranks', 'listed_pair', 'pair_indices',
+           'query_record', 'write_queries', 'query_medium', 'dense_ranks', 'listed_pair', 'pair_indices',
            'expand_pairs', 'joined_reasons', 'identical_texts', 'refuse_identical_texts', 'all_tied',
            'add_tie_response', 'oracle_scores', 'oracle_annotate', 'query_stats', 'krippendorff_alpha', 'kendall_tau_b',
            'agreement', 'group_row', 'group_features', 'save_groups', 'load_groups', 'PairsConfig', 'run_pairs']
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 # %% ../nbs/03_schema.ipynb #a044d36e
-from .core import DataError, atomic_dir, atomic_write, clean_stale_temps, read_jsonl, resolve_image_path
+from .core import (DataError, atomic_dir, atomic_write, clean_stale_temps, decode_json_line, json_line, read_jsonl,
+                         resolve_image_path)
 from .synthetic import CATEGORIES
 
 # %% ../nbs/03_schema.ipynb #93eda1d2
@@ -195,25 +196,6 @@ class ReadReport:
     listed_ties: int = 0 # pair-file input: lines marked as ties
     repeated_pairs: int = 0 # pair-file input: lines that repeat an earlier line's two responses (identical texts, merged)
 
-def _nonfinite(obj, where:str="") -> str|None:
-    "The dotted field of the first NaN or infinite number in a decoded record, if any."
-    if isinstance(obj, float) and not math.isfinite(obj): return where or "(the record)"
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    return next((f for k, v in items if (f := _nonfinite(v, f"{where}.{k}" if where else str(k))) is not None), None)
-
-def _decode(raw:bytes, path, i:int) -> dict:
-    "One line of a query file as a record; bad bytes, bad JSON and NaN raise `DataError`."
-    try: text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(path, i, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8") from None
-    odd = []  # `json.loads` reads NaN and Infinity unless told; note them, then find where they are
-    try: rec = json.loads(text, parse_constant=lambda c: odd.append(c) or float(c))
-    except json.JSONDecodeError as e: raise DataError(path, i, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict): raise DataError(path, i, None, f"expected a JSON object, got {type(rec).__name__}")
-    if odd and (bad := _nonfinite(rec)) is not None:
-        raise DataError(path, i, bad, "NaN or infinity is not a number (JSON has no such value); use null for a missing one")
-    return rec
-
 def _records(path, image_root, check=None) -> Iterator[tuple[int, Query|None, DataError|None, str|None]]:
     "Yield (line, query, error, raw) for every record, checking duplicate ids."
     seen = set()
@@ -222,7 +204,7 @@ def _records(path, image_root, check=None) -> Iterator[tuple[int, Query|None, Da
             if not raw.strip(): continue
             text = raw.decode("utf-8", errors="backslashreplace")
             try:
-                q = parse_query(_decode(raw, path, i), path, i, image_root)
+                q = parse_query(decode_json_line(raw, path, i), path, i, image_root)
                 key = (q.id, tuple(q.annotators))
                 if key in seen: raise DataError(path, i, "id", f"duplicate id {q.id!r}" + (f" for annotators {q.annotators}" if q.annotators else ""))
                 if check is not None:
@@ -268,16 +250,6 @@ def query_record(q:Query) -> dict:
     if q.annotators: rec["annotators"] = list(q.annotators)
     if q.pairs is not None: rec["pairs"] = [dict(p) for p in q.pairs]
     return rec
-
-def json_line(rec:dict, # a JSON-serialisable record
-              path, # the file it goes to, for the error
-              n:int, # its record number in that file, for the error
-             ) -> str:
-    "One JSONL line; NaN or infinity raise a `ValueError` naming the file, record and field (JSON has no such value)."
-    try: return json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n"
-    except ValueError:
-        if (bad := _nonfinite(rec)) is None: raise
-        raise ValueError(f"{path}: record {n} ({rec.get('id', 'no id')!r}): {bad} is NaN or infinite; refusing to write invalid JSON") from None
 
 def write_queries(path, queries) -> int:
     "Write `Query`s as JSONL, atomically; return the count (NaN or infinity raise `ValueError`)."
