@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['IDLE_SECONDS', 'MAX_TEXT', 'COOKIE', 'AnnotationStore', 'check_answer', 'AnnotationError', 'draft_record',
-           'agreement_report', 'review_rows', 'make_app', 'AnnotationServer', 'AnnotateConfig', 'setup_store',
-           'run_annotate', 'AnnotateExportConfig', 'run_annotate_export', 'AnnotateAgreementConfig',
-           'run_annotate_agreement', 'answers_from_record']
+__all__ = ['IDLE_SECONDS', 'MAX_TEXT', 'MAX_BODY', 'COOKIE', 'AnnotationStore', 'check_answer', 'AnnotationError', 'draft_record',
+           'agreement_report', 'review_rows', 'web_origin', 'make_app', 'AnnotationServer', 'AnnotateConfig',
+           'site_url', 'setup_store', 'run_annotate', 'AnnotateExportConfig', 'run_annotate_export',
+           'AnnotateAgreementConfig', 'run_annotate_agreement', 'answers_from_record']
 
 # %% ../nbs/12_annotate.ipynb #ac100b22
-import hashlib, hmac, itertools, json, secrets, sqlite3, statistics, threading, time, warnings
+import hashlib, hmac, itertools, json, os, secrets, sqlite3, statistics, threading, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastcore.basics import patch_to
 from jinja2 import DictLoader, Environment, select_autoescape
-from .core import Config, DataError, atomic_write, mean_ci, opt, read_jsonl, resolve_image_path, write_text
+from .core import Config, ConfigError, DataError, atomic_write, mean_ci, opt, read_jsonl, resolve_image_path, write_text
 from .schema import DIMENSIONS, LEVELS, Query, Response, add_tie_response, agreement, parse_query, query_record
 
 # %% ../nbs/12_annotate.ipynb #e193a522
@@ -45,6 +45,14 @@ IDLE_SECONDS = 120  # a gap between two saves longer than this is not counted as
 def _token_hash(token:str) -> str: return hashlib.sha256(token.encode()).hexdigest()
 
 # %% ../nbs/12_annotate.ipynb #f8090d71
+def _owner_only(path:Path):
+    "Create `path` readable and writable by its owner only (SQLite gives its -wal and -shm files the same mode)."
+    try: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # an empty file is an empty database
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            warnings.warn(f"{path}: others can read this annotation database (mode {path.stat().st_mode & 0o777:o}); "
+                          f"chmod 600 it")
+
 class AnnotationStore:
     "Queries, people, drafts, submissions and reviews in one SQLite file (WAL mode)."
     def __init__(self, path, # the SQLite file (created with its folder if missing)
@@ -52,6 +60,7 @@ class AnnotationStore:
                 ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(self.path)
         with self._connect() as c: c.executescript(_TABLES)
         root = self.meta("image_root")
         if root is None:
@@ -150,7 +159,8 @@ def add_person(self, name:str, # the person's name, as it will appear in the dat
     "Add `name` with a new token (replacing any old one); return the token."
     if role not in ("annotator", "reviewer"): raise ValueError(f"role must be annotator or reviewer, got {role!r}")
     if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ValueError(f"name {name!r}: use letters, digits, '-', '_' or '.'")
+        raise ValueError(f"name {_short(name)}: use letters, digits, '-', '_' or '.'")
+    if len(name) > 64: raise ValueError(f"name {_short(name)}: at most 64 characters")
     token = secrets.token_urlsafe(24)
     with self.tx() as c:
         old = c.execute("SELECT role FROM people WHERE name=?", (name,)).fetchone()
@@ -196,7 +206,13 @@ def progress(self, annotator:str, overlap:int=2) -> dict:
     return {"submitted": done, "total": done + mine + free}
 
 # %% ../nbs/12_annotate.ipynb #ef99926d
-MAX_TEXT = 20_000  # characters in one reason or answer
+MAX_TEXT = 20_000  # characters in one reason, ranking reason, added response or review note
+MAX_BODY = 256 * 1024  # bytes in one request: a MAX_TEXT answer with every character JSON-escaped fits
+
+def _short(value, n:int=60) -> str:
+    "`repr(value)`, cut to about `n` characters (an error message never echoes a whole large value)."
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + f"... ({len(r)} characters)"
 
 def check_answer(q:Query, # the query being annotated
                  field:str, # the answer's field, e.g. "scores.0.helpfulness"
@@ -204,21 +220,23 @@ def check_answer(q:Query, # the query being annotated
                 ) -> str|None:
     "Why `value` cannot be the answer to `field` (None when it can)."
     k, parts = len(q.responses), field.split(".")
-    if not _known_field(parts, k): return f"unknown field {field!r}"
+    if not _known_field(parts, k): return f"unknown field {_short(field)}"
     if value is None or value == "": return None
-    if parts[0] == "scores" or parts[0] == "rank":
-        top = 5 if parts[0] == "scores" else k
-        if not isinstance(value, int) or isinstance(value, bool): return f"must be a whole number from 1 to {top}, got {value!r}"
-        if not 1 <= value <= top: return f"{value} is out of range 1..{top}"
-        return None
-    if field == "tie.kind": return None if value in ("positive", "negative") else f"must be positive or negative, got {value!r}"
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if parts[0] == "scores":
+        if not whole: return f"must be a whole number from 1 to 5, got {_short(value)}"
+        return None if 1 <= value <= 5 else f"{value} is out of range 1..5"
+    if parts[0] == "rank":  # a ranking expresses order only: any whole number from 1 up, lower is better
+        if not whole: return f"must be a whole number, 1 or more, got {_short(value)}"
+        return None if value >= 1 else f"{value} is below 1: 1 is the best rank"
+    if field == "tie.kind": return None if value in ("positive", "negative") else f"must be positive or negative, got {_short(value)}"
     if not isinstance(value, str): return f"must be text, got {type(value).__name__}"
-    return None if len(value) <= MAX_TEXT else f"is longer than {MAX_TEXT} characters"
+    return None if len(value) <= MAX_TEXT else f"is longer than {MAX_TEXT} characters (it has {len(value)})"
 
 def _known_field(parts:list, k:int) -> bool:
     if parts[0] in ("scores", "reasons") and len(parts) == 3:
-        return parts[1].isdigit() and int(parts[1]) <= k and parts[2] in DIMENSIONS
-    if parts[0] == "rank" and len(parts) == 2: return parts[1].isdigit() and int(parts[1]) < k
+        return parts[1].isdigit() and len(parts[1]) < 6 and int(parts[1]) <= k and parts[2] in DIMENSIONS
+    if parts[0] == "rank" and len(parts) == 2: return parts[1].isdigit() and len(parts[1]) < 6 and int(parts[1]) < k
     return ".".join(parts) in ("ranking_reason", "tie.kind", "tie.text")
 
 # %% ../nbs/12_annotate.ipynb #aef1bcc6
@@ -278,11 +296,7 @@ def draft_record(q:Query, # the unannotated query
     ranks = [draft.get(f"rank.{i}") for i in range(k)]
     for i, r in enumerate(ranks):
         if r is None: errors[f"rank.{i}"] = f"response {i + 1} has no rank"
-    tied = None not in ranks and len(set(ranks)) == 1
-    if None not in ranks and not tied:
-        used = sorted(set(ranks)); skipped = [r for r in range(1, used[-1] + 1) if r not in used]
-        if skipped: errors["ranking"] = (f"rank {', '.join(map(str, skipped))} is skipped: tied responses share a rank and the next rank "
-                                         f"follows on (1, 1, 2), got {', '.join(map(str, ranks))}")
+    tied = None not in ranks and len(set(ranks)) == 1  # any numbers: only their order counts
     kind = draft.get("tie.kind")
     if tied:
         if kind is None: errors["tie.kind"] = "all responses share one rank: add a positive (a correct answer) or a negative (a flawed one)"
@@ -356,11 +370,13 @@ def review(self, query_id:str, reviewer:str, # the query and who decides
            note:str="", # for the annotators (required when returning)
           ):
     "Accept one submission of `query_id`, or return the query to its annotators with a note."
-    if decision not in ("accept", "return"): raise AnnotationError({"decision": f"must be accept or return, got {decision!r}"})
+    if decision not in ("accept", "return"): raise AnnotationError({"decision": f"must be accept or return, got {_short(decision)}"})
+    if not isinstance(note, str): raise AnnotationError({"note": f"must be text, got {type(note).__name__}"})
+    if len(note) > MAX_TEXT: raise AnnotationError({"note": f"is longer than {MAX_TEXT} characters (it has {len(note)})"})
     with self.tx() as c:
         subs = [r[0] for r in c.execute("SELECT annotator FROM work WHERE query_id=? AND status='submitted'", (query_id,))]
         if not subs: raise AnnotationError({"query": f"{query_id!r} has no submission to review"})
-        if decision == "accept" and accepted not in subs: raise AnnotationError({"accepted": f"choose one of {subs}, got {accepted!r}"})
+        if decision == "accept" and accepted not in subs: raise AnnotationError({"accepted": f"choose one of {subs}, got {_short(accepted)}"})
         if decision == "return":
             if not note.strip(): raise AnnotationError({"note": "say what the annotators should change"})
             c.execute("UPDATE work SET status='returned', note=? WHERE query_id=? AND status='submitted'", (note.strip(), query_id))
@@ -450,9 +466,9 @@ _ANNOTATE = """{% extends "layout" %}{% from "scores" import scores with context
 <div class="top"><div class="media">{% for i in range(n_images) %}<img src="/media/{{ q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% endfor %}</div>
 <div class="question"><div class="muted">{{ q.category }} · {{ q.id }}</div>{{ q.question }}</div></div>
 <details class="guide"><summary>Scoring guideline</summary><table>{% for d in dims %}<tr><th>{{ d|capitalize }}</th>{% for l in levels[d] %}<td>{{ loop.index }} {{ l }}</td>{% endfor %}</tr>{% endfor %}</table>
-<p>Rank the responses, 1 = best; give equally good responses the same rank, and let the next rank follow on (1, 1, 2).</p></details>
+<p>Rank the responses: a lower number is better (1 = best), and equally good responses get the same number. Only the order counts: 1, 2, 2, 3 and 1, 3, 3, 3 say the same.</p></details>
 <div class="responses">{% for r in q.responses %}<section class="card" data-response="{{ loop.index0 }}"><h3>Response {{ loop.index }}</h3><div class="text">{{ r.text }}</div>
-{{ scores(loop.index0) }}<label>Rank <input type="number" min="1" max="{{ k }}" data-field="rank.{{ loop.index0 }}"></label><div class="err" data-err="rank.{{ loop.index0 }}"></div></section>{% endfor %}</div>
+{{ scores(loop.index0) }}<label>Rank <input type="number" min="1" data-field="rank.{{ loop.index0 }}"></label><div class="err" data-err="rank.{{ loop.index0 }}"></div></section>{% endfor %}</div>
 <div class="err" data-err="ranking"></div>
 <label><b>Why this ranking</b><textarea data-field="ranking_reason" placeholder="what separates the responses"></textarea></label><div class="err" data-err="ranking_reason"></div>
 <section id="tie" hidden><b>All responses share one rank.</b> Add a response: a correct answer if all are equally poor (positive, ranked first), or a flawed one if all are equally good (negative, ranked last).
@@ -577,6 +593,7 @@ def review_rows(subs:dict) -> list[dict]:
     "Rows comparing submissions: per response its scores, reasons and rank, then the ranking's reason."
     names = sorted(subs); recs = [subs[a]["record"] for a in names]
     rows, k = [], max(len(r["responses"]) for r in recs)
+    dense = [[sorted(set(r["ranking"])).index(x) + 1 for x in r["ranking"]] for r in recs]  # the order each ranking says
     for i in range(k):
         got = [r["responses"][i] if i < len(r["responses"]) else None for r in recs]
         first = next(g for g in got if g)
@@ -586,17 +603,37 @@ def review_rows(subs:dict) -> list[dict]:
             vals = {g["scores"][d] if g else None for g in got}
             rows.append({"label": f"{label} · {d}", "text": first["text"] if d == DIMENSIONS[0] else "", "cells": cells, "differ": len(vals) > 1})
         ranks = [r["ranking"][i] if i < len(r["ranking"]) else None for r in recs]
-        rows.append({"label": f"{label} · rank", "text": "", "cells": [str(x) if x else "—" for x in ranks], "differ": len(set(ranks)) > 1})
+        places = {order[i] if i < len(order) else None for order in dense}  # 1, 2, 2, 4 and 1, 2, 2, 3 agree
+        rows.append({"label": f"{label} · rank", "text": "", "cells": [str(x) if x else "—" for x in ranks], "differ": len(places) > 1})
     rows.append({"label": "Why this ranking", "text": "", "cells": [r.get("ranking_reason", "") for r in recs], "differ": False})
     return rows
 
 # %% ../nbs/12_annotate.ipynb #2101b113
 COOKIE = "mmrlhf_annotate"
+_LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+def web_origin(url:str) -> str:
+    "The origin of `url` as a browser sends it: `scheme://host[:port]`, lower case, without a default port."
+    try: u = urlsplit(str(url).strip()); port = u.port
+    except ValueError: port = -1
+    if u.scheme not in ("http", "https") or not u.hostname or port == -1 or (u.path or "/") != "/":
+        raise ConfigError(f"public_url: expected http(s)://host[:port], got {_short(url)}")
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"{u.scheme}://{host}" + (f":{port}" if port and port != {"http": 80, "https": 443}[u.scheme] else "")
+
+def _allowed_origins(public_url:str) -> set:
+    "The public address's origin; on a loopback address, also its other loopback names (same scheme and port)."
+    origin = web_origin(public_url); u = urlsplit(origin)
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    if host not in _LOOPBACK and not host.startswith("127."): return {origin}
+    return {origin} | {origin.replace(f"//{host}", f"//{h}", 1) for h in _LOOPBACK}
 
 def make_app(store:AnnotationStore, # the annotation database
              overlap:int=2, # annotators per query
+             public_url:str="http://127.0.0.1:8765", # the address people open: writes from any other origin are refused
             ):
     "The annotation web app (FastAPI) over `store`."
+    allowed = _allowed_origins(public_url)
     env = Environment(loader=DictLoader({"layout": _LAYOUT, "message": _MESSAGE, "scores": _SCORES, "annotate": _ANNOTATE,
                                          "review_list": _REVIEW_LIST, "review": _REVIEW}), autoescape=select_autoescape(default=True))
     app = FastAPI(title="mmrlhf annotate", docs_url=None, redoc_url=None, openapi_url=None)
@@ -606,9 +643,17 @@ def make_app(store:AnnotationStore, # the annotation database
 
     @app.middleware("http")
     async def same_origin(request: Request, call_next):
-        origin = request.headers.get("origin")
-        if request.method == "POST" and origin and urlsplit(origin).netloc != request.headers.get("host"):
-            return JSONResponse({"detail": "cross-origin request refused"}, status_code=403)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("origin")
+            try: ok = origin is None or web_origin(origin) in allowed  # no Origin: not a browser (it must hold a token)
+            except ConfigError: ok = False
+            if not ok:
+                return JSONResponse({"detail": f"cross-origin request refused: {_short(origin)} is not this app's address "
+                                               f"{web_origin(public_url)} (the public_url setting)"}, status_code=403)
+            size = request.headers.get("content-length", "0")
+            if not size.isdigit() or int(size) > MAX_BODY:
+                return JSONResponse({"detail": f"request body over {MAX_BODY} bytes (text fields hold at most {MAX_TEXT} "
+                                               f"characters)"}, status_code=413)
         response = await call_next(request)
         response.headers.update({"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
                                  "Cache-Control": "no-store"})
@@ -667,7 +712,11 @@ def make_app(store:AnnotationStore, # the annotation database
         return FileResponse(path)
 
     async def body(request: Request) -> dict:
-        try: data = await request.json()
+        raw = bytearray()
+        async for chunk in request.stream():  # a body sent without its length is cut off at the same limit
+            raw += chunk
+            if len(raw) > MAX_BODY: raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+        try: data = json.loads(raw)
         except ValueError: raise HTTPException(400, "expected a JSON body") from None
         if not isinstance(data, dict): raise HTTPException(400, "expected a JSON object")
         return data
@@ -716,17 +765,20 @@ def make_app(store:AnnotationStore, # the annotation database
 # %% ../nbs/12_annotate.ipynb #b16af58e
 class AnnotationServer:
     "The annotation app served by uvicorn in a background thread."
-    def __init__(self, store:AnnotationStore, overlap:int=2, host:str="127.0.0.1", port:int=0):
+    def __init__(self, store:AnnotationStore, overlap:int=2, host:str="127.0.0.1", port:int=0,
+                 public_url:str|None=None, # the address people open (default: this server's own)
+                ):
         import socket, uvicorn
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(make_app(store, overlap), log_level="warning", lifespan="off"))
+        app = make_app(store, overlap, public_url or self.url)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
-    def url(self) -> str: return f"http://{self.host}:{self.port}"
+    def url(self) -> str: return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
 
     def start(self):
         self.thread.start()
@@ -754,9 +806,17 @@ class AnnotateConfig(Config):
     overlap: int = opt(2, "annotators per query")
     host: str = opt("127.0.0.1", "interface to listen on (localhost by default)")
     port: int = opt(8765, "port to listen on")
+    public_url: str|None = opt(None, "the address people open, e.g. https://annotate.example.org behind a proxy: the sign-in "
+                                     "links use it and writes from any other origin are refused (default: http://host:port)")
     serve: bool = opt(True, "serve the app (false: only set up the database and print the links)")
 
 def _loopback(host:str) -> bool: return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+def site_url(cfg:AnnotateConfig) -> str:
+    "The address people open: `public_url`, or the bind address (127.0.0.1 when it listens on every interface)."
+    if cfg.public_url: return web_origin(cfg.public_url)
+    host = f"[{cfg.host}]" if ":" in cfg.host else ("127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host)
+    return web_origin(f"http://{host}:{cfg.port}")
 
 def setup_store(cfg:AnnotateConfig) -> tuple[AnnotationStore, dict]:
     "Open the database, add the data and the people; return the store and the new sign-in links."
@@ -773,25 +833,29 @@ def setup_store(cfg:AnnotateConfig) -> tuple[AnnotationStore, dict]:
         role = store.rows("SELECT role FROM people WHERE name=?", name)
         if not role: raise ValueError(f"new_tokens: {name!r} is not in {cfg.db}")
         links[name] = store.add_person(name, role[0][0])
-    host = f"[{cfg.host}]" if ":" in cfg.host else ("127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host)
-    links = {n: f"http://{host}:{cfg.port}/login?token={t}" for n, t in links.items()}
+    site = site_url(cfg)
+    links = {n: f"{site}/login?token={t}" for n, t in links.items()}
     if links:
-        path = Path(cfg.db).parent / "links.txt"
-        with open(path, "a", encoding="utf-8") as f: f.writelines(f"{n}\t{u}\n" for n, u in links.items())
+        path = Path(cfg.db).parent / "links.txt"  # created owner-only: it holds the tokens
+        with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8") as f:
+            f.writelines(f"{n}\t{u}\n" for n, u in links.items())
         path.chmod(0o600)
     return store, links
 
 def run_annotate(cfg:AnnotateConfig) -> AnnotationStore:
     "Set up the annotation database and serve the annotation app until stopped."
+    site = site_url(cfg)  # a bad public_url stops the command before anything is written
     store, links = setup_store(cfg)
     for n, u in links.items(): print(f"sign-in link for {n}: {u}")
     print(f"{store}; links are also in {Path(cfg.db).parent / 'links.txt'}")
     if not store.people("annotator"): warnings.warn("no annotators yet: add some with --annotators NAME ...")
     if cfg.serve:
         import uvicorn
-        if not _loopback(cfg.host): warnings.warn(f"serving on {cfg.host}: reachable from other machines over plain HTTP; put a TLS proxy in front")
-        print(f"serving on http://{cfg.host}:{cfg.port} (Ctrl+C to stop)", flush=True)
-        uvicorn.run(make_app(store, cfg.overlap), host=cfg.host, port=cfg.port, log_level="warning")
+        if not _loopback(cfg.host):
+            warnings.warn(f"serving on {cfg.host}: reachable from other machines over plain HTTP; put a TLS proxy in front"
+                          + ("" if cfg.public_url else f", and set public_url to the address people open (now {site})"))
+        print(f"serving on http://{cfg.host}:{cfg.port} for {site} (Ctrl+C to stop)", flush=True)
+        uvicorn.run(make_app(store, cfg.overlap, site), host=cfg.host, port=cfg.port, log_level="warning")
     return store
 
 # %% ../nbs/12_annotate.ipynb #59ee9416
@@ -802,9 +866,17 @@ class AnnotateExportConfig(Config):
     out: str = opt("runs/annotate/annotated.jsonl", "the schema JSONL file to write")
     which: str = opt("accepted", "accepted (one reviewed annotation per query) or submitted (every submission)")
 
+def _clean_temps_of(path) -> int:
+    "Remove the temporary files a killed atomic write of `path` left (only its own: the folder may be shared)."
+    stale = list(Path(path).parent.glob(f".{Path(path).name}.*.tmp"))
+    for p in stale: p.unlink(missing_ok=True)
+    if stale: print(f"removed {len(stale)} temporary file(s) a killed run left beside {path}")
+    return len(stale)
+
 def run_annotate_export(cfg:AnnotateExportConfig) -> Path:
     "Export the annotations as schema JSONL."
     if not Path(cfg.db).exists(): raise FileNotFoundError(f"{cfg.db}: no annotation database")
+    _clean_temps_of(cfg.out)
     n = AnnotationStore(cfg.db).export(cfg.out, cfg.which)
     print(f"{n} {cfg.which} annotations written to {cfg.out}")
     return Path(cfg.out)
@@ -828,7 +900,7 @@ def run_annotate_agreement(cfg:AnnotateAgreementConfig) -> dict:
         print(f"{name:24} " + "  ".join(f"{k.replace('alpha_', 'α ').replace('kendall_tau', 'τ').replace('queries_with_several_annotators', 'queries')} {_fmt(v)}" for k, v in a.items()))
     for a, t in rep["seconds_per_query"].items():
         print(f"{a:24} {t['queries']} queries, median {t['median'] / 60:.1f} min, mean {_fmt([x / 60 for x in t['mean']])} min")
-    if cfg.out: write_text(cfg.out, json.dumps(rep, indent=1))
+    if cfg.out: _clean_temps_of(cfg.out); write_text(cfg.out, json.dumps(rep, indent=1))
     return rep
 
 # %% ../nbs/12_annotate.ipynb #bcadf080

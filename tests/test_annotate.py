@@ -94,9 +94,9 @@ def test_browser_annotation_survives_a_killed_server(setup):
                 elif f.startswith("reasons.") or f == "ranking_reason":
                     css(f'textarea[data-field="{f}"]').send_keys(v)
 
-        # a rank out of range is refused beside its field, and not stored
-        el = css('input[data-field="rank.0"]'); el.send_keys("9", Keys.TAB)
-        _wait(lambda: "out of range" in css('[data-err="rank.0"]').text, what="the range error")
+        # a rank below 1 is refused beside its field, and not stored
+        el = css('input[data-field="rank.0"]'); el.send_keys("0", Keys.TAB)
+        _wait(lambda: "below 1" in css('[data-err="rank.0"]').text, what="the range error")
         assert "rank.0" not in _draft(store, q1)
         # the keyboard: focus a score and press 4
         radio = css('input[name="scores.0.helpfulness"][value="1"]'); radio.click(); radio.send_keys("4")
@@ -215,3 +215,151 @@ def test_bad_requests_are_refused(setup):
         rec["images"] = ["../../../../etc/passwd"]
         c.execute("UPDATE queries SET record=? WHERE id=?", (json.dumps(rec), qid))
     assert status(f"/media/{qid}/0", token=alice) == 403
+
+
+# ---------------------------------------------------------------- limits, permissions, origins, rankings (in process)
+
+@pytest.fixture
+def local(tmp_path):
+    "A store with three queries and alice, bob (annotators) and rita (reviewer); no server."
+    world = write_world(SynthConfig(out=str(tmp_path / "world"), n_queries=3, seed=5))
+    store, links = setup_store(AnnotateConfig(db=str(tmp_path / "db" / "annotations.sqlite"), data=str(world), annotators=["alice", "bob"],
+                                              reviewers=["rita"], serve=False))
+    oracle = {q.id: answers_from_record(query_record(oracle_annotate(q))) for q in read_queries(world)}
+    return store, {n: u.split("=")[1] for n, u in links.items()}, oracle
+
+
+def _submit_both(store, oracle):
+    qid = store.next_query("alice"); assert store.next_query("bob") == qid
+    for who in ("alice", "bob"):
+        store.save_answers(qid, who, oracle[qid]); store.submit(qid, who)
+    return qid
+
+
+def test_review_note_and_request_size_are_capped(local):
+    from fastapi.testclient import TestClient
+    from mmrlhf.annotate import MAX_TEXT, AnnotationError, make_app
+    store, tokens, oracle = local
+    qid = _submit_both(store, oracle)
+    client = TestClient(make_app(store))
+    rita = {"X-Token": tokens["rita"]}
+    with pytest.raises(AnnotationError, match=f"note: is longer than {MAX_TEXT} characters"):
+        store.review(qid, "rita", "return", note="x" * (MAX_TEXT + 1))
+    r = client.post(f"/api/review/{qid}", json={"decision": "return", "note": "x" * 25_000}, headers=rita)
+    assert r.status_code == 422 and f"longer than {MAX_TEXT} characters (it has 25000)" in r.json()["errors"]["note"]
+    r = client.post(f"/api/review/{qid}", json={"decision": "return", "note": "x" * 10_000_000}, headers=rita)
+    assert r.status_code == 413 and "request body over 262144 bytes" in r.json()["detail"]
+    r = client.post(f"/api/review/{qid}", json={"decision": "return", "note": 12}, headers=rita)
+    assert r.status_code == 422 and "must be text" in r.json()["errors"]["note"]
+    # a body sent in chunks, without its length, is cut off at the same limit
+    chunks = (b'{"decision": "return", "note": "' + b"x" * 65536 * 8 + b'"}' for _ in range(1))
+    r = client.post(f"/api/review/{qid}", content=chunks, headers={**rita, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert store.rows("SELECT count(*) FROM reviews")[0][0] == 0 and store.review_queue() == [qid]   # nothing stored
+    # the annotators' free text: a reason, the ranking's reason and the added response
+    nxt = store.next_query("alice"); alice = {"X-Token": tokens["alice"]}
+    for field in ("reasons.0.ethics", "ranking_reason", "tie.text"):
+        r = client.post(f"/api/answer/{nxt}", json={"field": field, "value": "y" * (MAX_TEXT + 1)}, headers=alice)
+        assert r.status_code == 422 and f"longer than {MAX_TEXT}" in r.json()["errors"][field]
+    r = client.post(f"/api/answer/{nxt}", json={"field": "reasons.0.ethics", "value": "y" * 10_000_000}, headers=alice)
+    assert r.status_code == 413 and store.work(nxt, "alice")["draft"] == {}
+    with pytest.raises(ValueError, match="at most 64"):
+        store.add_person("n" * 65)
+
+
+def test_database_and_its_wal_are_created_owner_only(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = AnnotationStore(tmp_path / "a.sqlite", image_root=tmp_path)
+        c = store._connect(); c.execute("INSERT INTO meta VALUES ('k', 'v')")   # an open connection keeps -wal and -shm
+        try:
+            for p in (store.path, Path(f"{store.path}-wal"), Path(f"{store.path}-shm")):
+                assert p.exists() and oct(p.stat().st_mode & 0o777) == "0o600", p
+        finally: c.close()
+        loose = tmp_path / "loose.sqlite"
+        AnnotationStore(loose, image_root=tmp_path); loose.chmod(0o644)
+        with pytest.warns(UserWarning, match="others can read"):
+            AnnotationStore(loose)
+    finally: os.umask(old)
+
+
+def test_origin_is_checked_against_the_public_address_not_the_host_header(setup):
+    store, links, server, world = setup
+    base, alice = f"http://127.0.0.1:{server.port}", links["alice"].split("=")[1]
+    qid = urllib.request.urlopen(urllib.request.Request(base + "/", headers={"X-Token": alice})).url.rsplit("/", 1)[-1]
+    def post(headers):
+        req = urllib.request.Request(f"{base}/api/answer/{qid}", json.dumps({"field": "rank.0", "value": 1}).encode(),
+                                     {"Content-Type": "application/json", "X-Token": alice, **headers})
+        try: return urllib.request.urlopen(req).status
+        except urllib.error.HTTPError as e: return e.code
+    # a rebinding page: its Host and Origin agree with each other, not with the address the app serves
+    assert post({"Host": "evil.example", "Origin": "http://evil.example"}) == 403
+    assert post({"Host": f"evil.example:{server.port}", "Origin": f"http://evil.example:{server.port}"}) == 403
+    assert post({"Origin": "null"}) == 403
+    # the app's own address (and its loopback aliases) passes, whatever the Host header says (e.g. behind a proxy)
+    assert post({"Host": "proxy.internal", "Origin": f"http://127.0.0.1:{server.port}"}) == 200
+    assert post({"Origin": f"http://localhost:{server.port}"}) == 200
+    assert post({"Origin": f"http://127.0.0.1:{server.port + 1}"}) == 403
+
+
+def test_public_url_setting(tmp_path):
+    from mmrlhf.annotate import AnnotationServer
+    from mmrlhf.core import ConfigError
+    world = write_world(SynthConfig(out=str(tmp_path / "world"), n_queries=2, seed=5))
+    cfg = AnnotateConfig(db=str(tmp_path / "db.sqlite"), data=str(world), annotators=["alice"], serve=False,
+                         public_url="https://Annotate.Example.org:443/")
+    store, links = setup_store(cfg)
+    assert links["alice"].startswith("https://annotate.example.org/login?token=")
+    alice = links["alice"].split("=")[1]
+    with AnnotationServer(store, public_url=cfg.public_url) as srv:
+        qid = urllib.request.urlopen(urllib.request.Request(srv.url + "/", headers={"X-Token": alice})).url.rsplit("/", 1)[-1]
+        def post(origin):
+            req = urllib.request.Request(f"{srv.url}/api/answer/{qid}", json.dumps({"field": "rank.0", "value": 1}).encode(),
+                                         {"Content-Type": "application/json", "X-Token": alice, "Origin": origin})
+            try: return urllib.request.urlopen(req).status
+            except urllib.error.HTTPError as e: return e.code
+        assert post("https://annotate.example.org") == 200
+        assert post(srv.url) == 403                       # the bind address is not the public one
+        assert post("http://annotate.example.org") == 403  # nor is another scheme
+    with pytest.raises(ConfigError, match="public_url"):
+        setup_store(AnnotateConfig(db=str(tmp_path / "db.sqlite"), public_url="annotate.example.org", serve=False))
+
+
+def test_a_ranking_with_gaps_is_accepted_and_exports(local, tmp_path):
+    from mmrlhf.annotate import AnnotationError, check_answer, draft_record
+    from mmrlhf.schema import pair_indices, parse_query
+    store, tokens, oracle = local
+    qid = store.next_query("alice"); q = store.query(qid)
+    k = len(q.responses)
+    answers = {f: v for f, v in oracle[qid].items() if not f.startswith(("rank.", "tie.", f"scores.{k}", f"reasons.{k}"))}
+    store.save_answers(qid, "alice", answers | {"rank.0": 1, "rank.1": 3, "rank.2": 3, "rank.3": 3})
+    rec = store.submit(qid, "alice")
+    assert rec["ranking"] == [1, 3, 3, 3]
+    parsed = parse_query(rec)
+    assert parsed.ranking == [1, 3, 3, 3] and pair_indices(parsed) == [(0, 1), (0, 2), (0, 3)]
+    store.next_query("bob")
+    store.save_answers(qid, "bob", answers | {"rank.0": 1, "rank.1": 2, "rank.2": 2, "rank.3": 2}); store.submit(qid, "bob")
+    # the reviewer's table marks ranks that say another order, not other numbers for the same order
+    from mmrlhf.annotate import review_rows
+    ranks = [r for r in review_rows(store.submissions(qid)) if r["label"].endswith("· rank")]
+    assert [r["cells"] for r in ranks] == [["1", "1"], ["3", "2"], ["3", "2"], ["3", "2"]] and not any(r["differ"] for r in ranks)
+    store.review(qid, "rita", "accept", accepted="alice")
+    assert store.export(tmp_path / "out.jsonl") == 1
+    (back,) = read_queries(tmp_path / "out.jsonl")
+    assert back.ranking == [1, 3, 3, 3]
+    assert check_answer(q, "rank.0", 9) is None and "below 1" in check_answer(q, "rank.0", 0)
+    # the other checks stay: every response ranked; all tied needs the tie rule
+    assert draft_record(q, answers | {"rank.0": 2, "rank.1": 5, "rank.2": 5}, "x")[1] == {"rank.3": "response 4 has no rank"}
+    assert "tie.kind" in draft_record(q, answers | {f"rank.{i}": 3 for i in range(4)}, "x")[1]
+
+
+def test_export_removes_what_a_killed_export_left(local, tmp_path, capsys):
+    from mmrlhf.annotate import AnnotateExportConfig, run_annotate_export
+    store, tokens, oracle = local
+    qid = _submit_both(store, oracle)
+    out = tmp_path / "exp" / "annotated.jsonl"; out.parent.mkdir()
+    (out.parent / ".annotated.jsonl.x7k2.tmp").write_text('{"id": "half')     # a killed export's temporary file
+    (out.parent / ".other.jsonl.abcd.tmp").write_text("someone else's")       # another writer's: left alone
+    run_annotate_export(AnnotateExportConfig(db=str(store.path), out=str(out), which="submitted"))
+    assert sorted(p.name for p in out.parent.iterdir()) == [".other.jsonl.abcd.tmp", "annotated.jsonl"]
+    assert [q.id for q in read_queries(out, store.image_root)] == [qid, qid] and "removed 1 temporary file" in capsys.readouterr().out
