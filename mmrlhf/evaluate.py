@@ -7,12 +7,14 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['REFUSAL_PHRASES', 'MMHAL_PROMPT', 'ATTACK_PROMPT', 'Score', 'score', 'normalize_answer', 'exact_match', 'mcq_letter',
-           'mcq_correct', 'is_refusal', 'refusal_metrics', 'read_reply_cache', 'JudgeError', 'JudgeClient',
-           'StandInServer', 'parse_rating', 'hallucination_rating', 'mmhal_metrics', 'parse_yes_no', 'attack_success',
-           'bootstrap_ci', 'paired_bootstrap', 'permutation_test', 'mcnemar', 'holm', 'aggregate_seeds', 'compare',
-           'compare_benchmarks', 'word_ngrams', 'embed_images', 'LeakageReport', 'leakage_report', 'drop_contaminated',
-           'read_benchmark', 'load_policy', 'generate_predictions', 'item_outcomes', 'score_items', 'run_record',
-           'run_scores', 'EvalConfig', 'judge_items', 'run_eval', 'RespondConfig', 'run_respond']
+           'mcq_correct', 'is_refusal', 'refusal_metrics', 'drop_torn_line', 'read_reply_cache', 'JudgeError',
+           'JudgeClient', 'StandInServer', 'parse_rating', 'hallucination_rating', 'mmhal_metrics', 'parse_yes_no',
+           'attack_success', 'bootstrap_ci', 'paired_bootstrap', 'permutation_test', 'mcnemar', 'holm',
+           'aggregate_seeds', 'compare', 'compare_benchmarks', 'word_ngrams', 'embed_images', 'LeakageReport',
+           'leakage_report', 'drop_contaminated', 'read_benchmark', 'load_policy', 'item_seed', 'generate_batch',
+           'input_fingerprints', 'model_fingerprint', 'decoding_settings', 'settings_path', 'check_resume',
+           'generate_predictions', 'item_outcomes', 'score_items', 'run_record', 'run_scores', 'EvalConfig',
+           'judge_items', 'run_eval', 'RespondConfig', 'run_respond']
 
 # %% ../nbs/09_eval.ipynb #e27a2ae5
 import hashlib, http.client, http.server, json, math, os, re, string, threading, time, urllib.error, urllib.request, warnings
@@ -25,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 # %% ../nbs/09_eval.ipynb #af0eda06
-from .core import DataError, atomic_write, mean_ci
+from .core import DataError, atomic_write, mean_ci, read_jsonl, write_bytes
 from .curation import Embedded, InMemory, _dedup_index
 
 # %% ../nbs/09_eval.ipynb #827be342
@@ -162,25 +164,36 @@ def refusal_metrics(predictions:Sequence[dict], # records with an answer and a h
         return score([refused[k] for k in sel], [ids[k] for k in sel], n_boot=n_boot, seed=seed) if sel else None
     return {"refusal_rate": group(True), "over_refusal": group(False), "refused": refused, "harmful": is_harmful}
 
+# %% ../nbs/09_eval.ipynb #41aa74e3
+def drop_torn_line(path, # an append-only JSONL file (missing: nothing to do)
+                   what:str="line", # what a line holds, for the warning
+                  ) -> bool:
+    "Cut a last line a killed writer left unfinished (warning); add a lost final newline. True if a line was cut."
+    path = Path(path)
+    if not path.is_file(): return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"): return False
+    keep = data[:data.rfind(b"\n") + 1]
+    try: json.loads(data[len(keep):].decode("utf-8")); whole = True
+    except ValueError: whole = False  # not JSON, or cut inside a multi-byte character
+    if whole: write_bytes(path, data + b"\n"); return False
+    line = data.count(b"\n") + 1
+    warnings.warn(f"{path}:{line}: dropped a torn last {what}")
+    write_bytes(path, keep)
+    return True
+
 # %% ../nbs/09_eval.ipynb #4fdf8e12
 def read_reply_cache(path, # a JSONL reply cache: one {"key", "reply", ...} object per line
                     ) -> dict:
     "key -> reply from a reply cache (missing: empty); a torn last line is dropped from the file with a warning."
     path = Path(path)
     if not path.is_file(): return {}
-    lines, cache = path.read_text(encoding="utf-8").splitlines(keepends=True), {}
-    for i, line in enumerate(lines, 1):
-        if not line.strip(): continue
-        try:
-            rec = json.loads(line)
-            if not (isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("reply"), str)): raise ValueError
-            cache[rec["key"]] = rec["reply"]
-        except ValueError:
-            if i == len(lines):
-                warnings.warn(f"{path}:{i}: dropped a torn last line of the reply cache; its request is made again")
-                with atomic_write(path) as f: f.writelines(l if l.endswith("\n") else l + "\n" for l in lines[:-1])
-                break
-            raise DataError(path, i, None, "not a reply-cache record ({'key', 'reply'})") from None
+    drop_torn_line(path, "line of the reply cache; its request is made again")
+    cache = {}
+    for i, rec in read_jsonl(path):
+        if not (isinstance(rec.get("key"), str) and isinstance(rec.get("reply"), str)):
+            raise DataError(path, i, None, "not a reply-cache record ({'key', 'reply'})")
+        cache[rec["key"]] = rec["reply"]
     return cache
 
 # %% ../nbs/09_eval.ipynb #8262c98e
@@ -664,7 +677,8 @@ def drop_contaminated(items:Sequence, # the benchmark items, in the report's ord
     return [it for it, bad in zip(items, report.flags(by)) if not bad]
 
 # %% ../nbs/09_eval.ipynb #7a70c5e5
-from .core import Config, ConfigError, opt, read_jsonl, write_jsonl, write_text, load_image
+from .core import (Config, ConfigError, clean_stale_temps, opt, read_jsonl, write_jsonl, write_text,
+                         load_image, resolve_image_path)
 
 def read_benchmark(path, # a benchmark JSONL file
                    image_root=None, # folder the image paths are relative to (default: the file's folder)
@@ -728,50 +742,196 @@ def load_policy(spec:str, # a model folder, a LoRA adapter folder, or tiny:/smal
         raise DataError(p, None, None, "not a model folder (no config.json, no adapter_config.json); a training run keeps its model in final/")
     return load_base(spec, seed, dtype)
 
+# %% ../nbs/09_eval.ipynb #47515957
+def item_seed(seed:int, # the run's seed
+              item_id, # the item's id (a string or a number)
+              model:str="", # the model's name, e.g. its spec in the settings
+             ) -> int:
+    "A 63-bit seed for one item's sampling: a SHA-256 of the three, the same in every process and run."
+    blob = json.dumps([int(seed), item_id, str(model)], ensure_ascii=False).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+# %% ../nbs/09_eval.ipynb #5e9cb92c
+def _row_sampler(seeds:list, temperature:float, top_p:float=1.0):
+    "`testbed.row_sampler`: each row of a batch samples from its own generator."
+    from mmrlhf.testbed import row_sampler
+    return row_sampler(seeds, temperature, top_p)
+
+def generate_batch(model, processor,
+                   media:list, # per item: a PIL image, a list of frames, or None
+                   prompts:list, # per item: the question
+                   seeds:list, # per item: its seed (`item_seed`)
+                   max_new_tokens:int=96, # longest answer
+                   system:str|None=None, # a system message
+                   temperature:float=0.0, # 0: greedy
+                   top_p:float=1.0, # nucleus sampling's probability mass (with temperature > 0)
+                  ) -> list[str]:
+    "Answers to one batch, each row greedy or sampled from its own seed, whatever rows share the batch."
+    from mmrlhf.testbed import generate_rows
+    if not len(media) == len(prompts) == len(seeds): raise ValueError("generate_batch: one medium, prompt and seed per item")
+    return generate_rows(model, processor, media, prompts, seeds, max_new_tokens, system, temperature, top_p)
+
+# %% ../nbs/09_eval.ipynb #ad0f1ec2
+def _hash_medium(h, item, image_root, source):
+    "Feed an item's image bytes (or a dataset image's pixels) to the hash `h`."
+    m = item.get("_media")
+    for im in ([] if m is None else m if isinstance(m, (list, tuple)) else [m]):
+        h.update(f"{im.mode} {im.size}".encode()); h.update(im.tobytes())
+    for p in item.get("images") or []:
+        try: h.update(resolve_image_path(image_root, p).read_bytes())
+        except (OSError, TypeError, ValueError) as e:
+            raise DataError(source, item.get("_line"), "images", f"item {item['id']!r}: {e}") from None
+
+def input_fingerprints(items:list, # benchmark items (`read_benchmark`)
+                       image_root=None, # folder of the items' images
+                       source=None, # the benchmark file, for error messages
+                      ) -> dict:
+    "id -> a SHA-256 (16 hex digits) of what the model is shown of the item: question, category and image bytes."
+    out = {}
+    for it in items:
+        h = hashlib.sha256(json.dumps([it["question"], it.get("category") or "", it.get("images") or []]).encode())
+        _hash_medium(h, it, image_root, source)
+        out[it["id"]] = h.hexdigest()[:16]
+    return out
+
+def _file_print(path:Path, chunk:int=1 << 20) -> str:
+    "A file's name, size and the SHA-256 of its first and last `chunk` bytes."
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h = hashlib.sha256(f.read(chunk))
+        if size > chunk: f.seek(max(chunk, size - chunk)); h.update(f.read(chunk))
+    return f"{path.name} {size} {h.hexdigest()}"
+
+def model_fingerprint(spec:str, # a model folder, a LoRA adapter folder, or tiny:/small:<family>
+                      seed:int=0, # seed of a test-bed model's weights
+                     ) -> str:
+    "What identifies a model's weights: its folder's files (and an adapter's base's), or a test-bed name and seed."
+    p = Path(spec)
+    if not p.is_dir(): return f"{spec} (weights from seed {seed})"
+    folders = [p]
+    if (p / "adapter_config.json").is_file():
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if Path(base).is_dir(): folders.append(Path(base))
+    h = hashlib.sha256()
+    for folder in folders:
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.suffix not in (".md", ".yaml"):
+                h.update(_file_print(f).encode())
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()[:32]
+
+# %% ../nbs/09_eval.ipynb #b01a884b
+def decoding_settings(model:str, # the model's name (part of each item's seed)
+                      weights:str|None, # a fingerprint of its weights (`model_fingerprint`)
+                      max_new_tokens:int, system:str|None, temperature:float, top_p:float, seed:int,
+                     ) -> dict:
+    "The settings that decide a predictions file's content (top_p and seed only when sampling)."
+    sampled = temperature > 0
+    return {"model": model, "weights": weights, "max_new_tokens": int(max_new_tokens), "system": system,
+            "temperature": float(temperature), "top_p": float(top_p) if sampled else None,
+            "seed": int(seed) if sampled else None}
+
+def settings_path(out) -> Path:
+    "Where the record of what made the resumable output `out` lives: `answers.jsonl` -> `answers.settings.json`."
+    out = Path(out); return out.with_name(out.stem + ".settings.json")
+
+def _fix(out:Path) -> str:
+    return (f"rerun with the settings it was begun with to resume it, "
+            f"or use a new out (or delete {out.parent}) to start over")
+
+def _read_record(path:Path, out:Path) -> dict|None:
+    "The settings record at `path` (None if there is none)."
+    if not path.is_file(): return None
+    try: rec = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError: rec = None
+    if not (isinstance(rec, dict) and isinstance(rec.get("settings"), dict) and isinstance(rec.get("items"), dict)):
+        raise DataError(path, None, None, f"not a settings record; {_fix(out)}")
+    return rec
+
+def check_resume(out, # the resumable output (a predictions JSONL)
+                 settings:dict, # the settings that decide its content, now (`decoding_settings`)
+                 prints:dict, # id -> input fingerprint of the items asked now (`input_fingerprints`)
+                 done:dict, # id -> answer already in `out`
+                 items:list|None=None, # the items, to name a changed one's line
+                 source=None, # the items' file, for error messages
+                ):
+    "Refuse to resume `out` when it was made with other settings or inputs; otherwise (re)write its record."
+    out = Path(out); path = settings_path(out)
+    rec = _read_record(path, out)
+    if done and rec is None:
+        raise ConfigError(f"{out} holds {len(done)} answers but no record of the settings they were made with "
+                          f"({path.name}): resuming could mix two runs; use a new out (or delete {out.parent}) to start over")
+    if done:
+        old = rec["settings"]
+        changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
+                   for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if changed: raise ConfigError(f"{out} was begun with other settings ({'; '.join(changed)}); "
+                                      f"its {len(done)} answers would mix two runs: {_fix(out)}")
+        bad = [i for i in done if i in prints and rec["items"].get(i) != prints[i]]
+        if bad:
+            line = next((it.get("_line") for it in items or [] if it["id"] == bad[0]), None) if source else None
+            raise DataError(source or out, line, None, f"{len(bad)} answered item(s) changed since {out.name} was "
+                            f"begun (e.g. {bad[0]!r}: its question, category or image differs); {_fix(out)}")
+    new = {"settings": settings, "items": {**(rec["items"] if rec and done else {}), **prints}}
+    if new != rec: write_text(path, json.dumps(new, indent=1, ensure_ascii=False) + "\n")
+
 # %% ../nbs/09_eval.ipynb #b400a85a
 def _finished(path) -> dict:
-    "id -> prediction already in a predictions file (a torn last line is dropped)."
+    "id -> prediction already in a predictions file (a torn last line is cut first)."
     path = Path(path)
     if not path.is_file(): return {}
-    lines = path.read_text().splitlines(keepends=True)
-    done, good = {}, []
-    for n, l in enumerate(lines, 1):
-        try: rec = json.loads(l)
-        except json.JSONDecodeError:
-            if n == len(lines): warnings.warn(f"{path}: dropped a torn last line; its item is answered again"); break
-            raise DataError(path, n, None, "not valid JSON") from None
-        done[rec["id"]] = rec["prediction"]; good.append(l if l.endswith("\n") else l + "\n")
-    if len(good) != len(lines): path.write_text("".join(good))
+    drop_torn_line(path, "answer; its item is answered again")
+    done = {}
+    for n, rec in read_jsonl(path):
+        if "id" not in rec or not isinstance(rec.get("prediction"), str):
+            raise DataError(path, n, None, "not a prediction record ({'id', 'prediction'})")
+        if rec["id"] in done: raise DataError(path, n, "id", f"duplicate id {rec['id']!r}")
+        done[rec["id"]] = rec["prediction"]
     return done
 
 def generate_predictions(model, processor,
                          items:list, # benchmark items (`read_benchmark`)
                          out, # predictions JSONL (appended to; resumed from)
                          image_root=None, # folder of the items' images
-                         batch_size:int=16, # items per generate call
+                         batch_size:int=16, # items per generate call (not recorded: the answers do not depend on it)
                          max_new_tokens:int=96, # longest answer
                          system:str|None=None, # a system message
                          temperature:float=0.0, # 0: greedy
-                         seed:int=0, # seed of sampling
+                         seed:int=0, # seed of sampling (each item's is `item_seed(seed, id, name)`)
                          source=None, # the benchmark file, for error messages
                          progress:bool=True, # print progress
+                         name:str="", # the model's name, part of each item's seed
+                         top_p:float=1.0, # nucleus sampling's probability mass (with temperature > 0)
+                         weights:str|None=None, # a fingerprint of the model's weights (`model_fingerprint`), recorded
+                         fingerprints:dict|None=None, # `input_fingerprints(items, image_root)`, if already computed
                         ) -> dict:
-    "id -> the model's answer for every item, generated once (resumable)."
-    import torch
-    from mmrlhf.testbed import generate_text
+    "id -> the model's answer for every item, generated once; a resumed run writes what an uninterrupted one would."
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    done = _finished(out)
-    todo = [it for it in items if it["id"] not in done]
-    torch.manual_seed(seed)
-    with open(out, "a") as f:
-        for s in range(0, len(todo), batch_size):
-            chunk = todo[s:s + batch_size]
+    done, ids = _finished(out), {it["id"] for it in items}
+    prints = input_fingerprints(items, image_root, source) if fingerprints is None else fingerprints
+    settings = decoding_settings(name, weights, max_new_tokens, system, temperature, top_p, seed)
+    check_resume(out, settings, prints, done, items, source)
+    if (stray := [i for i in done if i not in ids]):
+        warnings.warn(f"{out}: {len(stray)} answers are for items not asked now (e.g. {stray[0]!r}); kept, not scored")
+    n_before, differ = len(done), []
+    with open(out, "a", encoding="utf-8") as f:
+        for s in range(0, len(items), batch_size):
+            chunk = items[s:s + batch_size]  # cut from the whole list: the same batches on every run
+            if all(it["id"] in done for it in chunk): continue
             media = [_item_medium(it, image_root, source) for it in chunk]
-            answers = generate_text(model, processor, media, [it["question"] for it in chunk], max_new_tokens, batch_size, system, temperature)
+            seeds = [item_seed(seed, it["id"], name) for it in chunk]
+            answers = generate_batch(model, processor, media, [it["question"] for it in chunk], seeds, max_new_tokens,
+                                     system, temperature, top_p)
             for it, a in zip(chunk, answers):
-                f.write(json.dumps({"id": it["id"], "prediction": a.strip()}) + "\n"); done[it["id"]] = a.strip()
-            f.flush()
+                if it["id"] not in done:
+                    f.write(json.dumps({"id": it["id"], "prediction": a.strip()}) + "\n"); done[it["id"]] = a.strip()
+                elif done[it["id"]] != a.strip(): differ.append(it["id"])
+            f.flush(); os.fsync(f.fileno())
             if progress: print(f"  {len(done)}/{len(items)} answered", flush=True)
+    if differ:
+        warnings.warn(f"{out}: {len(differ)} answers in the file differ from the same items generated again now (e.g. "
+                      f"{differ[0]!r}): the file was begun on another device or with another library version")
+    if progress and n_before: print(f"  {len(done) - n_before} answered now, {n_before} were in {out}", flush=True)
     return done
 
 # %% ../nbs/09_eval.ipynb #6b26fc9c
@@ -848,7 +1008,7 @@ class EvalConfig(Config):
     batch_size: int = opt(16, "items per generate call")
     max_new_tokens: int = opt(96, "longest answer")
     system: str|None = opt(None, "a system message")
-    temperature: float = opt(0.0, "0: greedy")
+    temperature: float = opt(0.0, "0: greedy; above 0, each item is sampled from its own seed (seed, id, model)")
     judge_url: str|None = opt(None, "an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) for judged metrics")
     judge_model: str = opt("gpt-4o", "the judge's model name at that endpoint")
     judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's API key")
@@ -871,11 +1031,16 @@ def judge_items(judge:JudgeClient, items:list, predictions:dict, name:str="bench
             if ok is not None: add(it, "attack_success", float(ok))
     return {k: score(v, ids, seed=seed) for k, (v, ids) in sorted(per.items())}
 
+def _clean(out:Path):
+    "Remove the temporary files a killed run left in its output folder, and say so."
+    if (n := clean_stale_temps(out)): print(f"removed {n} temporary file(s) a killed run left in {out}")
+
 def run_eval(cfg:EvalConfig) -> dict:
     "Answer and score a benchmark (optionally after a leakage check); compare with a baseline run."
     from mmrlhf.schema import read_queries, query_medium
     bench = Path(cfg.bench); root = Path(cfg.image_root) if cfg.image_root else bench.parent
     items, out = read_benchmark(bench, root), Path(cfg.out)
+    _clean(out)
     name = cfg.bench_name or bench.parent.name or bench.stem
     if cfg.train:
         train = list(read_queries(cfg.train))
@@ -893,9 +1058,14 @@ def run_eval(cfg:EvalConfig) -> dict:
         if cfg.drop_contaminated:
             items = drop_contaminated(items, rep, by=cfg.drop_contaminated)
             print(f"{len(rep.ids) - len(items)} contaminated items dropped, {len(items)} kept")
+    pred_file, weights = out / "predictions.jsonl", model_fingerprint(cfg.model, cfg.seed)
+    prints = input_fingerprints(items, root, bench)
+    settings = decoding_settings(cfg.model, weights, cfg.max_new_tokens, cfg.system, cfg.temperature, 1.0, cfg.seed)
+    check_resume(pred_file, settings, prints, _finished(pred_file), items, bench)  # before the model loads
     policy, processor = load_policy(cfg.model, cfg.seed)
-    preds = generate_predictions(policy, processor, items, out / "predictions.jsonl", root, cfg.batch_size, cfg.max_new_tokens,
-                                 cfg.system, cfg.temperature, cfg.seed, bench)
+    preds = generate_predictions(policy, processor, items, pred_file, root, cfg.batch_size, cfg.max_new_tokens,
+                                 cfg.system, cfg.temperature, cfg.seed, bench, name=cfg.model, weights=weights,
+                                 fingerprints=prints)
     scores = score_items(items, preds, name, cfg.seed)
     if cfg.judge_url:  # after generation: a judge failure keeps every prediction
         judge = JudgeClient(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, cache_path=out / "judge-cache.jsonl")
@@ -921,7 +1091,7 @@ class RespondConfig(Config):
     batch_size: int = opt(16, "queries per generate call")
     max_new_tokens: int = opt(256, "longest response")
     temperature: float = opt(0.7, "sampling temperature (0: greedy)")
-    seed: int = opt(0, "seed of sampling and of test-bed models")
+    seed: int = opt(0, "seed of sampling (model k, item i: from seed + k, i's id and the model) and of test-bed models")
 
 def run_respond(cfg:RespondConfig) -> Path:
     "Candidate responses from several models, written as unannotated queries ready for annotation."
@@ -929,13 +1099,21 @@ def run_respond(cfg:RespondConfig) -> Path:
     data = Path(cfg.data); root = Path(cfg.image_root) if cfg.image_root else data.parent
     if len(cfg.models) < 1: raise ValueError("models: name at least one model")
     queries, out = list(read_queries(data, root)), Path(cfg.out)
+    _clean(out)
     items = [{"id": q.id, "question": q.question, "images": list(q.images), "category": q.category} for q in queries]
+    prints = input_fingerprints(items, root, data)
+    weights = [model_fingerprint(s, cfg.seed + k) for k, s in enumerate(cfg.models)]
+    for k, spec in enumerate(cfg.models):  # every model's file is checked before the first model loads
+        f = out / f"answers-{k}.jsonl"
+        settings = decoding_settings(spec, weights[k], cfg.max_new_tokens, None, cfg.temperature, 1.0, cfg.seed + k)
+        check_resume(f, settings, prints, _finished(f), items, data)
     answers = []
     for k, spec in enumerate(cfg.models):
         policy, processor = load_policy(spec, cfg.seed + k)
         print(f"model {k + 1}/{len(cfg.models)}: {spec}")
-        answers.append(generate_predictions(policy, processor, items, out / f"answers-{k}.jsonl", root, cfg.batch_size, cfg.max_new_tokens,
-                                            None, cfg.temperature, cfg.seed + k, data))
+        answers.append(generate_predictions(policy, processor, items, out / f"answers-{k}.jsonl", root, cfg.batch_size,
+                                            cfg.max_new_tokens, None, cfg.temperature, cfg.seed + k, data, name=spec,
+                                            weights=weights[k], fingerprints=prints))
         del policy
     for q in queries:
         q.responses = list(q.responses) + [Response(a[q.id] or "(empty answer)", model=spec) for spec, a in zip(cfg.models, answers)]

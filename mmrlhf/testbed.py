@@ -8,15 +8,18 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['BASE_SPECIALS', 'FAMILIES', 'SIZES', 'LORA_TARGETS', 'quiet_cpu_run', 'train_tokenizer', 'chatml_template',
            'build_tiny_vlm', 'n_params', 'save_vlm', 'load_vlm', 'load_base', 'apply_lora', 'chat_batch',
-           'generate_text', 'warmup_sft']
+           'bare_generation_config', 'row_seed', 'row_sampler', 'generate_rows', 'generate_text', 'warmup_sft']
 
 # %% ../nbs/02_testbed.ipynb #14ba56c2
+import hashlib, json
+from contextlib import contextmanager
 from pathlib import Path
 
 # %% ../nbs/02_testbed.ipynb #f0afd32b
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast,
+from transformers import (AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList, PreTrainedTokenizerFast, TopPLogitsWarper,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
                           LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
@@ -267,23 +270,87 @@ def _response_labels(tok, ids, mask):
     return labels
 
 # %% ../nbs/02_testbed.ipynb #17153ee8
+def bare_generation_config(model, # a model with a `generation_config`
+                          ) -> GenerationConfig:
+    "A generation config with only `model`'s token ids: none of its checkpoint's decoding defaults."
+    gc = model.generation_config
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return GenerationConfig(**{k: getattr(gc, k) for k in ids if getattr(gc, k, None) is not None})
+
+@contextmanager
+def _bare_decoding(model):
+    "Generate with `bare_generation_config` (a peft wrapper's base model is the one whose config is read)."
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = bare_generation_config(target)
+    try: yield
+    finally: target.generation_config = saved
+
+# %% ../nbs/02_testbed.ipynb #c8dfda7c
+def row_seed(seed:int, # the run's seed
+             row:int, # the row's position in the whole list of prompts
+            ) -> int:
+    "A 63-bit seed for one row's sampling: a SHA-256 of the two, the same in every process and run."
+    blob = json.dumps([int(seed), int(row)]).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+def row_sampler(seeds:list, # one seed per row of the batch
+                temperature:float, # above 0
+                top_p:float=1.0, # nucleus sampling's probability mass
+               ) -> LogitsProcessor:
+    "A logits processor that makes greedy decoding sample, each row from one uniform number of its own generator a step."
+    if not temperature > 0: raise ValueError(f"row_sampler: temperature must be above 0, got {temperature}")
+    nucleus = TopPLogitsWarper(top_p) if top_p < 1 else None
+    class RowSampler(LogitsProcessor):
+        def __init__(self): self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        def __call__(self, input_ids, scores):
+            if scores.shape[0] != len(self.gens): raise ValueError(f"{scores.shape[0]} rows for {len(self.gens)} seeds")
+            scores = scores / temperature
+            if nucleus is not None: scores = nucleus(input_ids, scores)
+            cdf = torch.softmax(scores.float(), -1).double().cumsum(-1)
+            u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.gens]).to(cdf.device)
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_max(scores.shape[-1] - 1)
+            return torch.full_like(scores, -float("inf")).scatter_(1, pick, 0.0)  # greedy decoding takes the draw
+    return RowSampler()
+
+# %% ../nbs/02_testbed.ipynb #7d3cabad
 @torch.no_grad()
-def generate_text(model, processor,
-                  media:list, # per example: a PIL image, a list of frames, or None
-                  prompts:list, # per example: the user text
+def generate_rows(model, processor,
+                  media:list, # per row: a PIL image, a list of frames, or None
+                  prompts:list, # per row: the user text
+                  seeds:list, # per row: its seed (used when temperature > 0)
                   max_new_tokens:int=96, # longest answer
-                  batch_size:int=16, # examples per generate call
                   system:str|None=None, # a system message before every conversation
                   temperature:float=0.0, # 0: greedy; above 0: sampling at this temperature
                   top_p:float=1.0, # nucleus sampling's probability mass (with temperature > 0)
                  ) -> list[str]:
-    "Answers to (media, prompt) pairs, greedy or sampled, batched with the KV cache."
+    "Answers to one batch, each row greedy or sampled from its own seed, with none of the checkpoint's decoding defaults."
+    if not len(media) == len(prompts) == len(seeds): raise ValueError("generate_rows: one medium, prompt and seed per row")
+    enc = chat_batch(processor, media, prompts, system=system).to(model.device)
+    rows = {"logits_processor": LogitsProcessorList([row_sampler(seeds, temperature, top_p)])} if temperature > 0 else {}
+    with _bare_decoding(model):
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **rows)
+    return processor.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+# %% ../nbs/02_testbed.ipynb #6c4702f8
+def generate_text(model, processor,
+                  media:list, # per example: a PIL image, a list of frames, or None
+                  prompts:list, # per example: the user text
+                  max_new_tokens:int=96, # longest answer
+                  batch_size:int=16, # examples per generate call (the answers do not depend on it)
+                  system:str|None=None, # a system message before every conversation
+                  temperature:float=0.0, # 0: greedy; above 0: sampling at this temperature
+                  top_p:float=1.0, # nucleus sampling's probability mass (with temperature > 0)
+                  seed:int=0, # seed of sampling: example i draws from `row_seed(seed, i)`
+                  seeds:list|None=None, # or one seed per example (overrides `seed`)
+                 ) -> list[str]:
+    "Answers to (media, prompt) pairs, greedy or sampled from a seed, batched with the KV cache."
+    seeds = [row_seed(seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
+    if len(seeds) != len(prompts): raise ValueError(f"generate_text: {len(seeds)} seeds for {len(prompts)} prompts")
     out = []
-    sample = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     for i in range(0, len(prompts), batch_size):
-        enc = chat_batch(processor, media[i:i + batch_size], prompts[i:i + batch_size], system=system).to(model.device)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, **sample)
-        out += processor.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        s = slice(i, i + batch_size)
+        out += generate_rows(model, processor, media[s], prompts[s], seeds[s], max_new_tokens, system, temperature, top_p)
     return out
 
 # %% ../nbs/02_testbed.ipynb #1174aa5b

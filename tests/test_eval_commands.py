@@ -133,3 +133,134 @@ def test_hf_dataset_benchmark_and_lora_adapter(tmp_path):
     lora.save_pretrained(str(tmp_path / "adapter"))
     run = run_eval(EvalConfig(model=str(tmp_path / "adapter"), bench=str(tmp_path / "hf"), out=str(tmp_path / "e"), max_new_tokens=4))
     assert run["benchmarks"] and all(b["n"] == 3 for b in run["benchmarks"].values())
+
+
+def test_respond_killed_and_resumed_writes_the_same_bytes_when_sampling(tmp_path):
+    pool = write_world(SynthConfig(out=str(tmp_path / "pool"), n_queries=7, seed=3))
+    def respond(out):
+        return run_respond(RespondConfig(data=str(pool), models=["tiny:llava_onevision", "tiny:qwen2_vl"], out=str(out),
+                                         max_new_tokens=8, batch_size=3, temperature=1.0, seed=4))
+    whole = tmp_path / "whole"; respond(whole)
+    # what a run killed during the first model's third batch leaves: both models' settings records (written before
+    # any model loads), 5 answers (the second batch cut after its second item), a half-written sixth line, no answers
+    # of the second model, and a temporary file
+    lines = (whole / "answers-0.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 7
+    killed = tmp_path / "killed"; killed.mkdir()
+    for k in (0, 1): (killed / f"answers-{k}.settings.json").write_bytes((whole / f"answers-{k}.settings.json").read_bytes())
+    (killed / "answers-0.jsonl").write_bytes(b"".join(lines[:5]) + lines[5][:17])
+    (killed / ".queries.jsonl.k1ll3d.tmp").write_text('{"id": "half a fi')
+    with pytest.warns(UserWarning, match="torn"):
+        respond(killed)
+    assert not (killed / ".queries.jsonl.k1ll3d.tmp").exists()
+    for name in ("answers-0.jsonl", "answers-1.jsonl", "queries.jsonl"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    # sampling really is on: another seed gives other answers
+    other = run_respond(RespondConfig(data=str(pool), models=["tiny:llava_onevision", "tiny:qwen2_vl"], out=str(tmp_path / "other"),
+                                      max_new_tokens=8, batch_size=3, temperature=1.0, seed=5))
+    assert other.read_bytes() != (whole / "queries.jsonl").read_bytes()
+
+
+def test_sampled_answers_do_not_depend_on_the_batch_split(tmp_path):
+    bench = write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=6, seed=2))
+    items = read_benchmark(bench)
+    vlm, proc = build_tiny_vlm("qwen2_vl", "tiny", seed=0)
+    got = [generate_predictions(vlm, proc, items, tmp_path / f"p{b}.jsonl", bench.parent, batch_size=b, max_new_tokens=8,
+                                temperature=1.0, seed=1, progress=False) for b in (6, 4, 1)]
+    assert got[0] == got[1] == got[2]
+    assert (tmp_path / "p6.jsonl").read_bytes() == (tmp_path / "p1.jsonl").read_bytes()
+
+
+def test_predictions_file_bad_bytes_and_a_torn_character(tmp_path):
+    bench = write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=3, seed=1))
+    items = read_benchmark(bench)
+    out = tmp_path / "p.jsonl"
+    ok = [json.dumps({"id": it["id"], "prediction": "fine"}).encode() + b"\n" for it in items]
+    out.write_bytes(ok[0] + b'{"id": "x", "prediction": "caf\xe9"}\n' + ok[1])       # Latin-1 inside: not UTF-8
+    with pytest.raises(DataError, match=r"p.jsonl:2: not UTF-8"):
+        generate_predictions(None, None, items, out, bench.parent, progress=False)
+    out.write_bytes(ok[0] + ok[1] + ok[1])
+    with pytest.raises(DataError, match=r"p.jsonl:3: id: duplicate id"):
+        generate_predictions(None, None, items, out, bench.parent, progress=False)
+    # a kill in the middle of a two-byte character of the last line: that line is torn, cut and answered again
+    last = json.dumps({"id": items[2]["id"], "prediction": "café"}, ensure_ascii=False).encode()
+    vlm, proc = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+    from mmrlhf.evaluate import check_resume, decoding_settings, input_fingerprints   # the record a real run begins with
+    check_resume(out, decoding_settings("", None, 4, None, 0.0, 1.0, 0), input_fingerprints(items, bench.parent), {})
+    out.write_bytes(ok[0] + ok[1] + last[:last.index(b"\xa9")])
+    with pytest.warns(UserWarning) as caught:
+        got = generate_predictions(vlm, proc, items, out, bench.parent, max_new_tokens=4, progress=False)
+    said = " ".join(str(w.message) for w in caught)
+    assert "p.jsonl:3: dropped a torn last answer" in said
+    assert "2 answers in the file differ from the same items generated again" in said   # "fine" is not what it says
+    assert [got[it["id"]] for it in items[:2]] == ["fine", "fine"] and len(out.read_bytes().splitlines()) == 3
+
+
+def _killed_copy(whole, killed, name, keep):
+    "What a run killed after `keep` answers of `name` leaves: its settings record and the first answers."
+    killed.mkdir()
+    stem = name.removesuffix(".jsonl")
+    (killed / f"{stem}.settings.json").write_bytes((whole / f"{stem}.settings.json").read_bytes())
+    (killed / name).write_bytes(b"".join((whole / name).read_bytes().splitlines(keepends=True)[:keep]))
+    return (killed / name).read_bytes()
+
+
+def test_resume_with_other_settings_or_inputs_is_refused_and_names_the_change(tmp_path, capsys):
+    from mmrlhf.core import ConfigError
+    bench = write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=6, seed=2))
+    common = dict(bench=str(bench), max_new_tokens=6, batch_size=3, temperature=1.0, seed=3)
+    run_eval(EvalConfig(model="tiny:llava_onevision", out=str(tmp_path / "whole"), **common))
+    before = _killed_copy(tmp_path / "whole", tmp_path / "k", "predictions.jsonl", 4)
+    def resume(**kw):
+        run_eval(EvalConfig(**{**dict(model="tiny:llava_onevision", out=str(tmp_path / "k"), **common), **kw}))
+    with pytest.raises(ConfigError, match=r"temperature: 1\.0 -> 0\.7.*new out \(or delete"):
+        resume(temperature=0.7)
+    with pytest.raises(ConfigError, match=r"model: 'tiny:llava_onevision' -> 'tiny:qwen2_vl'"):
+        resume(model="tiny:qwen2_vl")
+    with pytest.raises(ConfigError, match=r"seed: 3 -> 4"):
+        resume(seed=4)
+    with pytest.raises(ConfigError, match=r"system: None -> 'Be brief\.'"):
+        resume(system="Be brief.")
+    assert main(["eval", f"bench={bench}", "model=tiny:llava_onevision", f"out={tmp_path / 'k'}", "max_new_tokens=7",
+                 "batch_size=3", "temperature=1.0", "seed=3"]) == 2
+    assert "max_new_tokens: 6 -> 7" in capsys.readouterr().err
+    assert (tmp_path / "k" / "predictions.jsonl").read_bytes() == before   # nothing was appended
+    # an answered item edited in the benchmark: its question, then its image
+    lines = bench.read_text().splitlines()
+    rec = json.loads(lines[1]); rec["question"] += " Answer briefly."
+    edited = tmp_path / "w" / "edited.jsonl"; edited.write_text("\n".join([lines[0], json.dumps(rec)] + lines[2:]) + "\n")
+    with pytest.raises(DataError, match=rf"edited.jsonl:2: 1 answered item\(s\) changed .*{rec['id']!r}"):
+        resume(bench=str(edited))
+    image = bench.parent / json.loads(lines[0])["images"][0]
+    image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))
+    with pytest.raises(DataError, match=r"queries.jsonl:1: 1 answered item\(s\) changed"):
+        resume()
+    # a file with answers and no record of what made them
+    (tmp_path / "k" / "predictions.settings.json").unlink()
+    with pytest.raises(ConfigError, match="no record of the settings"):
+        resume()
+
+
+def test_a_retrained_model_folder_is_not_resumed(tmp_path):
+    from mmrlhf.core import ConfigError
+    bench = write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=4, seed=2))
+    save_vlm(*build_tiny_vlm("llava_onevision", "tiny", seed=0), tmp_path / "m")
+    cfg = EvalConfig(model=str(tmp_path / "m"), bench=str(bench), out=str(tmp_path / "e"), max_new_tokens=4)
+    run_eval(cfg)
+    (tmp_path / "e" / "predictions.jsonl").write_bytes(b"".join((tmp_path / "e" / "predictions.jsonl").read_bytes().splitlines(True)[:2]))
+    save_vlm(*build_tiny_vlm("llava_onevision", "tiny", seed=1), tmp_path / "m")   # the same folder, other weights
+    with pytest.raises(ConfigError, match=r"weights: 'sha256:\w+' -> 'sha256:\w+'"):
+        run_eval(cfg)
+
+
+def test_resume_with_only_another_batch_size_is_accepted_and_byte_identical(tmp_path):
+    pool = write_world(SynthConfig(out=str(tmp_path / "pool"), n_queries=7, seed=3))
+    def respond(out, batch_size):
+        return run_respond(RespondConfig(data=str(pool), models=["tiny:llava_onevision", "tiny:qwen2_vl"], out=str(out),
+                                         max_new_tokens=8, batch_size=batch_size, temperature=1.0, seed=4))
+    whole = tmp_path / "whole"; respond(whole, 3)
+    _killed_copy(whole, tmp_path / "killed", "answers-0.jsonl", 4)
+    (tmp_path / "killed" / "answers-1.settings.json").write_bytes((whole / "answers-1.settings.json").read_bytes())
+    respond(tmp_path / "killed", 2)
+    for name in ("answers-0.jsonl", "answers-1.jsonl", "queries.jsonl", "answers-0.settings.json", "answers-1.settings.json"):
+        assert (tmp_path / "killed" / name).read_bytes() == (whole / name).read_bytes(), name

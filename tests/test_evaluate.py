@@ -1,16 +1,16 @@
 "Evaluation: answer parsing, refusals, the judge client over loopback, statistics against scipy, leakage."
-import json, math, socket, threading, time
+import json, math, socket, threading, time, warnings
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from mmrlhf.core import DataError, mean_ci
+from mmrlhf.core import DataError
 from mmrlhf.curation import InMemory
 from mmrlhf.evaluate import (JudgeClient, JudgeError, Score, StandInServer, aggregate_seeds, attack_success, bootstrap_ci, compare,
                              compare_benchmarks, drop_contaminated, exact_match, hallucination_rating, holm, is_refusal,
                              leakage_report, mcnemar, mcq_correct, mcq_letter, mmhal_metrics, paired_bootstrap, permutation_test,
-                             refusal_metrics, score, word_ngrams)
+                             read_reply_cache, refusal_metrics, score, word_ngrams)
 
 
 # ---------------------------------------------------------------- answers
@@ -195,10 +195,28 @@ def test_judge_metrics():
 def test_score_and_bootstrap_ci():
     x = np.random.default_rng(0).random(100)
     s = score(x)
-    assert (s.value, s.low, s.high) == mean_ci(x) == bootstrap_ci(x)
-    v, lo, hi = bootstrap_ci(x, np.median)
-    assert v == pytest.approx(np.median(x)) and lo < v < hi
-    assert isinstance(s, Score) and s.to_dict(outcomes=True)["ids"] == list(range(100))
+    assert s.value == pytest.approx(x.sum() / x.size, rel=1e-12) and s.n == 100
+    # the interval against two independent computations: scipy's percentile bootstrap and the normal interval with
+    # the bootstrap's plug-in standard error (sd with ddof=0 over sqrt(n)); both agree to well within 0.15 standard errors
+    se = x.std() / np.sqrt(x.size)
+    sp = stats.bootstrap((x,), np.mean, n_resamples=2000, method="percentile", random_state=0).confidence_interval
+    z = stats.norm.ppf(0.975)
+    assert s.low == pytest.approx(sp.low, abs=0.004) and s.high == pytest.approx(sp.high, abs=0.004)
+    assert s.low == pytest.approx(x.mean() - z * se, abs=0.004) and s.high == pytest.approx(x.mean() + z * se, abs=0.004)
+    assert bootstrap_ci(x) == (s.value, s.low, s.high) and isinstance(s, Score)
+    assert s.to_dict(outcomes=True)["ids"] == list(range(100))
+
+
+def test_bootstrap_ci_of_the_median_against_its_exact_distribution():
+    # with n odd, a resample's median is at most the k-th smallest value exactly when at least (n+1)/2 of the n draws
+    # are: P = P(Binomial(n, k/n) >= (n+1)/2). The percentile interval's ends are the order statistics where that
+    # probability crosses 2.5% and 97.5%; the Monte Carlo interval may land one order statistic away.
+    x = np.random.default_rng(0).random(101); n, xs = x.size, np.sort(x)
+    v, lo, hi = bootstrap_ci(x, np.median, n_boot=4000)
+    cdf = stats.binom.sf(n // 2, n, np.arange(1, n + 1) / n)
+    klo, khi = int(np.argmax(cdf >= 0.025)), int(np.argmax(cdf >= 0.975))
+    assert v == xs[n // 2]
+    assert xs[klo - 1] <= lo <= xs[klo + 1] and xs[khi - 1] <= hi <= xs[khi + 1]
 
 
 def test_paired_bootstrap_covers_the_truth_and_rejects_a_real_difference():
@@ -209,8 +227,14 @@ def test_paired_bootstrap_covers_the_truth_and_rejects_a_real_difference():
     # the interval agrees with scipy's percentile bootstrap of the mean difference
     sp = stats.bootstrap((a - b,), np.mean, n_resamples=4000, method="percentile", random_state=3).confidence_interval
     assert r["low"] == pytest.approx(sp.low, abs=0.01) and r["high"] == pytest.approx(sp.high, abs=0.01)
-    null = paired_bootstrap(a, a + rng.normal(0, 1, 400), n_boot=2000)
-    assert null["p"] > 0.05 or null["low"] < 0 < null["high"]
+    # no real difference: the interval and p-value against the normal approximation of the bootstrap distribution
+    # (mean difference, plug-in standard error); Monte Carlo error on p with 2000 resamples is about 0.01
+    d = a - (a + rng.normal(0, 1, 400)); se = d.std() / np.sqrt(d.size)
+    null = paired_bootstrap(a, a - d, n_boot=2000)
+    assert null["diff"] == pytest.approx(d.mean())
+    assert null["p"] == pytest.approx(2 * stats.norm.sf(abs(d.mean()) / se), abs=0.03)
+    assert null["low"] == pytest.approx(d.mean() - stats.norm.ppf(0.975) * se, abs=0.006)
+    assert null["high"] == pytest.approx(d.mean() + stats.norm.ppf(0.975) * se, abs=0.006)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -333,3 +357,64 @@ def test_leakage_bad_input():
         leakage_report(["q"], ["q", "r"], np.ones((2, 4)), np.ones((1, 4)))
     rep = leakage_report([], ["anything at all"])
     assert rep.text == [False] and rep.image is None
+
+
+def test_reply_cache_last_line_without_its_newline_is_kept_not_fused(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    with StandInServer(lambda body: "reply " + body["messages"][-1]["content"]) as srv:
+        JudgeClient(srv.base_url, "m", cache_path=cache).ask("one")
+        cache.write_bytes(cache.read_bytes().rstrip(b"\n"))          # killed between the record and its newline
+        j = JudgeClient(srv.base_url, "m", cache_path=cache)
+        assert j.ask("one") == "reply one" and len(srv.requests) == 1
+        j.ask("two"); assert len(srv.requests) == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                             # nothing torn, nothing dropped
+            again = JudgeClient(srv.base_url, "m", cache_path=cache)
+        assert [again.ask("one"), again.ask("two")] == ["reply one", "reply two"] and len(srv.requests) == 2
+    assert len(cache.read_bytes().splitlines()) == 2
+
+
+def test_reply_cache_bytes_that_are_not_utf8(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    cache.write_bytes(b'{"key": "a", "reply": "caf\xe9"}\n{"key": "b", "reply": "ok"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:1: not UTF-8"):
+        read_reply_cache(cache)
+    good = '{"key": "a", "reply": "café"}\n'.encode()
+    cache.write_bytes(good + '{"key": "b", "reply": "é"}'.encode()[:-3])   # the kill cut "é" in half
+    with pytest.warns(UserWarning, match=r"c.jsonl:2: dropped a torn last"):
+        assert read_reply_cache(cache) == {"a": "café"}
+    assert cache.read_bytes() == good
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.6)])
+def test_row_sampler_draws_from_the_tempered_softmax(temperature, top_p):
+    import torch
+    from mmrlhf.evaluate import _row_sampler
+    p = np.array([0.5, 0.3, 0.15, 0.05, 0.0])
+    want = p ** (1 / temperature); want /= want.sum()
+    if top_p < 1:   # the nucleus: the most likely tokens until their mass reaches top_p (here 0.5 + 0.3)
+        keep = np.cumsum(want) - want < top_p; want = np.where(keep, want, 0); want /= want.sum()
+    n = 6000
+    scores = torch.log(torch.tensor(p, dtype=torch.float32)).repeat(n, 1)
+    out = _row_sampler(list(range(n)), temperature, top_p)(torch.zeros(n, 1, dtype=torch.long), scores)
+    picks = out.argmax(-1).numpy()
+    assert (torch.isfinite(out).sum(-1) == 1).all()                       # one token left per row: greedy takes it
+    counts = np.bincount(picks, minlength=p.size)
+    assert counts[want == 0].sum() == 0
+    sel = want > 0
+    assert stats.chisquare(counts[sel], n * want[sel]).pvalue > 1e-3
+    again = _row_sampler(list(range(n)), temperature, top_p)(torch.zeros(n, 1, dtype=torch.long), scores).argmax(-1).numpy()
+    assert (again == picks).all()                                          # the same seeds, the same draws
+
+
+def test_input_fingerprint_is_the_sha256_of_question_category_and_image_bytes(tmp_path):
+    import hashlib
+    from mmrlhf.evaluate import input_fingerprints
+    (tmp_path / "img").mkdir(); (tmp_path / "img" / "a.png").write_bytes(b"pixels one")
+    items = [{"id": "x", "question": "What is it?", "category": "short", "images": ["img/a.png"]}]
+    expected = hashlib.sha256(json.dumps(["What is it?", "short", ["img/a.png"]]).encode() + b"pixels one").hexdigest()[:16]
+    assert input_fingerprints(items, tmp_path) == {"x": expected}
+    (tmp_path / "img" / "a.png").write_bytes(b"pixels two")   # same path and size
+    assert input_fingerprints(items, tmp_path)["x"] != expected
+    with pytest.raises(DataError, match=r"b.jsonl: images: item 'y'"):
+        input_fingerprints([{"id": "y", "question": "q", "images": ["../../etc/passwd"]}], tmp_path, "b.jsonl")

@@ -84,3 +84,50 @@ def test_labels_cover_only_the_answer():
     enc = chat_batch(processor, [query_media(q) for q in qs], [q.question for q in qs], [q.reference for q in qs])
     for row, q in zip(enc["labels"], qs):
         assert processor.tokenizer.decode(row[row != -100]) == q.reference + "<|im_end|>"
+
+
+def _prompts():
+    qs = [q for q in QUERIES if q.category != "video"][:4]
+    return [query_media(q) for q in qs], [q.question for q in qs]
+
+
+def test_sampling_takes_a_seed_not_the_global_generator():
+    model, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
+    media, prompts = _prompts()
+    def sample(seed, batch_size=4):
+        torch.manual_seed(len(prompts) * 1000 + batch_size)  # the global generator must play no part
+        return generate_text(model, processor, media, prompts, 8, batch_size, temperature=1.0, seed=seed)
+    first = sample(0)
+    assert sample(0) == first and sample(0, batch_size=1) == first   # same seed: same text, whatever the batches
+    other = sample(1)
+    assert other != first and sum(a != b for a, b in zip(first, other)) >= 2   # another seed: other draws
+    assert generate_text(model, processor, media[:1], prompts[:1], 8, temperature=1.0, seeds=[123]) == \
+        generate_text(model, processor, media[:1], prompts[:1], 8, temperature=1.0, seeds=[123])
+
+
+def _argmax_decode(model, processor, prompt, n):
+    "Greedy decoding written out: the arg max of the logits, one forward pass over the whole sequence a step."
+    ids = chat_batch(processor, [None], [prompt])["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            if int(nxt) == processor.tokenizer.eos_token_id: break
+    return processor.tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_a_checkpoints_decoding_defaults_are_not_applied():
+    "Qwen2-VL-Instruct ships do_sample with top_k=1 (and a tiny temperature and top_p): our settings win over them."
+    from transformers import GenerationConfig
+    model, processor = build_tiny_vlm("qwen2_vl", "tiny", seed=2)
+    tok = processor.tokenizer
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=True, temperature=0.01, top_p=0.001,
+                                               top_k=1, repetition_penalty=1.05)
+    prompts = ["What is in the picture?", "Name the shapes.", "How many circles are there?"]
+    draws = [generate_text(model, processor, [None] * 3, prompts, 8, temperature=1.0, seed=s) for s in range(3)]
+    assert draws[0] != draws[1] != draws[2] != draws[0]   # it samples: top_k=1 would make every draw the arg max
+    greedy = generate_text(model, processor, [None] * 3, prompts, 8)
+    assert greedy == [_argmax_decode(model, processor, p, 8) for p in prompts]   # no repetition penalty either
+    assert model.generation_config.top_k == 1   # the model's own config is left as it was
