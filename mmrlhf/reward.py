@@ -401,6 +401,7 @@ def generate_critiques(model:CritiqueRewardModel, processor, examples:list,
                        batch_size:int=16, # sequences per generate call
                        temperature:float=0.0, # 0: greedy, as in the release; above 0: sampled
                        top_p:float=1.0, # nucleus sampling's mass
+                       seed:int=0, # seed of sampled critiques (row i draws from its own generator)
                       ) -> list[RewardExample]:
     "Copies of `examples` whose critiques the model wrote itself."
     from dataclasses import replace
@@ -409,7 +410,7 @@ def generate_critiques(model:CritiqueRewardModel, processor, examples:list,
     for e in examples:
         media += [e.medium] * len(e.responses); sizes.append(len(e.responses))
         prompts += [critique_prompt(e.question, r, model.config.template) for r in e.responses]
-    texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size, model.config.system, temperature, top_p)
+    texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size, model.config.system, temperature, top_p, seed=seed)
     out, k = [], 0
     for e, n in zip(examples, sizes):
         out.append(replace(e, critiques=[t.strip() or "(no critique)" for t in texts[k:k + n]])); k += n
@@ -609,7 +610,8 @@ def run_score(cfg:ScoreConfig) -> dict:
         if cfg.max_length is not None:   # room for the critique: the prompts the model continues stay within max_length
             cuts = [_cut_for_generation(processor, e, cfg.max_length - cfg.max_new_tokens, template, system) for e in examples]
             examples, gen_cut = [e for e, _ in cuts], sum(n for _, n in cuts)
-        examples = generate_critiques(model, processor, examples, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        examples = generate_critiques(model, processor, examples, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                      seed=cfg.seed)
     collate = RewardCollator(processor, template, cfg.critiques != "none", system, cfg.max_length)
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i:i + cfg.batch_size]
