@@ -41,7 +41,7 @@ def test_long_threshold_is_configurable():
     assert categorise(item) == "short" and categorise(item, long_threshold=50) == "long"
 
 
-KILLER = """
+KILL_AT = """
 import os, sys
 from mmrlhf.curation import clip_model, embed_pool
 model, pre = clip_model("tiny")
@@ -49,16 +49,21 @@ calls = {"n": 0}
 encode = model.encode_image
 def dying(x):
     calls["n"] += 1
-    if calls["n"] == 4: os._exit(9)   # killed in the middle of the second shard
+    if calls["n"] == int(sys.argv[5]): os._exit(9)
     return encode(x)
 model.encode_image = dying
-embed_pool(sys.argv[1], sys.argv[2], sys.argv[3], model, pre, batch_size=16, shard_size=48, progress=False)
+embed_pool(sys.argv[1], sys.argv[2], sys.argv[3], model, pre, batch_size=16, shard_size=int(sys.argv[4]), progress=False)
 """
 
 
+def _kill(pool_file, root, out, shard_size, at):
+    "Embed in a subprocess that dies at the `at`-th forward pass."
+    r = subprocess.run([sys.executable, "-c", KILL_AT, str(pool_file), str(root), str(out), str(shard_size), str(at)], capture_output=True)
+    assert r.returncode == 9, r.stderr[-2000:]
+
+
 def test_killed_embedding_resumes_without_recomputing(pool, tmp_path):
-    r = subprocess.run([sys.executable, "-c", KILLER, str(pool / "pool.jsonl"), str(pool / "world"), str(tmp_path / "killed")])
-    assert r.returncode == 9
+    _kill(pool / "pool.jsonl", pool / "world", tmp_path / "killed", shard_size=48, at=4)   # in the middle of the second shard
     emb_dir = tmp_path / "killed" / "embeddings"
     finished = {p.name: p.stat().st_mtime_ns for p in emb_dir.glob("shard-*")}
     assert sorted(finished) == ["shard-00000.json", "shard-00000.npy"]   # only the first shard was complete
@@ -171,27 +176,6 @@ def test_two_processes_give_the_same_result_as_one(pool, tmp_path):
 
 
 # ---- resuming only what is still valid: the manifest, the pool's fingerprint, the model -------------------------------
-
-KILL_AT = """
-import os, sys
-from mmrlhf.curation import clip_model, embed_pool
-model, pre = clip_model("tiny")
-calls = {"n": 0}
-encode = model.encode_image
-def dying(x):
-    calls["n"] += 1
-    if calls["n"] == int(sys.argv[5]): os._exit(9)
-    return encode(x)
-model.encode_image = dying
-embed_pool(sys.argv[1], sys.argv[2], sys.argv[3], model, pre, batch_size=16, shard_size=int(sys.argv[4]), progress=False)
-"""
-
-
-def _kill(pool_file, root, out, shard_size, at):
-    "Embed in a subprocess that dies at the `at`-th forward pass."
-    r = subprocess.run([sys.executable, "-c", KILL_AT, str(pool_file), str(root), str(out), str(shard_size), str(at)], capture_output=True)
-    assert r.returncode == 9, r.stderr[-2000:]
-
 
 def _curate(pool_file, root, out, **kw):
     cfg = dict(pool=str(pool_file), image_root=str(root), out=str(out), model="tiny", clusters=8, total=100, batch_size=16, shard_size=48)
