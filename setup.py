@@ -54,6 +54,10 @@ setuptools.setup(
     zip_safe = False,
     entry_points = {
         'console_scripts': cfg.get('console_scripts','').split(),
+        # plug-ins found by name, so no real module imports the test bed or the shapes world
+        'mmrlhf.model_sources': ['tiny = mmrlhf.testbed:tiny_model', 'small = mmrlhf.testbed:small_model'],
+        'mmrlhf.checkers': ['shapes = mmrlhf.world:grade_item'],
+        'mmrlhf.oracles': ['shapes = mmrlhf.world:oracle_annotate'],
         'nbdev': [f'{cfg.get("lib_path")}={cfg.get("lib_path")}._modidx:d']
     },
     project_urls = project_urls,

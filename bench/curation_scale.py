@@ -19,7 +19,7 @@ import numpy as np
 def clip_throughput(n=256, batch=64):
     import torch
     from mmrlhf.curation import clip_model
-    from mmrlhf.synthetic import make_query, render_query
+    from mmrlhf.world import make_query, render_query
     model, pre = clip_model("ViT-B-32")
     ims = [render_query(make_query(0, i), 224)[0] for i in range(n)]
     out = {}
@@ -51,7 +51,7 @@ def main():
     a = ap.parse_args()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     res = {"machine": f"{os.cpu_count()} CPUs", "items": a.items}
-    from mmrlhf.synthetic import SynthConfig, write_world
+    from mmrlhf.world import SynthConfig, write_world
     pool = out / "world" / "queries.jsonl"
     if not pool.exists(): write_world(SynthConfig(out=str(out / "world"), n_queries=a.items, seed=0))
     exe = Path(sys.executable).parent / "mmrlhf"

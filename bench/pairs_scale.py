@@ -9,8 +9,9 @@ compare against: TRL and the released MM-RLHF code take pairs that were expanded
 import argparse, json, os, resource, subprocess, sys, time
 from pathlib import Path
 
-from mmrlhf.schema import oracle_annotate, parse_query, query_record, write_queries
-from mmrlhf.synthetic import make_query, query_record as world_record
+from mmrlhf.world import oracle_annotate
+from mmrlhf.schema import parse_query, query_record, write_queries
+from mmrlhf.world import make_query, world_record
 
 
 def write_input(path: Path, n: int):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config_args', 'config_from_args', 'seed_everything',
-           'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps', 'DataError',
+           'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps', 'DataError', 'DataErrors',
            'decode_json_line', 'json_line', 'read_jsonl', 'write_jsonl', 'resolve_image_path', 'load_image', 'mean_ci',
-           'last_complete_checkpoint', 'GlobalMeanTrainer']
+           'last_complete_checkpoint', 'GlobalMeanTrainer', 'plugin']
 
 # %% ../nbs/00_core.ipynb #939603ce
 import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, tempfile, types, typing, warnings
@@ -220,6 +220,7 @@ def atomic_dir(path, # the folder to create (an existing one is replaced when th
 
 # %% ../nbs/00_core.ipynb #bc6adc28
 def clean_stale_temps(folder, # an output folder (not searched recursively)
+                      say:bool=False, # print how many were removed (when any were)
                      ) -> int:
     "Remove the temporary files and staging folders a killed run left in `folder`; return how many."
     folder, n = Path(folder), 0
@@ -228,6 +229,7 @@ def clean_stale_temps(folder, # an output folder (not searched recursively)
         if not p.name.startswith("."): continue
         if p.is_file() and p.name.endswith(".tmp"): p.unlink(missing_ok=True); n += 1
         elif p.is_dir() and p.name.endswith((".partial", ".old")): shutil.rmtree(p, ignore_errors=True); n += 1
+    if say and n: print(f"removed {n} temporary file(s) or folder(s) a stopped run left in {folder}")
     return n
 
 # %% ../nbs/00_core.ipynb #3e6eac10
@@ -241,6 +243,13 @@ class DataError(ValueError):
         self.file, self.line, self.field, self.reason = str(file), line, field, reason
         where = self.file + (f":{line}" if line is not None else "")
         super().__init__(f"{where}: {field + ': ' if field else ''}{reason}")
+
+class DataErrors(ValueError):
+    "Several `DataError`s from one file."
+    def __init__(self, errors:list, shown:int=50):
+        self.errors = errors
+        lines = [str(e) for e in errors[:shown]] + ([f"... and {len(errors) - shown} more"] if len(errors) > shown else [])
+        super().__init__(lines[0] if len(errors) == 1 else f"{len(errors)} bad record(s):\n" + "\n".join(lines))
 
 # %% ../nbs/00_core.ipynb #87bb5afa
 def _nonfinite_field(obj, where:str="") -> str|None:
@@ -391,3 +400,12 @@ class GlobalMeanTrainer:
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+# %% ../nbs/00_core.ipynb #067f08c9
+def plugin(group:str, # an entry-point group, e.g. `mmrlhf.model_sources`
+           name:str, # the entry point's name in that group, e.g. `tiny`
+          ):
+    "The object an installed package registers under `name` in `group`, or None."
+    from importlib.metadata import entry_points  # here: the metadata scan is needed only when a plug-in is asked for
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
+    return found[0].load() if found else None

@@ -7,8 +7,9 @@ import pytest
 
 from mmrlhf.annotate import AnnotateConfig, AnnotationStore, answers_from_record, setup_store
 from mmrlhf.report import find_chromium
-from mmrlhf.schema import DIMENSIONS, oracle_annotate, query_record, read_queries
-from mmrlhf.synthetic import SynthConfig, write_world
+from mmrlhf.schema import DIMENSIONS, query_record, read_queries
+from mmrlhf.world import oracle_annotate
+from mmrlhf.world import SynthConfig, write_world
 
 
 def _free_port() -> int:

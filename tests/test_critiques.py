@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 
 from mmrlhf.core import ConfigError, DataError
-from mmrlhf.critiques import (MARKER, ExpandConfig, check_prompt, LocalBackend, contradictions, expand_critiques, expand_prompt, human_comment,
-                              parse_expansion, run_expand_critiques, stand_in_expansion)
+from mmrlhf.critiques import (MARKER, ExpandConfig, check_prompt, LocalBackend, contradictions, expand_critiques, expand_prompt, human_comment, parse_expansion, run_expand_critiques, stand_in_expansion)
 from mmrlhf.evaluate import JudgeError, StandInServer
-from mmrlhf.schema import PairsConfig, Response, read_queries, run_pairs
-from mmrlhf.synthetic import SynthConfig, write_world
+from mmrlhf.formats import PairsConfig
+from mmrlhf.schema import Response, read_queries
+from mmrlhf.formats import run_pairs
+from mmrlhf.world import SynthConfig, write_world
 
 
 @pytest.fixture(scope="module")

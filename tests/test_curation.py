@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from mmrlhf.core import ConfigError, DataError, write_jsonl
-from mmrlhf.curation import (CurateConfig, categorise, clip_model, embed_pool, find_duplicates, load_embeddings,
-                             near_duplicates, read_pool, run_curate, sample_balanced)
-from mmrlhf.synthetic import SynthConfig, write_world
+from mmrlhf.curation import (CurateConfig, categorise, clip_model, embed_pool, find_duplicates, load_embeddings, near_duplicates, read_pool, run_curate, sample_balanced)
+from mmrlhf.world import SynthConfig, write_world
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mmrlhf.core import ConfigError, DataError
-from mmrlhf.dpo import (DPOCollator, MMDPOSettings, RefLogpsConfig, TrainDPOConfig, dynamic_beta, group_dpo_loss, implicit_beta,
-                        mmdpo_loss, naive_pair_loss, pair_betas, reference_logps, run_ref_logps, run_train_dpo, world_dpo_examples)
+from mmrlhf.dpo import (DPOCollator, MMDPOSettings, RefLogpsConfig, TrainDPOConfig, dynamic_beta, group_dpo_loss, implicit_beta, mmdpo_loss, naive_pair_loss, pair_betas, reference_logps, run_ref_logps, run_train_dpo)
+from mmrlhf.world import world_dpo_examples
 from mmrlhf.logprobs import encode_groups, response_logps
-from mmrlhf.schema import PairsConfig, read_queries, run_pairs, write_queries
-from mmrlhf.synthetic import SynthConfig, write_world
+from mmrlhf.formats import PairsConfig
+from mmrlhf.schema import read_queries, write_queries
+from mmrlhf.formats import run_pairs
+from mmrlhf.world import SynthConfig, write_world
 from mmrlhf.testbed import build_tiny_vlm, load_vlm
 
 
@@ -228,7 +230,8 @@ TWO_PROCESS = textwrap.dedent('''
     from safetensors.torch import save_file
     from transformers import TrainingArguments
     from accelerate import PartialState
-    from mmrlhf.dpo import DPOCollator, MMDPOSettings, MMDPOTrainer, reference_logps, world_dpo_examples
+    from mmrlhf.dpo import DPOCollator, MMDPOSettings, MMDPOTrainer, reference_logps
+    from mmrlhf.world import world_dpo_examples
     from mmrlhf.logprobs import freeze_vision
     from mmrlhf.testbed import build_tiny_vlm, load_vlm
     out, per_device, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

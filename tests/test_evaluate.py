@@ -7,10 +7,7 @@ from scipy import stats
 
 from mmrlhf.core import DataError
 from mmrlhf.curation import InMemory
-from mmrlhf.evaluate import (JudgeClient, JudgeError, Score, StandInServer, aggregate_seeds, attack_success, bootstrap_ci, compare,
-                             compare_benchmarks, drop_contaminated, exact_match, hallucination_rating, holm, is_refusal,
-                             leakage_report, mcnemar, mcq_correct, mcq_letter, mmhal_metrics, paired_bootstrap, permutation_test,
-                             read_reply_cache, refusal_metrics, score, word_ngrams)
+from mmrlhf.evaluate import (JudgeClient, JudgeError, Score, StandInServer, aggregate_seeds, attack_success, bootstrap_ci, compare, compare_benchmarks, drop_contaminated, exact_match, hallucination_rating, holm, is_refusal, leakage_report, mcnemar, mcq_correct, mcq_letter, mmhal_metrics, paired_bootstrap, permutation_test, read_reply_cache, refusal_metrics, score, word_ngrams)
 
 
 # ---------------------------------------------------------------- answers

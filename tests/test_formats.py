@@ -5,12 +5,10 @@ from pathlib import Path
 import pytest
 
 from mmrlhf.core import DataError, read_jsonl, write_jsonl
-from mmrlhf.formats import (FORMATS, PAIR_FORMATS, convert, from_llamafactory, from_release, from_reward_bench, from_swift,
-                            from_trl, group_pairs, parse_ranking, ranking_string, read_dpo_pairs, read_format, read_release,
-                            read_reward_bench, to_dpo_pairs, to_llamafactory, to_release, to_reward_bench, to_swift, to_trl,
-                            write_dpo_pairs, write_release, write_reward_bench)
-from mmrlhf.schema import oracle_annotate, pair_indices, parse_query, query_record, read_queries, write_queries
-from mmrlhf.synthetic import make_query, query_record as world_record
+from mmrlhf.formats import (FORMATS, PAIR_FORMATS, convert, from_llamafactory, from_release, from_reward_bench, from_swift, from_trl, group_pairs, parse_ranking, ranking_string, read_dpo_pairs, read_format, read_release, read_reward_bench, to_dpo_pairs, to_llamafactory, to_release, to_reward_bench, to_swift, to_trl, write_dpo_pairs, write_release, write_reward_bench)
+from mmrlhf.world import oracle_annotate
+from mmrlhf.schema import pair_indices, parse_query, query_record, read_queries, write_queries
+from mmrlhf.world import make_query, world_record
 
 RELEASE = {"id": "ai2d_azuregpt_4569", "question": "Which stage comes after the larva?", "answer": "The pupa.",
            "image": "long/ai2d/4569.png",
@@ -384,12 +382,13 @@ def test_nan_in_a_pair_file_is_refused(tmp_path):
 
 @pytest.fixture
 def world_dir(tmp_path):
-    from mmrlhf.synthetic import SynthConfig, write_world
+    from mmrlhf.world import SynthConfig, write_world
     return write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=12, seed=2))
 
 
 def test_exports_point_trainers_at_images_from_any_folder(tmp_path, world_dir, monkeypatch):
-    from mmrlhf.schema import PairsConfig, run_pairs
+    from mmrlhf.formats import PairsConfig
+    from mmrlhf.formats import run_pairs
     out = tmp_path / "p"
     run_pairs(PairsConfig(input=str(world_dir), out=str(out), oracle=True, groups=False, export=["trl", "swift", "llamafactory", "dpo_pairs"]))
     elsewhere = tmp_path / "elsewhere"; elsewhere.mkdir(); monkeypatch.chdir(elsewhere)
@@ -408,7 +407,8 @@ def test_exports_point_trainers_at_images_from_any_folder(tmp_path, world_dir, m
 
 
 def test_a_missing_image_stops_the_export(tmp_path, world_dir):
-    from mmrlhf.schema import PairsConfig, run_pairs
+    from mmrlhf.formats import PairsConfig
+    from mmrlhf.formats import run_pairs
     from mmrlhf.core import DataError as DE
     run_pairs(PairsConfig(input=str(world_dir), out=str(tmp_path / "p"), oracle=True, groups=False, export=["dpo_pairs"]))
     pairs_file = tmp_path / "p" / "export.dpo_pairs.jsonl"

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from mmrlhf.reward import (CritiqueRewardModel, RewardLossWeights, batch_pairs, reward_batch, reward_loss, rewardbench_metrics)
-from mmrlhf.schema import oracle_annotate, pair_indices, parse_query
-from mmrlhf.synthetic import make_query, query_media, query_record as world_record
+from mmrlhf.world import oracle_annotate
+from mmrlhf.schema import pair_indices, parse_query
+from mmrlhf.world import make_query, query_media, world_record
 from mmrlhf.testbed import build_tiny_vlm
 
 
@@ -113,7 +114,8 @@ def test_acc_and_acc_plus_by_hand():
 
 def test_trainer_checkpoints_are_models_and_resume(tmp_path):
     from transformers import TrainingArguments
-    from mmrlhf.reward import RewardCollator, RewardTrainer, world_reward_examples
+    from mmrlhf.reward import RewardCollator, RewardTrainer
+    from mmrlhf.world import world_reward_examples
     train = world_reward_examples(5, 12)
     def make(steps, out):
         vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
@@ -143,8 +145,9 @@ def _exe():
 
 def test_reward_commands_end_to_end(tmp_path):
     import json, subprocess
-    from mmrlhf.schema import PairsConfig, run_pairs
-    from mmrlhf.synthetic import SynthConfig, write_world
+    from mmrlhf.formats import PairsConfig
+    from mmrlhf.formats import run_pairs
+    from mmrlhf.world import SynthConfig, write_world
     world = write_world(SynthConfig(out=str(tmp_path / "world"), n_queries=10, seed=8))
     run_pairs(PairsConfig(input=str(world), out=str(tmp_path / "pairs"), oracle=True, groups=False))
     data, root = str(tmp_path / "pairs" / "queries.jsonl"), str(tmp_path / "world")
@@ -233,7 +236,8 @@ def test_lora_trains_adapters_and_head_only_and_saves_a_plain_model(tmp_path):
 def test_lora_checkpoints_are_models_and_resume(tmp_path):
     import shutil
     from transformers import TrainingArguments
-    from mmrlhf.reward import RewardCollator, RewardTrainer, apply_lora, world_reward_examples
+    from mmrlhf.reward import RewardCollator, RewardTrainer, apply_lora
+    from mmrlhf.world import world_reward_examples
     train = world_reward_examples(5, 12)
     def make(out):
         vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
@@ -310,8 +314,9 @@ def test_critique_is_cut_after_the_response(model):
 
 @pytest.fixture
 def pairs_world(tmp_path):
-    from mmrlhf.schema import PairsConfig, run_pairs
-    from mmrlhf.synthetic import SynthConfig, write_world
+    from mmrlhf.formats import PairsConfig
+    from mmrlhf.formats import run_pairs
+    from mmrlhf.world import SynthConfig, write_world
     world = write_world(SynthConfig(out=str(tmp_path / "world"), n_queries=4, seed=9))
     run_pairs(PairsConfig(input=str(world), out=str(tmp_path / "pairs"), oracle=True, groups=False))
     return tmp_path / "pairs" / "queries.jsonl", tmp_path / "world"
@@ -409,7 +414,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 from safetensors.torch import save_file
 from transformers import TrainingArguments
-from mmrlhf.reward import CritiqueRewardModel, RewardCollator, RewardTrainer, world_reward_examples
+from mmrlhf.reward import CritiqueRewardModel, RewardCollator, RewardTrainer
+from mmrlhf.world import world_reward_examples
 from mmrlhf.testbed import build_tiny_vlm, quiet_cpu_run
 quiet_cpu_run(); torch.set_num_threads(1)
 out, batch_size, grad_accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -481,8 +487,10 @@ def test_gradient_accumulation_equals_a_bigger_batch(ddp_runs):
 
 def test_critique_source_and_margins(tmp_path):
     from mmrlhf.reward import query_examples, RewardCollator
-    from mmrlhf.schema import PairsConfig, read_queries, run_pairs, write_queries, joined_reasons
-    from mmrlhf.synthetic import SynthConfig, write_world
+    from mmrlhf.formats import PairsConfig
+    from mmrlhf.schema import read_queries, write_queries, joined_reasons
+    from mmrlhf.formats import run_pairs
+    from mmrlhf.world import SynthConfig, write_world
     world = write_world(SynthConfig(out=str(tmp_path / "world"), n_queries=4, seed=1))
     run_pairs(PairsConfig(input=str(world), out=str(tmp_path / "pairs"), oracle=True, groups=False))
     qs = list(read_queries(tmp_path / "pairs" / "queries.jsonl"))
@@ -533,7 +541,8 @@ def test_loss_forms_match_an_independent_computation(model):
 
 def test_trainer_loss_form_is_the_named_formula(tmp_path):
     from transformers import TrainingArguments
-    from mmrlhf.reward import RewardCollator, RewardTrainer, world_reward_examples
+    from mmrlhf.reward import RewardCollator, RewardTrainer
+    from mmrlhf.world import world_reward_examples
     vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
     rm = CritiqueRewardModel(vlm).eval()
     ex = world_reward_examples(3, 3)

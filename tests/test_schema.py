@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 
 from mmrlhf.core import DataError
-from mmrlhf.schema import (DataErrors, PairsConfig, ReadReport, Response, add_tie_response, agreement, expand_pairs,
-                           oracle_annotate, pair_indices, parse_query, query_record, read_queries, run_pairs, write_queries)
-from mmrlhf.synthetic import SynthConfig, make_query, query_record as world_record, write_world
+from mmrlhf.schema import (DataErrors, ReadReport, Response, add_tie_response, agreement, expand_pairs, pair_indices, parse_query, query_record, read_queries, write_queries)
+from mmrlhf.formats import PairsConfig
+from mmrlhf.world import oracle_annotate
+from mmrlhf.formats import run_pairs
+from mmrlhf.world import SynthConfig, make_query, world_record, write_world
 
 SCORES = {"helpfulness": 4, "faithfulness": 5, "ethics": 5}
 GOOD = {"id": "q1", "question": "What is it?", "category": "short", "images": ["a.png"],
@@ -150,7 +152,7 @@ def world_query(seed, i, **kw):
 def test_oracle_orders_the_world_and_applies_the_tie_rule():
     added = {"positive": 0, "negative": 0}
     for i in range(600):
-        q = oracle_annotate(world_query(9, i, k=2))
+        q = annotated_query(9, i, k=2)
         ranks = dict(zip(range(len(q.responses)), q.ranking))
         clean = [ranks[i] for i, r in enumerate(q.responses) if not r.defects]
         flawed = [ranks[i] for i, r in enumerate(q.responses) if r.defects]
@@ -169,7 +171,7 @@ def test_oracle_orders_the_world_and_applies_the_tie_rule():
 
 
 def test_agreement_is_perfect_for_identical_annotators():
-    qs = [oracle_annotate(world_query(3, i)) for i in range(40)]
+    qs = [annotated_query(3, i) for i in range(40)]
     twins = [parse_query({**query_record(q), "annotators": ["twin"]}) for q in qs]
     a = agreement(qs + twins)
     assert a["queries_with_several_annotators"] == 40 and a["kendall_tau"][0] == 1.0

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mmrlhf.synthetic import make_query, query_media
+from mmrlhf.world import make_query, query_media
 from mmrlhf.testbed import FAMILIES, build_tiny_vlm, chat_batch, generate_text, load_vlm, save_vlm
 
 QUERIES = [make_query(5, i) for i in range(40)]

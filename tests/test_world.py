@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mmrlhf.synthetic import DEFECTS, SynthConfig, check_answer, make_query, write_world
+from mmrlhf.world import DEFECTS, SynthConfig, check_response, make_query, write_world
 
 FAITHFULNESS = {k for k, (dim, _, _) in DEFECTS.items() if dim == "faithfulness"}
 
@@ -18,7 +18,7 @@ def digest(folder: Path) -> str:
 
 
 def test_same_seed_same_bytes_across_processes(tmp_path):
-    code = "import sys; from mmrlhf.synthetic import SynthConfig, write_world; write_world(SynthConfig(out=sys.argv[1], n_queries=60, seed=11))"
+    code = "import sys; from mmrlhf.world import SynthConfig, write_world; write_world(SynthConfig(out=sys.argv[1], n_queries=60, seed=11))"
     for name, hashseed in (("a", "1"), ("b", "2")):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, env={**os.environ, "PYTHONHASHSEED": hashseed})
     write_world(SynthConfig(out=str(tmp_path / "c"), n_queries=60, seed=12))
@@ -48,9 +48,9 @@ def test_every_category_and_defect_occurs():
 def test_checker_agrees_with_defects():
     for i in range(1500):
         q = make_query(1, i)
-        assert check_answer(q, q.reference)["correct"]
+        assert check_response(q, q.reference)["correct"]
         for r in q.responses:
-            res, kinds = check_answer(q, r["text"]), {d["kind"] for d in r["defects"]}
+            res, kinds = check_response(q, r["text"]), {d["kind"] for d in r["defects"]}
             assert res["correct"] == (not (kinds & (FAITHFULNESS | {"incomplete", "over_refusal", "unsafe_compliance"}))), (q.question, r)
             if "hallucinated_object" in kinds: assert res["hallucinated"]
             if res["hallucinated"]: assert kinds & FAITHFULNESS
@@ -59,7 +59,7 @@ def test_checker_agrees_with_defects():
 
 def test_video_frames_show_motion():
     q = next(q for q in (make_query(0, i) for i in range(200)) if q.category == "video")
-    from mmrlhf.synthetic import render_query
+    from mmrlhf.world import render_query
     frames = render_query(q)
     assert len(frames) == 4 and frames[0].tobytes() != frames[-1].tobytes()
 
