@@ -11,9 +11,9 @@ __all__ = ['IDLE_SECONDS', 'MAX_TEXT', 'MAX_BODY', 'COOKIE', 'AnnotationStore', 
            'run_annotate', 'run_annotate_export', 'run_annotate_agreement', 'answers_from_record']
 
 # %% ../nbs/08_annotate.ipynb #ac100b22
-import hashlib, hmac, itertools, json, os, secrets, sqlite3, statistics, threading, time, warnings
+import hashlib, hmac, itertools, json, os, secrets, sqlite3, statistics, threading, time
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -22,7 +22,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastcore.basics import patch_to
 from jinja2 import DictLoader, Environment, select_autoescape
-from .core import (atomic_write, Config, ConfigError, DataError, mean_ci, opt, read_jsonl,
+from .core import (atomic_write, ConfigError, DataError, mean_ci, read_jsonl,
                          resolve_image_path, write_text)
 from .configs import AnnotateAgreementConfig, AnnotateConfig, AnnotateExportConfig
 from .schema import (add_tie_response, agreement, DIMENSIONS, LEVELS, parse_query, Query,
@@ -31,34 +31,45 @@ from .schema import (add_tie_response, agreement, DIMENSIONS, LEVELS, parse_quer
 # %% ../nbs/08_annotate.ipynb #e193a522
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS queries (id TEXT PRIMARY KEY, position INTEGER NOT NULL, record TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS people (name TEXT PRIMARY KEY, role TEXT NOT NULL CHECK (role IN ('annotator', 'reviewer')), token_hash TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS queries (id TEXT PRIMARY KEY, position INTEGER NOT NULL, \
+record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS people (name TEXT PRIMARY KEY, \
+role TEXT NOT NULL CHECK (role IN ('annotator', 'reviewer')), token_hash TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS work (
     query_id TEXT NOT NULL REFERENCES queries(id), annotator TEXT NOT NULL REFERENCES people(name),
     status TEXT NOT NULL CHECK (status IN ('open', 'submitted', 'returned')),
-    draft TEXT NOT NULL DEFAULT '{}', record TEXT, seconds REAL NOT NULL DEFAULT 0, last_seen REAL, submitted REAL, note TEXT NOT NULL DEFAULT '',
+    draft TEXT NOT NULL DEFAULT '{}', record TEXT, seconds REAL NOT NULL DEFAULT 0, \
+last_seen REAL, submitted REAL, note TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (query_id, annotator));
 CREATE TABLE IF NOT EXISTS reviews (
-    n INTEGER PRIMARY KEY AUTOINCREMENT, query_id TEXT NOT NULL REFERENCES queries(id), reviewer TEXT NOT NULL,
-    decision TEXT NOT NULL CHECK (decision IN ('accept', 'return')), accepted TEXT, note TEXT NOT NULL DEFAULT '', at REAL NOT NULL);
+    n INTEGER PRIMARY KEY AUTOINCREMENT, query_id TEXT NOT NULL REFERENCES queries(id), \
+reviewer TEXT NOT NULL,
+    decision TEXT NOT NULL CHECK (decision IN ('accept', 'return')), accepted TEXT, \
+note TEXT NOT NULL DEFAULT '', at REAL NOT NULL);
 """
-IDLE_SECONDS = 120  # a gap between two saves longer than this is not counted as time on the query
+IDLE_SECONDS = 120  # a gap between two saves longer than this does not count as time on the query
 
 def _token_hash(token:str) -> str: return hashlib.sha256(token.encode()).hexdigest()
 
+def _short(value, n:int=60) -> str:
+    "`repr(value)`, cut to about `n` characters (an error never echoes a whole large value)."
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + f"... ({len(r)} characters)"
+
 # %% ../nbs/08_annotate.ipynb #f8090d71
 def _owner_only(path:Path):
-    "Create `path` readable and writable by its owner only (SQLite gives its -wal and -shm files the same mode)."
-    try: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # an empty file is an empty database
+    "Create `path` readable and writable by its owner only (its -wal and -shm files get the same)."
+    try:  # an empty file is an empty database
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         if path.stat().st_mode & 0o077:
-            warnings.warn(f"{path}: others can read this annotation database (mode {path.stat().st_mode & 0o777:o}); "
-                          f"chmod 600 it")
+            warnings.warn(f"{path}: others can read this annotation database "
+                          f"(mode {path.stat().st_mode & 0o777:o}); chmod 600 it")
 
 class AnnotationStore:
     "Queries, people, drafts, submissions and reviews in one SQLite file (WAL mode)."
     def __init__(self, path, # the SQLite file (created with its folder if missing)
-                 image_root=None, # folder the queries' image paths are relative to (recorded at creation)
+                 image_root=None, # folder the image paths are relative to (recorded at creation)
                 ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,15 +77,18 @@ class AnnotationStore:
         with self._connect() as c: c.executescript(_TABLES)
         root = self.meta("image_root")
         if root is None:
-            if image_root is None: raise ValueError(f"{self.path}: a new annotation database needs an image root")
+            if image_root is None:
+                raise ValueError(f"{self.path}: a new annotation database needs an image root")
             self.set_meta("image_root", str(Path(image_root).resolve()))
         elif image_root is not None and Path(image_root).resolve() != Path(root):
-            raise ValueError(f"{self.path}: created for image root {root}, not {Path(image_root).resolve()}")
+            raise ValueError(f"{self.path}: created for image root {root}, "
+                             f"not {Path(image_root).resolve()}")
         self.image_root = Path(self.meta("image_root"))
 
     def _connect(self) -> sqlite3.Connection:
         c = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        c.execute("PRAGMA journal_mode=WAL"); c.execute("PRAGMA synchronous=FULL"); c.execute("PRAGMA foreign_keys=ON")
+        c.execute("PRAGMA journal_mode=WAL"); c.execute("PRAGMA synchronous=FULL")
+        c.execute("PRAGMA foreign_keys=ON")
         c.row_factory = sqlite3.Row
         return c
 
@@ -89,17 +103,21 @@ class AnnotationStore:
             raise
         finally: c.close()
 
-    def rows(self, sql:str, *args) -> list:
+    def rows(self, sql:str, # a read query
+             *args, # its parameters
+            ) -> list:
         "The rows of a read query."
         c = self._connect()
         try: return c.execute(sql, args).fetchall()
         finally: c.close()
 
     def meta(self, key:str) -> str|None:
+        "The value stored under `key` in the database's meta table, or None."
         r = self.rows("SELECT value FROM meta WHERE key=?", key)
         return r[0]["value"] if r else None
 
     def set_meta(self, key:str, value:str):
+        "Store `value` under `key` in the meta table."
         with self.tx() as c: c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def __repr__(self): return f"AnnotationStore({str(self.path)!r}, {self.counts()})"
@@ -107,20 +125,23 @@ class AnnotationStore:
     def counts(self) -> dict:
         "How many queries, people, submissions and accepted queries the store holds."
         one = lambda sql: self.rows(sql)[0][0]
-        return {"queries": one("SELECT count(*) FROM queries"), "people": one("SELECT count(*) FROM people"),
+        return {"queries": one("SELECT count(*) FROM queries"),
+                "people": one("SELECT count(*) FROM people"),
                 "submitted": one("SELECT count(*) FROM work WHERE status='submitted'"),
                 "accepted": len(self.accepted_ids())}
 
     def accepted_ids(self) -> list[str]:
         "Queries whose latest review accepted an annotation."
         return [r["query_id"] for r in self.rows(
-            "SELECT query_id FROM reviews r WHERE n = (SELECT max(n) FROM reviews WHERE query_id = r.query_id) AND decision='accept' ORDER BY n")]
+            "SELECT query_id FROM reviews r WHERE n = (SELECT max(n) FROM reviews "
+            "WHERE query_id = r.query_id) AND decision='accept' ORDER BY n")]
 
 # %% ../nbs/08_annotate.ipynb #e3856c36
 def _unannotated(q:Query) -> Query:
-    "`q` without scores, reasons, critiques, ranking or annotators (text, media, defects and truth kept)."
+    "`q` without scores, reasons, critiques, ranking or annotators (text, media, defects kept)."
     rs = [Response(r.text, r.model, defects=r.defects) for r in q.responses if not r.added]
-    return Query(q.id, q.question, q.category, list(q.images), rs, q.reference, q.source, truth=q.truth)
+    return Query(q.id, q.question, q.category, list(q.images), rs, q.reference, q.source,
+                 truth=q.truth)
 
 @patch_to(AnnotationStore)
 def add_queries(self, path, # a schema JSONL file, or a folder holding queries.jsonl
@@ -131,23 +152,32 @@ def add_queries(self, path, # a schema JSONL file, or a folder holding queries.j
     seen, new, stripped = set(), [], 0
     for line, rec in read_jsonl(path):
         q = parse_query(rec, path, line, self.image_root)
-        if len(q.responses) < 2: raise DataError(path, line, "responses", "no responses to annotate: run `mmrlhf respond` on these queries first")
+        if len(q.responses) < 2:
+            raise DataError(path, line, "responses",
+                            "no responses to annotate: run `mmrlhf respond` on them first")
         if q.id in seen: raise DataError(path, line, "id", f"duplicate id {q.id!r}")
         seen.add(q.id)
         if q.annotated or any(r.scores or r.reasons for r in q.responses): stripped += 1
         blob = json.dumps(query_record(_unannotated(q)), ensure_ascii=False, sort_keys=True)
         if q.id in known:
-            if known[q.id] != blob: raise DataError(path, line, "id", f"query {q.id!r} is already in {self.path} with different content")
+            if known[q.id] != blob:
+                raise DataError(path, line, "id",
+                                f"query {q.id!r} is already in {self.path} with different content")
             continue
         new.append((q.id, blob))
     with self.tx() as c:
         start = c.execute("SELECT coalesce(max(position), -1) + 1 FROM queries").fetchone()[0]
-        c.executemany("INSERT INTO queries VALUES (?, ?, ?)", [(i, start + n, b) for n, (i, b) in enumerate(new)])
-    if stripped: warnings.warn(f"{path}: {stripped} queries carried annotations; they were imported without them, for a fresh annotation")
+        c.executemany("INSERT INTO queries VALUES (?, ?, ?)",
+                      [(i, start + n, b) for n, (i, b) in enumerate(new)])
+    if stripped:
+        warnings.warn(f"{path}: {stripped} queries carried annotations; they were imported "
+                      "without them, for a fresh annotation")
     return len(new)
 
+# %% ../nbs/08_annotate.ipynb #626eb935
 @patch_to(AnnotationStore)
-def query(self, query_id:str) -> Query:
+def query(self, query_id:str, # the query's id
+         ) -> Query:
     "The unannotated query `query_id`."
     r = self.rows("SELECT record FROM queries WHERE id=?", query_id)
     if not r: raise KeyError(query_id)
@@ -159,7 +189,8 @@ def add_person(self, name:str, # the person's name, as it will appear in the dat
                role:str="annotator", # "annotator" or "reviewer"
               ) -> str:
     "Add `name` with a new token (replacing any old one); return the token."
-    if role not in ("annotator", "reviewer"): raise ValueError(f"role must be annotator or reviewer, got {role!r}")
+    if role not in ("annotator", "reviewer"):
+        raise ValueError(f"role must be annotator or reviewer, got {role!r}")
     if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ValueError(f"name {_short(name)}: use letters, digits, '-', '_' or '.'")
     if len(name) > 64: raise ValueError(f"name {_short(name)}: at most 64 characters")
@@ -167,55 +198,70 @@ def add_person(self, name:str, # the person's name, as it will appear in the dat
     with self.tx() as c:
         old = c.execute("SELECT role FROM people WHERE name=?", (name,)).fetchone()
         if old and old["role"] != role: raise ValueError(f"{name} is already a {old['role']}")
-        c.execute("INSERT OR REPLACE INTO people VALUES (?, ?, ?)", (name, role, _token_hash(token)))
+        c.execute("INSERT OR REPLACE INTO people VALUES (?, ?, ?)",
+                  (name, role, _token_hash(token)))
     return token
 
+# %% ../nbs/08_annotate.ipynb #0060cfa9
 @patch_to(AnnotationStore)
-def person(self, token:str|None) -> dict|None:
+def person(self, token:str|None, # the token a request carries
+          ) -> dict|None:
     "The person holding `token` ({'name', 'role'}), or None."
     if not token: return None
-    r = self.rows("SELECT name, role, token_hash FROM people WHERE token_hash=?", _token_hash(token))
-    return {"name": r[0]["name"], "role": r[0]["role"]} if r and hmac.compare_digest(r[0]["token_hash"], _token_hash(token)) else None
+    r = self.rows("SELECT name, role, token_hash FROM people WHERE token_hash=?",
+                  _token_hash(token))
+    if not (r and hmac.compare_digest(r[0]["token_hash"], _token_hash(token))): return None
+    return {"name": r[0]["name"], "role": r[0]["role"]}
 
+# %% ../nbs/08_annotate.ipynb #082f1372
 @patch_to(AnnotationStore)
-def people(self, role:str|None=None) -> list[str]:
+def people(self, role:str|None=None, # "annotator", "reviewer", or None for everyone
+          ) -> list[str]:
     "The names of everyone (or of one role)."
-    return [r["name"] for r in self.rows("SELECT name FROM people WHERE role=? OR ? IS NULL ORDER BY name", role, role)]
+    return [r["name"] for r in self.rows(
+        "SELECT name FROM people WHERE role=? OR ? IS NULL ORDER BY name", role, role)]
 
 # %% ../nbs/08_annotate.ipynb #ca609dfd
 @patch_to(AnnotationStore)
 def next_query(self, annotator:str, # the annotator asking for work
                overlap:int=2, # annotators per query
               ) -> str|None:
-    "The id of the query `annotator` should work on next (claimed for them), or None when nothing is left."
+    "The id of the query `annotator` should work on next (claimed for them), or None."
     with self.tx() as c:
-        r = c.execute("""SELECT w.query_id FROM work w JOIN queries q ON q.id = w.query_id WHERE w.annotator=? AND w.status IN ('returned', 'open')
-                         ORDER BY w.status = 'open', q.position LIMIT 1""", (annotator,)).fetchone()
+        r = c.execute("""SELECT w.query_id FROM work w JOIN queries q ON q.id = w.query_id
+                         WHERE w.annotator=? AND w.status IN ('returned', 'open')
+                         ORDER BY w.status = 'open', q.position LIMIT 1""",
+                      (annotator,)).fetchone()
         if r: return r[0]
-        r = c.execute("""SELECT id FROM queries q WHERE id NOT IN (SELECT query_id FROM work WHERE annotator=?)
-                         AND (SELECT count(*) FROM work WHERE query_id = q.id) < ? ORDER BY position LIMIT 1""", (annotator, overlap)).fetchone()
+        r = c.execute("""SELECT id FROM queries q
+                         WHERE id NOT IN (SELECT query_id FROM work WHERE annotator=?)
+                         AND (SELECT count(*) FROM work WHERE query_id = q.id) < ?
+                         ORDER BY position LIMIT 1""", (annotator, overlap)).fetchone()
         if r is None: return None
-        c.execute("INSERT INTO work (query_id, annotator, status, last_seen) VALUES (?, ?, 'open', ?)", (r[0], annotator, time.time()))
+        c.execute("INSERT INTO work (query_id, annotator, status, last_seen) "
+                  "VALUES (?, ?, 'open', ?)",
+                  (r[0], annotator, time.time()))
         return r[0]
 
+# %% ../nbs/08_annotate.ipynb #0dd4826f
 @patch_to(AnnotationStore)
-def progress(self, annotator:str, overlap:int=2) -> dict:
+def progress(self, annotator:str, # the annotator
+             overlap:int=2, # annotators per query
+            ) -> dict:
     "How many queries `annotator` has submitted, and how many they can still get."
-    done = self.rows("SELECT count(*) FROM work WHERE annotator=? AND status='submitted'", annotator)[0][0]
-    mine = self.rows("SELECT count(*) FROM work WHERE annotator=? AND status!='submitted'", annotator)[0][0]
-    free = self.rows("""SELECT count(*) FROM queries q WHERE id NOT IN (SELECT query_id FROM work WHERE annotator=?)
-                        AND (SELECT count(*) FROM work WHERE query_id = q.id) < ?""", annotator, overlap)[0][0]
+    one = lambda sql, *args: self.rows(sql, *args)[0][0]
+    done = one("SELECT count(*) FROM work WHERE annotator=? AND status='submitted'", annotator)
+    mine = one("SELECT count(*) FROM work WHERE annotator=? AND status!='submitted'", annotator)
+    free = one("""SELECT count(*) FROM queries q
+                  WHERE id NOT IN (SELECT query_id FROM work WHERE annotator=?)
+                  AND (SELECT count(*) FROM work WHERE query_id = q.id) < ?""", annotator, overlap)
     return {"submitted": done, "total": done + mine + free}
 
 # %% ../nbs/08_annotate.ipynb #ef99926d
 MAX_TEXT = 20_000  # characters in one reason, ranking reason, added response or review note
-MAX_BODY = 256 * 1024  # bytes in one request: a MAX_TEXT answer with every character JSON-escaped fits
+MAX_BODY = 256 * 1024  # bytes in a request: a MAX_TEXT answer, every character JSON-escaped, fits
 
-def _short(value, n:int=60) -> str:
-    "`repr(value)`, cut to about `n` characters (an error message never echoes a whole large value)."
-    r = repr(value)
-    return r if len(r) <= n else r[:n] + f"... ({len(r)} characters)"
-
+# %% ../nbs/08_annotate.ipynb #e4f1db7a
 def check_answer(q:Query, # the query being annotated
                  field:str, # the answer's field, e.g. "scores.0.helpfulness"
                  value, # the value given (None or "" clears it)
@@ -228,17 +274,22 @@ def check_answer(q:Query, # the query being annotated
     if parts[0] == "scores":
         if not whole: return f"must be a whole number from 1 to 5, got {_short(value)}"
         return None if 1 <= value <= 5 else f"{value} is out of range 1..5"
-    if parts[0] == "rank":  # a ranking expresses order only: any whole number from 1 up, lower is better
+    # a ranking expresses order only: any whole number from 1 up, lower is better
+    if parts[0] == "rank":
         if not whole: return f"must be a whole number, 1 or more, got {_short(value)}"
         return None if value >= 1 else f"{value} is below 1: 1 is the best rank"
-    if field == "tie.kind": return None if value in ("positive", "negative") else f"must be positive or negative, got {_short(value)}"
+    if field == "tie.kind":
+        if value in ("positive", "negative"): return None
+        return f"must be positive or negative, got {_short(value)}"
     if not isinstance(value, str): return f"must be text, got {type(value).__name__}"
-    return None if len(value) <= MAX_TEXT else f"is longer than {MAX_TEXT} characters (it has {len(value)})"
+    if len(value) <= MAX_TEXT: return None
+    return f"is longer than {MAX_TEXT} characters (it has {len(value)})"
 
 def _known_field(parts:list, k:int) -> bool:
+    index = lambda: parts[1].isdigit() and len(parts[1]) < 6
     if parts[0] in ("scores", "reasons") and len(parts) == 3:
-        return parts[1].isdigit() and len(parts[1]) < 6 and int(parts[1]) <= k and parts[2] in DIMENSIONS
-    if parts[0] == "rank" and len(parts) == 2: return parts[1].isdigit() and len(parts[1]) < 6 and int(parts[1]) < k
+        return index() and int(parts[1]) <= k and parts[2] in DIMENSIONS
+    if parts[0] == "rank" and len(parts) == 2: return index() and int(parts[1]) < k
     return ".".join(parts) in ("ranking_reason", "tie.kind", "tie.text")
 
 # %% ../nbs/08_annotate.ipynb #aef1bcc6
@@ -248,8 +299,10 @@ class AnnotationError(ValueError):
         self.errors = errors
         super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
 
+# %% ../nbs/08_annotate.ipynb #eb88f624
 def _work(c, query_id, annotator):
-    w = c.execute("SELECT * FROM work WHERE query_id=? AND annotator=?", (query_id, annotator)).fetchone()
+    w = c.execute("SELECT * FROM work WHERE query_id=? AND annotator=?",
+                  (query_id, annotator)).fetchone()
     if w is None: raise AnnotationError({"query": f"{query_id!r} is not assigned to {annotator}"})
     return w
 
@@ -257,8 +310,10 @@ def _clock(w, now:float) -> float:
     return w["seconds"] + (min(now - w["last_seen"], IDLE_SECONDS) if w["last_seen"] else 0.0)
 
 @patch_to(AnnotationStore)
-def save_answer(self, query_id:str, annotator:str, # whose work
-                field:str, value, # the answer (see `check_answer`)
+def save_answer(self, query_id:str, # the query
+                annotator:str, # whose work
+                field:str, # the answer's field (see `check_answer`)
+                value, # its value (None or "" clears it)
                ) -> dict:
     "Check and store one answer in `annotator`'s draft; return the draft."
     q = self.query(query_id)
@@ -266,27 +321,39 @@ def save_answer(self, query_id:str, annotator:str, # whose work
     now = time.time()
     with self.tx() as c:
         w = _work(c, query_id, annotator)
-        if w["status"] == "submitted": raise AnnotationError({field: "already submitted: a reviewer can send it back for changes"})
+        if w["status"] == "submitted":
+            raise AnnotationError(
+                {field: "already submitted: a reviewer can send it back for changes"})
         draft = json.loads(w["draft"])
         if value is None or value == "": draft.pop(field, None)
         else: draft[field] = value
-        c.execute("UPDATE work SET draft=?, seconds=?, last_seen=? WHERE query_id=? AND annotator=?",
-                  (json.dumps(draft, ensure_ascii=False), _clock(w, now), now, query_id, annotator))
+        c.execute("UPDATE work SET draft=?, seconds=?, last_seen=? "
+                  "WHERE query_id=? AND annotator=?",
+                  (json.dumps(draft, ensure_ascii=False), _clock(w, now), now, query_id,
+                   annotator))
     return draft
 
+# %% ../nbs/08_annotate.ipynb #3cb28463
 @patch_to(AnnotationStore)
-def touch(self, query_id:str, annotator:str):
-    "Start the query's clock afresh (the annotator has just opened it): time away before that does not count."
-    with self.tx() as c: c.execute("UPDATE work SET last_seen=? WHERE query_id=? AND annotator=?", (time.time(), query_id, annotator))
+def touch(self, query_id:str, # the query
+          annotator:str, # who just opened it
+         ):
+    "Start the query's clock afresh (the annotator has just opened it)."
+    with self.tx() as c:
+        c.execute("UPDATE work SET last_seen=? WHERE query_id=? AND annotator=?",
+                  (time.time(), query_id, annotator))
 
+# %% ../nbs/08_annotate.ipynb #db3d779b
 @patch_to(AnnotationStore)
-def work(self, query_id:str, annotator:str) -> dict:
+def work(self, query_id:str, # the query
+         annotator:str, # whose work
+        ) -> dict:
     "`annotator`'s work on `query_id`: status, draft, seconds and the reviewer's note."
     r = self.rows("SELECT * FROM work WHERE query_id=? AND annotator=?", query_id, annotator)
     if not r: raise KeyError((query_id, annotator))
     r = r[0]
-    return {"status": r["status"], "draft": json.loads(r["draft"]), "seconds": r["seconds"], "note": r["note"],
-            "record": json.loads(r["record"]) if r["record"] else None}
+    return {"status": r["status"], "draft": json.loads(r["draft"]), "seconds": r["seconds"],
+            "note": r["note"], "record": json.loads(r["record"]) if r["record"] else None}
 
 # %% ../nbs/08_annotate.ipynb #b2f660d3
 def draft_record(q:Query, # the unannotated query
@@ -301,24 +368,35 @@ def draft_record(q:Query, # the unannotated query
     tied = None not in ranks and len(set(ranks)) == 1  # any numbers: only their order counts
     kind = draft.get("tie.kind")
     if tied:
-        if kind is None: errors["tie.kind"] = "all responses share one rank: add a positive (a correct answer) or a negative (a flawed one)"
+        if kind is None:
+            errors["tie.kind"] = ("all responses share one rank: add a positive (a correct "
+                                  "answer) or a negative (a flawed one)")
         if not draft.get("tie.text", "").strip(): errors["tie.text"] = "write the added response"
-    elif None not in ranks and (kind is not None or draft.get("tie.text") or any(f.split(".")[1:2] == [str(k)] for f in draft if f.startswith(("scores.", "reasons.")))):
+    elif None not in ranks and (kind is not None or draft.get("tie.text") or any(
+            f.split(".")[1:2] == [str(k)] for f in draft
+            if f.startswith(("scores.", "reasons.")))):
         errors["tie.kind"] = "the responses do not all share one rank: remove the added response"
     for i in range(k + bool(tied)):
         for d in DIMENSIONS:
-            if draft.get(f"scores.{i}.{d}") is None: errors[f"scores.{i}.{d}"] = f"score response {i + 1} on {d}"
+            if draft.get(f"scores.{i}.{d}") is None:
+                errors[f"scores.{i}.{d}"] = f"score response {i + 1} on {d}"
         if not any(draft.get(f"reasons.{i}.{d}", "").strip() for d in DIMENSIONS):
             errors[f"reasons.{i}"] = f"give a reason for at least one of response {i + 1}'s scores"
-    if not draft.get("ranking_reason", "").strip(): errors["ranking_reason"] = "say why the responses rank as they do"
+    if not draft.get("ranking_reason", "").strip():
+        errors["ranking_reason"] = "say why the responses rank as they do"
     if errors: return None, errors
     def scored(i, r):
         r.scores = {d: draft[f"scores.{i}.{d}"] for d in DIMENSIONS}
-        r.reasons = {d: draft[f"reasons.{i}.{d}"].strip() for d in DIMENSIONS if draft.get(f"reasons.{i}.{d}", "").strip()}
+        r.reasons = {d: draft[f"reasons.{i}.{d}"].strip() for d in DIMENSIONS
+                     if draft.get(f"reasons.{i}.{d}", "").strip()}
         return r
-    done = Query(q.id, q.question, q.category, list(q.images), [scored(i, Response(r.text, r.model, defects=r.defects)) for i, r in enumerate(q.responses)],
-                 q.reference, q.source, list(ranks), draft["ranking_reason"].strip(), [annotator], q.truth)
-    if tied: add_tie_response(done, scored(k, Response(draft["tie.text"].strip(), annotator, added=kind)))
+    rs = [scored(i, Response(r.text, r.model, defects=r.defects))
+          for i, r in enumerate(q.responses)]
+    done = Query(q.id, q.question, q.category, list(q.images), rs, q.reference, q.source,
+                 list(ranks), draft["ranking_reason"].strip(), [annotator], q.truth)
+    if tied:
+        tie = Response(draft["tie.text"].strip(), annotator, added=kind)
+        add_tie_response(done, scored(k, tie))
     rec = query_record(done)
     try: parse_query(rec, f"annotation of {q.id} by {annotator}")
     except DataError as e: return None, {e.field or "record": e.reason}
@@ -326,21 +404,28 @@ def draft_record(q:Query, # the unannotated query
 
 # %% ../nbs/08_annotate.ipynb #d9ace955
 @patch_to(AnnotationStore)
-def submit(self, query_id:str, annotator:str) -> dict:
-    "Validate `annotator`'s draft of `query_id` and store it as their submission; return the record."
+def submit(self, query_id:str, # the query
+           annotator:str, # whose draft
+          ) -> dict:
+    "Validate `annotator`'s draft of `query_id` and store it as their submission; return it."
     q, now = self.query(query_id), time.time()
     with self.tx() as c:
         w = _work(c, query_id, annotator)
         if w["status"] == "submitted": raise AnnotationError({"query": "already submitted"})
         rec, errors = draft_record(q, json.loads(w["draft"]), annotator)
         if errors: raise AnnotationError(errors)
-        c.execute("UPDATE work SET status='submitted', record=?, seconds=?, last_seen=?, submitted=? WHERE query_id=? AND annotator=?",
-                  (json.dumps(rec, ensure_ascii=False), _clock(w, now), now, now, query_id, annotator))
+        c.execute("UPDATE work SET status='submitted', record=?, seconds=?, last_seen=?, "
+                  "submitted=? WHERE query_id=? AND annotator=?",
+                  (json.dumps(rec, ensure_ascii=False), _clock(w, now), now, now, query_id,
+                   annotator))
     return rec
 
 # %% ../nbs/08_annotate.ipynb #5f1dd7ce
 @patch_to(AnnotationStore)
-def save_answers(self, query_id:str, annotator:str, answers:dict) -> dict:
+def save_answers(self, query_id:str, # the query
+                 annotator:str, # whose work
+                 answers:dict, # field -> value
+                ) -> dict:
     "Save several answers (field -> value) one by one; return the draft."
     draft = {}
     for f, v in answers.items(): draft = self.save_answer(query_id, annotator, f, v)
@@ -348,23 +433,29 @@ def save_answers(self, query_id:str, annotator:str, answers:dict) -> dict:
 
 # %% ../nbs/08_annotate.ipynb #e794c98e
 @patch_to(AnnotationStore)
-def review_queue(self, overlap:int=2) -> list[str]:
+def review_queue(self, overlap:int=2, # annotators per query
+                ) -> list[str]:
     "Ids of the queries waiting for a reviewer, in file order."
     need = max(1, min(overlap, len(self.people("annotator"))))
     return [r["id"] for r in self.rows("""
         SELECT q.id FROM queries q WHERE
           (SELECT count(*) FROM work WHERE query_id = q.id AND status = 'submitted') >= ?
           AND NOT EXISTS (SELECT 1 FROM work WHERE query_id = q.id AND status != 'submitted')
-          AND coalesce((SELECT decision = 'return' AND at < (SELECT max(submitted) FROM work WHERE query_id = q.id)
+          AND coalesce((SELECT decision = 'return'
+                               AND at < (SELECT max(submitted) FROM work WHERE query_id = q.id)
                         FROM reviews WHERE query_id = q.id ORDER BY n DESC LIMIT 1), 1)
         ORDER BY q.position""", need)]
 
+# %% ../nbs/08_annotate.ipynb #c08887f0
 @patch_to(AnnotationStore)
-def submissions(self, query_id:str) -> dict:
+def submissions(self, query_id:str, # the query
+               ) -> dict:
     "Each annotator's submitted record of `query_id`, with their seconds on it."
     return {r["annotator"]: {"record": json.loads(r["record"]), "seconds": r["seconds"]}
-            for r in self.rows("SELECT annotator, record, seconds FROM work WHERE query_id=? AND status='submitted' ORDER BY annotator", query_id)}
+            for r in self.rows("SELECT annotator, record, seconds FROM work WHERE query_id=? "
+                               "AND status='submitted' ORDER BY annotator", query_id)}
 
+# %% ../nbs/08_annotate.ipynb #62da17b1
 @patch_to(AnnotationStore)
 def review(self, query_id:str, reviewer:str, # the query and who decides
            decision:str, # "accept" or "return"
@@ -372,32 +463,46 @@ def review(self, query_id:str, reviewer:str, # the query and who decides
            note:str="", # for the annotators (required when returning)
           ):
     "Accept one submission of `query_id`, or return the query to its annotators with a note."
-    if decision not in ("accept", "return"): raise AnnotationError({"decision": f"must be accept or return, got {_short(decision)}"})
-    if not isinstance(note, str): raise AnnotationError({"note": f"must be text, got {type(note).__name__}"})
-    if len(note) > MAX_TEXT: raise AnnotationError({"note": f"is longer than {MAX_TEXT} characters (it has {len(note)})"})
+    if decision not in ("accept", "return"):
+        raise AnnotationError({"decision": f"must be accept or return, got {_short(decision)}"})
+    if not isinstance(note, str):
+        raise AnnotationError({"note": f"must be text, got {type(note).__name__}"})
+    if len(note) > MAX_TEXT:
+        raise AnnotationError(
+            {"note": f"is longer than {MAX_TEXT} characters (it has {len(note)})"})
     with self.tx() as c:
-        subs = [r[0] for r in c.execute("SELECT annotator FROM work WHERE query_id=? AND status='submitted'", (query_id,))]
+        subs = [r[0] for r in c.execute(
+            "SELECT annotator FROM work WHERE query_id=? AND status='submitted'", (query_id,))]
         if not subs: raise AnnotationError({"query": f"{query_id!r} has no submission to review"})
-        if decision == "accept" and accepted not in subs: raise AnnotationError({"accepted": f"choose one of {subs}, got {_short(accepted)}"})
+        if decision == "accept" and accepted not in subs:
+            raise AnnotationError({"accepted": f"choose one of {subs}, got {_short(accepted)}"})
         if decision == "return":
-            if not note.strip(): raise AnnotationError({"note": "say what the annotators should change"})
-            c.execute("UPDATE work SET status='returned', note=? WHERE query_id=? AND status='submitted'", (note.strip(), query_id))
-        c.execute("INSERT INTO reviews (query_id, reviewer, decision, accepted, note, at) VALUES (?, ?, ?, ?, ?, ?)",
-                  (query_id, reviewer, decision, accepted if decision == "accept" else None, note.strip(), time.time()))
+            if not note.strip():
+                raise AnnotationError({"note": "say what the annotators should change"})
+            c.execute("UPDATE work SET status='returned', note=? "
+                      "WHERE query_id=? AND status='submitted'",
+                      (note.strip(), query_id))
+        c.execute("INSERT INTO reviews (query_id, reviewer, decision, accepted, note, at) "
+                  "VALUES (?, ?, ?, ?, ?, ?)", (query_id, reviewer, decision,
+                                                accepted if decision == "accept" else None,
+                                                note.strip(), time.time()))
 
 # %% ../nbs/08_annotate.ipynb #6552a68c
 @patch_to(AnnotationStore)
 def export(self, path, # the JSONL file to write
-           which:str="accepted", # accepted (one reviewed record per query) or submitted (every submission)
+           which:str="accepted", # accepted (one reviewed record per query) or submitted (all)
           ) -> int:
     "Write the annotations as schema JSONL; return the number of records."
     if which == "accepted":
         recs = [json.loads(r["record"]) for r in self.rows("""
-            SELECT w.record FROM reviews r JOIN work w ON w.query_id = r.query_id AND w.annotator = r.accepted
-            WHERE r.n = (SELECT max(n) FROM reviews WHERE query_id = r.query_id) AND r.decision = 'accept' ORDER BY r.n""")]
+            SELECT w.record FROM reviews r
+            JOIN work w ON w.query_id = r.query_id AND w.annotator = r.accepted
+            WHERE r.n = (SELECT max(n) FROM reviews WHERE query_id = r.query_id)
+            AND r.decision = 'accept' ORDER BY r.n""")]
     elif which == "submitted":
         recs = [json.loads(r["record"]) for r in self.rows(
-            "SELECT w.record FROM work w JOIN queries q ON q.id = w.query_id WHERE w.status='submitted' ORDER BY q.position, w.annotator")]
+            "SELECT w.record FROM work w JOIN queries q ON q.id = w.query_id "
+            "WHERE w.status='submitted' ORDER BY q.position, w.annotator")]
     else: raise ValueError(f"which: expected accepted or submitted, got {which!r}")
     for i, rec in enumerate(recs, 1): parse_query(rec, path, i, self.image_root)
     with atomic_write(path) as f:
@@ -409,95 +514,153 @@ def agreement_report(store:AnnotationStore, # the annotation database
                      seed:int=0, # seed of the bootstrap intervals
                     ) -> dict:
     "Agreement per annotator pair and overall, and time per query per annotator."
-    rows = store.rows("SELECT annotator, record, seconds FROM work WHERE status='submitted' ORDER BY annotator")
+    rows = store.rows("SELECT annotator, record, seconds FROM work WHERE status='submitted' "
+                      "ORDER BY annotator")
     by = {}
-    for r in rows: by.setdefault(r["annotator"], {})[json.loads(r["record"])["id"]] = (parse_query(json.loads(r["record"])), r["seconds"])
-    out = {"overall": agreement([q for d in by.values() for q, _ in d.values()], seed=seed), "pairs": {}, "seconds_per_query": {}}
+    for r in rows:
+        rec = json.loads(r["record"])
+        by.setdefault(r["annotator"], {})[rec["id"]] = (parse_query(rec), r["seconds"])
+    out = {"overall": agreement([q for d in by.values() for q, _ in d.values()], seed=seed),
+           "pairs": {}, "seconds_per_query": {}}
     for a, b in itertools.combinations(sorted(by), 2):
         both = sorted(set(by[a]) & set(by[b]))
-        if both: out["pairs"][f"{a}|{b}"] = agreement([by[a][i][0] for i in both] + [by[b][i][0] for i in both], seed=seed)
+        if both:
+            qs = [by[a][i][0] for i in both] + [by[b][i][0] for i in both]
+            out["pairs"][f"{a}|{b}"] = agreement(qs, seed=seed)
     for a, d in by.items():
         secs = [s for _, s in d.values()]
-        out["seconds_per_query"][a] = {"queries": len(secs), "median": statistics.median(secs), "mean": mean_ci(secs, seed=seed)}
+        out["seconds_per_query"][a] = {"queries": len(secs), "median": statistics.median(secs),
+                                       "mean": mean_ci(secs, seed=seed)}
     return out
 
 # %% ../nbs/08_annotate.ipynb #bd85f49c
 _CSS = """
-*{box-sizing:border-box} body{font:15px/1.45 system-ui,sans-serif;margin:0;color:#1d2430;background:#f5f6f8}
-header{position:sticky;top:0;z-index:2;background:#1d2430;color:#fff;padding:.5rem 1rem;display:flex;gap:1rem;align-items:center}
-header .grow{flex:1} header a{color:#cfe0ff} main{padding:1rem;max-width:100%} .bar{height:6px;background:#435;width:12rem;border-radius:3px}
-.bar i{display:block;height:100%;background:#7bd389;border-radius:3px} #status{min-width:9rem;text-align:right} #status.bad{color:#ffb4a8}
-.top{display:flex;gap:1rem;flex-wrap:wrap} .media img{height:260px;width:auto;max-width:480px;object-fit:contain;border:1px solid #ccd;background:#fff;margin:0 .3rem .3rem 0} .media img:not(:only-child){height:130px}
-.question{font-size:1.1rem;background:#fff;border:1px solid #dde;padding:.7rem;border-radius:6px;flex:1;min-width:18rem;align-self:flex-start}
-.note{background:#fff4d6;border:1px solid #e8c66a;padding:.5rem .7rem;border-radius:6px;margin:.5rem 0}
-.responses{display:grid;grid-auto-flow:column;grid-auto-columns:minmax(300px,1fr);gap:.8rem;overflow-x:auto;margin:1rem 0}
-.card{background:#fff;border:1px solid #dde;border-radius:6px;padding:.7rem} .card h3{margin:.1rem 0 .4rem;font-size:1rem}
-.text{white-space:pre-wrap;background:#fafbfc;border:1px solid #eef;padding:.5rem;border-radius:4px;max-height:16rem;overflow:auto}
-fieldset{border:0;padding:0;margin:.5rem 0} legend{font-weight:600;font-size:.9rem} .scale{display:flex;gap:.2rem;align-items:center;flex-wrap:wrap}
-.scale label{border:1px solid #bcc;border-radius:4px;padding:.05rem .45rem;cursor:pointer} .scale input{margin:0 .15rem 0 0}
-.scale label:has(input:checked){background:#dfe9ff;border-color:#5b7fd6} .scale label:has(input:focus-visible){outline:2px solid #5b7fd6}
-.lvl{font-size:.85rem;color:#456;margin-left:.3rem} textarea{width:100%;min-height:2.6rem;font:inherit;padding:.3rem}
-input[type=number]{width:4rem;font:inherit} .err{color:#b3261e;font-size:.85rem} .err:empty{display:none}
-.guide{font-size:.85rem;color:#456} .guide td{padding:0 .5rem} .actions{display:flex;gap:1rem;align-items:center;margin:1rem 0}
-button{font:inherit;padding:.4rem 1rem;border-radius:5px;border:1px solid #5b7fd6;background:#5b7fd6;color:#fff;cursor:pointer}
-button.alt{background:#fff;color:#5b7fd6} .keys{font-size:.85rem;color:#678} #tie{border:2px dashed #e8c66a;border-radius:6px;padding:.7rem;background:#fffdf4}
-table.cmp{border-collapse:collapse;background:#fff} table.cmp td,table.cmp th{border:1px solid #dde;padding:.3rem .5rem;vertical-align:top;font-size:.9rem}
+*{box-sizing:border-box}
+body{font:15px/1.45 system-ui,sans-serif;margin:0;color:#1d2430;background:#f5f6f8}
+header{position:sticky;top:0;z-index:2;background:#1d2430;color:#fff;padding:.5rem 1rem;\
+display:flex;gap:1rem;align-items:center}
+header .grow{flex:1} header a{color:#cfe0ff} main{padding:1rem;max-width:100%}
+.bar{height:6px;background:#435;width:12rem;border-radius:3px}
+.bar i{display:block;height:100%;background:#7bd389;border-radius:3px}
+#status{min-width:9rem;text-align:right} #status.bad{color:#ffb4a8}
+.top{display:flex;gap:1rem;flex-wrap:wrap}
+.media img{height:260px;width:auto;max-width:480px;object-fit:contain;border:1px solid #ccd;\
+background:#fff;margin:0 .3rem .3rem 0}
+.media img:not(:only-child){height:130px}
+.question{font-size:1.1rem;background:#fff;border:1px solid #dde;padding:.7rem;border-radius:6px;\
+flex:1;min-width:18rem;align-self:flex-start}
+.note{background:#fff4d6;border:1px solid #e8c66a;padding:.5rem .7rem;border-radius:6px;\
+margin:.5rem 0}
+.responses{display:grid;grid-auto-flow:column;grid-auto-columns:minmax(300px,1fr);gap:.8rem;\
+overflow-x:auto;margin:1rem 0}
+.card{background:#fff;border:1px solid #dde;border-radius:6px;padding:.7rem}
+.card h3{margin:.1rem 0 .4rem;font-size:1rem}
+.text{white-space:pre-wrap;background:#fafbfc;border:1px solid #eef;padding:.5rem;\
+border-radius:4px;max-height:16rem;overflow:auto}
+fieldset{border:0;padding:0;margin:.5rem 0} legend{font-weight:600;font-size:.9rem}
+.scale{display:flex;gap:.2rem;align-items:center;flex-wrap:wrap}
+.scale label{border:1px solid #bcc;border-radius:4px;padding:.05rem .45rem;cursor:pointer}
+.scale input{margin:0 .15rem 0 0}
+.scale label:has(input:checked){background:#dfe9ff;border-color:#5b7fd6}
+.scale label:has(input:focus-visible){outline:2px solid #5b7fd6}
+.lvl{font-size:.85rem;color:#456;margin-left:.3rem}
+textarea{width:100%;min-height:2.6rem;font:inherit;padding:.3rem}
+input[type=number]{width:4rem;font:inherit} .err{color:#b3261e;font-size:.85rem}
+.err:empty{display:none}
+.guide{font-size:.85rem;color:#456} .guide td{padding:0 .5rem}
+.actions{display:flex;gap:1rem;align-items:center;margin:1rem 0}
+button{font:inherit;padding:.4rem 1rem;border-radius:5px;border:1px solid #5b7fd6;\
+background:#5b7fd6;color:#fff;cursor:pointer}
+button.alt{background:#fff;color:#5b7fd6} .keys{font-size:.85rem;color:#678}
+#tie{border:2px dashed #e8c66a;border-radius:6px;padding:.7rem;background:#fffdf4}
+table.cmp{border-collapse:collapse;background:#fff}
+table.cmp td,table.cmp th{border:1px solid #dde;padding:.3rem .5rem;vertical-align:top;\
+font-size:.9rem}
 td.diff{background:#ffe9e4} .muted{color:#789}
 """
 
 # %% ../nbs/08_annotate.ipynb #0f5de188
-_LAYOUT = """<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+_LAYOUT = """<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" \
+content="width=device-width,initial-scale=1">
 <title>{{ title }} · mmrlhf annotate</title><style>{{ css|safe }}</style></head><body>
 <header><b>mmrlhf annotate</b><span class="grow">{{ title }}</span>{% block head %}{% endblock %}
-{% if person %}<span>{{ person.name }} ({{ person.role }})</span>{% endif %}</header><main>{% block main %}{% endblock %}</main></body></html>"""
+{% if person %}<span>{{ person.name }} ({{ person.role }})</span>{% endif %}</header><main>{% \
+block main %}{% endblock %}</main></body></html>"""
 
 _MESSAGE = """{% extends "layout" %}{% block main %}<p>{{ message }}</p>{% endblock %}"""
 
 # %% ../nbs/08_annotate.ipynb #be887840
-_SCORES = """{% macro scores(i) %}{% for d in dims %}<fieldset class="score" data-group="scores.{{ i }}.{{ d }}"><legend>{{ d|capitalize }}</legend>
-<div class="scale">{% for s in range(1, 6) %}<label title="{{ levels[d][s - 1] }}"><input type="radio" name="scores.{{ i }}.{{ d }}" value="{{ s }}" data-field="scores.{{ i }}.{{ d }}">{{ s }}</label>{% endfor %}
-<span class="lvl" data-level="scores.{{ i }}.{{ d }}"></span></div><div class="err" data-err="scores.{{ i }}.{{ d }}"></div>
-<textarea data-field="reasons.{{ i }}.{{ d }}" placeholder="why this {{ d }} score"></textarea><div class="err" data-err="reasons.{{ i }}.{{ d }}"></div></fieldset>
+_SCORES = """{% macro scores(i) %}{% for d in dims %}<fieldset class="score" \
+data-group="scores.{{ i }}.{{ d }}"><legend>{{ d|capitalize }}</legend>
+<div class="scale">{% for s in range(1, 6) %}<label title="{{ levels[d][s - 1] }}"><input \
+type="radio" name="scores.{{ i }}.{{ d }}" value="{{ s }}" data-field="scores.{{ i }}.{{ d }}">\
+{{ s }}</label>{% endfor %}
+<span class="lvl" data-level="scores.{{ i }}.{{ d }}"></span></div><div class="err" \
+data-err="scores.{{ i }}.{{ d }}"></div>
+<textarea data-field="reasons.{{ i }}.{{ d }}" placeholder="why this {{ d }} score"></textarea>\
+<div class="err" data-err="reasons.{{ i }}.{{ d }}"></div></fieldset>
 {% endfor %}<div class="err" data-err="reasons.{{ i }}"></div>{% endmacro %}"""
 
 _ANNOTATE = """{% extends "layout" %}{% from "scores" import scores with context %}
-{% block head %}<span>{{ progress.submitted }} of {{ progress.total }} submitted</span><span class="bar"><i style="width:{{ (100 * progress.submitted / (progress.total or 1))|round }}%"></i></span>
+{% block head %}<span>{{ progress.submitted }} of {{ progress.total }} submitted</span><span \
+class="bar"><i style="width:{{ (100 * progress.submitted / (progress.total or 1))|round }}%"></i>\
+</span>
 <span id="status">saved</span>{% endblock %}{% block main %}
 <script type="application/json" id="data">{{ data|tojson }}</script>
 {% if note %}<div class="note"><b>Returned by the reviewer:</b> {{ note }}</div>{% endif %}
-<div class="top"><div class="media">{% for i in range(n_images) %}<img src="/media/{{ q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% endfor %}</div>
-<div class="question"><div class="muted">{{ q.category }} · {{ q.id }}</div>{{ q.question }}</div></div>
-<details class="guide"><summary>Scoring guideline</summary><table>{% for d in dims %}<tr><th>{{ d|capitalize }}</th>{% for l in levels[d] %}<td>{{ loop.index }} {{ l }}</td>{% endfor %}</tr>{% endfor %}</table>
-<p>Rank the responses: a lower number is better (1 = best), and equally good responses get the same number. Only the order counts: 1, 2, 2, 3 and 1, 3, 3, 3 say the same.</p></details>
-<div class="responses">{% for r in q.responses %}<section class="card" data-response="{{ loop.index0 }}"><h3>Response {{ loop.index }}</h3><div class="text">{{ r.text }}</div>
-{{ scores(loop.index0) }}<label>Rank <input type="number" min="1" data-field="rank.{{ loop.index0 }}"></label><div class="err" data-err="rank.{{ loop.index0 }}"></div></section>{% endfor %}</div>
+<div class="top"><div class="media">{% for i in range(n_images) %}<img src="/media/{{ \
+q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% endfor %}</div>
+<div class="question"><div class="muted">{{ q.category }} · {{ q.id }}</div>{{ q.question }}\
+</div></div>
+<details class="guide"><summary>Scoring guideline</summary><table>{% for d in dims %}<tr><th>{{ \
+d|capitalize }}</th>{% for l in levels[d] %}<td>{{ loop.index }} {{ l }}</td>{% endfor %}</tr>{% \
+endfor %}</table>
+<p>Rank the responses: a lower number is better (1 = best), and equally good responses get the \
+same number. Only the order counts: 1, 2, 2, 3 and 1, 3, 3, 3 say the same.</p></details>
+<div class="responses">{% for r in q.responses %}<section class="card" data-response="{{ \
+loop.index0 }}"><h3>Response {{ loop.index }}</h3><div class="text">{{ r.text }}</div>
+{{ scores(loop.index0) }}<label>Rank <input type="number" min="1" data-field="rank.{{ \
+loop.index0 }}"></label><div class="err" data-err="rank.{{ loop.index0 }}"></div></section>{% \
+endfor %}</div>
 <div class="err" data-err="ranking"></div>
-<label><b>Why this ranking</b><textarea data-field="ranking_reason" placeholder="what separates the responses"></textarea></label><div class="err" data-err="ranking_reason"></div>
-<section id="tie" hidden><b>All responses share one rank.</b> Add a response: a correct answer if all are equally poor (positive, ranked first), or a flawed one if all are equally good (negative, ranked last).
-<div class="scale"><label><input type="radio" name="tie.kind" value="positive" data-field="tie.kind">positive</label><label><input type="radio" name="tie.kind" value="negative" data-field="tie.kind">negative</label></div>
-<div class="err" data-err="tie.kind"></div><textarea data-field="tie.text" placeholder="the added response"></textarea><div class="err" data-err="tie.text"></div>
+<label><b>Why this ranking</b><textarea data-field="ranking_reason" placeholder="what separates \
+the responses"></textarea></label><div class="err" data-err="ranking_reason"></div>
+<section id="tie" hidden><b>All responses share one rank.</b> Add a response: a correct answer \
+if all are equally poor (positive, ranked first), or a flawed one if all are equally good \
+(negative, ranked last).
+<div class="scale"><label><input type="radio" name="tie.kind" value="positive" \
+data-field="tie.kind">positive</label><label><input type="radio" name="tie.kind" \
+value="negative" data-field="tie.kind">negative</label></div>
+<div class="err" data-err="tie.kind"></div><textarea data-field="tie.text" placeholder="the \
+added response"></textarea><div class="err" data-err="tie.text"></div>
 {{ scores(k) }}</section>
-<div class="actions"><button id="submit">Submit (Ctrl+Enter)</button><span class="keys">Tab: next field · 1–5 on a score: choose it · Ctrl+Enter: submit</span></div>
+<div class="actions"><button id="submit">Submit (Ctrl+Enter)</button><span class="keys">Tab: \
+next field · 1–5 on a score: choose it · Ctrl+Enter: submit</span></div>
 <ul class="err" id="errors"></ul>
 <script>{{ script|safe }}</script>{% endblock %}"""
 
 # %% ../nbs/08_annotate.ipynb #0db91f3a
-_SCRIPT = r"""
+_SCRIPT = """
 const D = JSON.parse(document.getElementById('data').textContent);
 const KEY = 'mmrlhf:' + D.annotator + ':' + D.id;
 let queue = JSON.parse(localStorage.getItem(KEY) || '{}'), busy = false, timer = null;
 const $ = s => document.querySelector(s), $$ = s => [...document.querySelectorAll(s)];
-const status = (t, bad) => { const s = $('#status'); s.textContent = t; s.classList.toggle('bad', !!bad); };
+const status = (t, bad) => { const s = $('#status'); s.textContent = t; s.classList.toggle('bad',\
+ !!bad); };
 const errAt = (f, m) => { const e = $(`[data-err="${f}"]`); if (e) e.textContent = m || ''; };
 function valueOf(el) {
-  if (el.type === 'radio') { const c = $$(`input[name="${el.name}"]`).find(x => x.checked); return c ? (isNaN(+c.value) ? c.value : +c.value) : null; }
-  if (el.type === 'number') return el.value === '' ? null : (Number.isInteger(+el.value) ? +el.value : el.value);
+  if (el.type === 'radio') { const c = $$(`input[name="${el.name}"]`).find(x => x.checked); \
+return c ? (isNaN(+c.value) ? c.value : +c.value) : null; }
+  if (el.type === 'number') return el.value === '' ? null : (Number.isInteger(+el.value) ? \
++el.value : el.value);
   return el.value;
 }
 function show(f, v) {
   const els = $$(`[data-field="${f}"]`);
-  els.forEach(el => { if (el.type === 'radio') el.checked = String(v) === el.value; else el.value = v ?? ''; });
-  const l = $(`[data-level="${f}"]`); if (l) { const [, , d] = f.split('.'); l.textContent = v ? D.levels[d][v - 1] : ''; }
+  els.forEach(el => { if (el.type === 'radio') el.checked = String(v) === el.value; else \
+el.value = v ?? ''; });
+  const l = $(`[data-level="${f}"]`); if (l) { const [, , d] = f.split('.'); l.textContent = v ? \
+D.levels[d][v - 1] : ''; }
 }
 function tie() {
   const r = D.ranks.map(f => valueOf($(`[data-field="${f}"]`)));
@@ -514,7 +677,8 @@ async function flush() {
   try {
     while (Object.keys(queue).length) {
       const f = Object.keys(queue)[0], v = queue[f];
-      const res = await fetch(D.save, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify({field: f, value: v})});
+      const res = await fetch(D.save, {method: 'POST', headers: {'Content-Type': \
+'application/json'}, body: JSON.stringify({field: f, value: v})});
       if (res.status >= 500) throw new Error('server error ' + res.status);
       const body = await res.json();
       errAt(f, res.ok ? '' : (body.errors || {})[f] || body.detail || 'not saved');
@@ -523,7 +687,8 @@ async function flush() {
     }
   } catch (e) { failed = true; }
   finally { busy = false; }
-  if (failed) { status('not saved: retrying', true); timer = setTimeout(flush, 2000); } else status('saved');
+  if (failed) { status('not saved: retrying', true); timer = setTimeout(flush, 2000); } else \
+status('saved');
 }
 async function settle() {
   for (let i = 0; i < 200; i++) {
@@ -537,12 +702,14 @@ async function submit() {
   if (!(await settle())) { status('not saved: cannot submit yet', true); return; }
   $$('.err[data-err]').forEach(e => e.textContent = ''); $('#errors').innerHTML = '';
   let res;
-  try { res = await fetch(D.submit, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: '{}'}); }
+  try { res = await fetch(D.submit, {method: 'POST', headers: {'Content-Type': \
+'application/json'}, body: '{}'}); }
   catch (e) { status('server unreachable', true); return; }
   const body = await res.json();
   if (res.ok) { location.href = body.next; return; }
   for (const [f, m] of Object.entries(body.errors || {'query': body.detail})) {
-    errAt(f, m); const li = document.createElement('li'); li.textContent = f + ': ' + m; $('#errors').appendChild(li);
+    errAt(f, m); const li = document.createElement('li'); li.textContent = f + ': ' + m; \
+$('#errors').appendChild(li);
   }
   status('not submitted: see below', true);
 }
@@ -551,13 +718,15 @@ for (const [f, v] of Object.entries(queue)) show(f, v);
 tie();
 $$('[data-field]').forEach(el => {
   el.addEventListener('change', () => change(el));
-  if (el.tagName === 'TEXTAREA') { let t; el.addEventListener('input', () => { clearTimeout(t); t = setTimeout(() => change(el), 400); }); }
+  if (el.tagName === 'TEXTAREA') { let t; el.addEventListener('input', () => { clearTimeout(t); \
+t = setTimeout(() => change(el), 400); }); }
 });
 document.addEventListener('keydown', e => {
   if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); submit(); return; }
   const g = e.target.closest && e.target.closest('fieldset.score');
   if (g && e.target.type === 'radio' && '12345'.includes(e.key) && e.key.length === 1) {
-    const el = g.querySelector(`input[value="${e.key}"]`); el.checked = true; el.focus(); change(el); e.preventDefault();
+    const el = g.querySelector(`input[value="${e.key}"]`); el.checked = true; el.focus(); \
+change(el); e.preventDefault();
   }
 });
 $('#submit').addEventListener('click', submit);
@@ -565,66 +734,91 @@ if (Object.keys(queue).length) flush();
 """
 
 # %% ../nbs/08_annotate.ipynb #95082261
-_REVIEW_LIST = """{% extends "layout" %}{% block main %}<h2>Waiting for review: {{ ids|length }}</h2>
+_REVIEW_LIST = """{% extends "layout" %}{% block main %}<h2>Waiting for review: {{ ids|length }}\
+</h2>
 <ul>{% for i in ids %}<li><a href="/review/{{ i|urlencode }}">{{ i }}</a></li>{% endfor %}</ul>
-<p class="muted">Accepted so far: {{ accepted }}. Export: <code>mmrlhf annotate-export --db {{ db }}</code></p>{% endblock %}"""
+<p class="muted">Accepted so far: {{ accepted }}. Export: <code>mmrlhf annotate-export --db {{ \
+db }}</code></p>{% endblock %}"""
 
 _REVIEW = """{% extends "layout" %}{% block main %}
-<div class="top"><div class="media">{% for i in range(n_images) %}<img src="/media/{{ q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% endfor %}</div>
-<div class="question"><div class="muted">{{ q.category }} · {{ q.id }}</div>{{ q.question }}</div></div>
-<table class="cmp"><tr><th>response</th>{% for a in names %}<th>{{ a }} ({{ (subs[a].seconds / 60)|round(1) }} min)</th>{% endfor %}</tr>
-{% for row in rows %}<tr><td><b>{{ row.label }}</b>{% if row.text %}<div class="text">{{ row.text }}</div>{% endif %}</td>
-{% for cell in row.cells %}<td class="{{ 'diff' if row.differ else '' }}">{{ cell }}</td>{% endfor %}</tr>{% endfor %}</table>
-<div class="actions">{% for a in names %}<button data-accept="{{ a }}">Accept {{ a }}'s</button>{% endfor %}</div>
-<label><b>Or send it back</b> with a note for the annotators<textarea id="note"></textarea></label><div class="err" data-err="note"></div>
-<div class="actions"><button class="alt" id="return">Send back</button><span class="err" id="error"></span></div>
+<div class="top"><div class="media">{% for i in range(n_images) %}<img src="/media/{{ \
+q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% endfor %}</div>
+<div class="question"><div class="muted">{{ q.category }} · {{ q.id }}</div>{{ q.question }}\
+</div></div>
+<table class="cmp"><tr><th>response</th>{% for a in names %}<th>{{ a }} ({{ (subs[a].seconds / \
+60)|round(1) }} min)</th>{% endfor %}</tr>
+{% for row in rows %}<tr><td><b>{{ row.label }}</b>{% if row.text %}<div class="text">{{ \
+row.text }}</div>{% endif %}</td>
+{% for cell in row.cells %}<td class="{{ 'diff' if row.differ else '' }}">{{ cell }}</td>{% \
+endfor %}</tr>{% endfor %}</table>
+<div class="actions">{% for a in names %}<button data-accept="{{ a }}">Accept {{ a }}'s</button>\
+{% endfor %}</div>
+<label><b>Or send it back</b> with a note for the annotators<textarea id="note"></textarea>\
+</label><div class="err" data-err="note"></div>
+<div class="actions"><button class="alt" id="return">Send back</button><span class="err" \
+id="error"></span></div>
 <script type="application/json" id="data">{{ data|tojson }}</script>
 <script>
 const D = JSON.parse(document.getElementById('data').textContent);
 async function decide(body) {
-  const res = await fetch(D.url, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+  const res = await fetch(D.url, {method: 'POST', headers: {'Content-Type': 'application/json'}, \
+body: JSON.stringify(body)});
   const out = await res.json();
-  if (res.ok) location.href = '/review'; else document.getElementById('error').textContent = Object.values(out.errors || {x: out.detail}).join('; ');
+  if (res.ok) location.href = '/review'; else document.getElementById('error').textContent = \
+Object.values(out.errors || {x: out.detail}).join('; ');
 }
-document.querySelectorAll('[data-accept]').forEach(b => b.addEventListener('click', () => decide({decision: 'accept', accepted: b.dataset.accept})));
-document.getElementById('return').addEventListener('click', () => decide({decision: 'return', note: document.getElementById('note').value}));
+document.querySelectorAll('[data-accept]').forEach(b => b.addEventListener('click', () => \
+decide({decision: 'accept', accepted: b.dataset.accept})));
+document.getElementById('return').addEventListener('click', () => decide({decision: 'return', \
+note: document.getElementById('note').value}));
 </script>{% endblock %}"""
 
 # %% ../nbs/08_annotate.ipynb #3a4021d1
-def review_rows(subs:dict) -> list[dict]:
-    "Rows comparing submissions: per response its scores, reasons and rank, then the ranking's reason."
+def review_rows(subs:dict, # annotator -> {"record", "seconds"}, as from `submissions`
+               ) -> list[dict]:
+    "Rows comparing submissions: each response's scores, reasons and rank, then the ranking's why."
     names = sorted(subs); recs = [subs[a]["record"] for a in names]
     rows, k = [], max(len(r["responses"]) for r in recs)
-    dense = [[sorted(set(r["ranking"])).index(x) + 1 for x in r["ranking"]] for r in recs]  # the order each ranking says
+    # the order each ranking says
+    dense = [[sorted(set(r["ranking"])).index(x) + 1 for x in r["ranking"]] for r in recs]
     for i in range(k):
         got = [r["responses"][i] if i < len(r["responses"]) else None for r in recs]
         first = next(g for g in got if g)
         label = f"Response {i + 1}" + (f" (added, {first['added']})" if first.get("added") else "")
         for d in DIMENSIONS:
-            cells = [f"{g['scores'][d]} {LEVELS[d][g['scores'][d] - 1]}" + (f": {g['reasons'][d]}" if g.get("reasons", {}).get(d) else "") if g else "—" for g in got]
+            cells = [f"{g['scores'][d]} {LEVELS[d][g['scores'][d] - 1]}"
+                     + (f": {g['reasons'][d]}" if g.get("reasons", {}).get(d) else "")
+                     if g else "—" for g in got]
             vals = {g["scores"][d] if g else None for g in got}
-            rows.append({"label": f"{label} · {d}", "text": first["text"] if d == DIMENSIONS[0] else "", "cells": cells, "differ": len(vals) > 1})
+            rows.append({"label": f"{label} · {d}", "cells": cells, "differ": len(vals) > 1,
+                         "text": first["text"] if d == DIMENSIONS[0] else ""})
         ranks = [r["ranking"][i] if i < len(r["ranking"]) else None for r in recs]
-        places = {order[i] if i < len(order) else None for order in dense}  # 1, 2, 2, 4 and 1, 2, 2, 3 agree
-        rows.append({"label": f"{label} · rank", "text": "", "cells": [str(x) if x else "—" for x in ranks], "differ": len(places) > 1})
-    rows.append({"label": "Why this ranking", "text": "", "cells": [r.get("ranking_reason", "") for r in recs], "differ": False})
+        # 1, 2, 2, 4 and 1, 2, 2, 3 agree
+        places = {order[i] if i < len(order) else None for order in dense}
+        rows.append({"label": f"{label} · rank", "text": "", "differ": len(places) > 1,
+                     "cells": [str(x) if x else "—" for x in ranks]})
+    rows.append({"label": "Why this ranking", "text": "", "differ": False,
+                 "cells": [r.get("ranking_reason", "") for r in recs]})
     return rows
 
 # %% ../nbs/08_annotate.ipynb #2101b113
-COOKIE = "mmrlhf_annotate"
-_LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
-
-def web_origin(url:str) -> str:
-    "The origin of `url` as a browser sends it: `scheme://host[:port]`, lower case, without a default port."
+def web_origin(url:str, # an address, e.g. https://annotate.example.org
+              ) -> str:
+    "The origin of `url` as a browser sends it: `scheme://host[:port]`, lower case."
     try: u = urlsplit(str(url).strip()); port = u.port
     except ValueError: port = -1
     if u.scheme not in ("http", "https") or not u.hostname or port == -1 or (u.path or "/") != "/":
         raise ConfigError(f"public_url: expected http(s)://host[:port], got {_short(url)}")
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    return f"{u.scheme}://{host}" + (f":{port}" if port and port != {"http": 80, "https": 443}[u.scheme] else "")
+    default = {"http": 80, "https": 443}[u.scheme]
+    return f"{u.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+# %% ../nbs/08_annotate.ipynb #fbac7476
+COOKIE = "mmrlhf_annotate"
+_LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 def _allowed_origins(public_url:str) -> set:
-    "The public address's origin; on a loopback address, also its other loopback names (same scheme and port)."
+    "The public address's origin; on a loopback address also its other loopback names."
     origin = web_origin(public_url); u = urlsplit(origin)
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
     if host not in _LOOPBACK and not host.startswith("127."): return {origin}
@@ -632,33 +826,38 @@ def _allowed_origins(public_url:str) -> set:
 
 def make_app(store:AnnotationStore, # the annotation database
              overlap:int=2, # annotators per query
-             public_url:str="http://127.0.0.1:8765", # the address people open: writes from any other origin are refused
+             public_url:str="http://127.0.0.1:8765", # the one origin allowed to write
             ):
     "The annotation web app (FastAPI) over `store`."
     allowed = _allowed_origins(public_url)
-    env = Environment(loader=DictLoader({"layout": _LAYOUT, "message": _MESSAGE, "scores": _SCORES, "annotate": _ANNOTATE,
-                                         "review_list": _REVIEW_LIST, "review": _REVIEW}), autoescape=select_autoescape(default=True))
+    templates = {"layout": _LAYOUT, "message": _MESSAGE, "scores": _SCORES, "annotate": _ANNOTATE,
+                 "review_list": _REVIEW_LIST, "review": _REVIEW}
+    env = Environment(loader=DictLoader(templates), autoescape=select_autoescape(default=True))
     app = FastAPI(title="mmrlhf annotate", docs_url=None, redoc_url=None, openapi_url=None)
 
     def page(name, title, person=None, status=200, **kw):
-        return HTMLResponse(env.get_template(name).render(title=title, css=_CSS, person=person, **kw), status_code=status)
+        html = env.get_template(name).render(title=title, css=_CSS, person=person, **kw)
+        return HTMLResponse(html, status_code=status)
 
     @app.middleware("http")
     async def same_origin(request: Request, call_next):
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             origin = request.headers.get("origin")
-            try: ok = origin is None or web_origin(origin) in allowed  # no Origin: not a browser (it must hold a token)
+            # no Origin: not a browser (it must hold a token)
+            try: ok = origin is None or web_origin(origin) in allowed
             except ConfigError: ok = False
             if not ok:
-                return JSONResponse({"detail": f"cross-origin request refused: {_short(origin)} is not this app's address "
-                                               f"{web_origin(public_url)} (the public_url setting)"}, status_code=403)
+                why = (f"cross-origin request refused: {_short(origin)} is not this app's "
+                       f"address {web_origin(public_url)} (the public_url setting)")
+                return JSONResponse({"detail": why}, status_code=403)
             size = request.headers.get("content-length", "0")
             if not size.isdigit() or int(size) > MAX_BODY:
-                return JSONResponse({"detail": f"request body over {MAX_BODY} bytes (text fields hold at most {MAX_TEXT} "
-                                               f"characters)"}, status_code=413)
+                why = (f"request body over {MAX_BODY} bytes (text fields hold at most "
+                       f"{MAX_TEXT} characters)")
+                return JSONResponse({"detail": why}, status_code=413)
         response = await call_next(request)
-        response.headers.update({"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
-                                 "Cache-Control": "no-store"})
+        response.headers.update({"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
         return response
 
     def who(request: Request, role: str|None = None) -> dict:
@@ -675,7 +874,8 @@ def make_app(store:AnnotationStore, # the annotation database
 
     @app.get("/login")
     def login(token: str = ""):
-        if store.person(token) is None: raise HTTPException(401, "unknown token: ask for a new link")
+        if store.person(token) is None:
+            raise HTTPException(401, "unknown token: ask for a new link")
         r = RedirectResponse("/", status_code=303)
         r.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=30 * 86400)
         return r
@@ -685,22 +885,28 @@ def make_app(store:AnnotationStore, # the annotation database
         p = who(request)
         if p["role"] == "reviewer": return RedirectResponse("/review", status_code=303)
         nxt = store.next_query(p["name"], overlap)
-        if nxt is None: return page("message", "All done", p, message="Every query assigned to you is submitted. Thank you.")
+        if nxt is None:
+            return page("message", "All done", p,
+                        message="Every query assigned to you is submitted. Thank you.")
         return RedirectResponse(f"/q/{quote(nxt, safe='')}", status_code=303)
 
     def assigned(p, query_id):
         try: return store.query(query_id), store.work(query_id, p["name"])
-        except KeyError: raise HTTPException(404, f"{query_id!r} is not assigned to {p['name']}") from None
+        except KeyError:
+            raise HTTPException(404, f"{query_id!r} is not assigned to {p['name']}") from None
 
     @app.get("/q/{query_id}")
     def annotate_page(request: Request, query_id: str):
         p = who(request, "annotator"); q, w = assigned(p, query_id)
         if w["status"] == "submitted": return RedirectResponse("/", status_code=303)
         store.touch(q.id, p["name"]); k = len(q.responses)
-        data = {"id": q.id, "annotator": p["name"], "draft": w["draft"], "levels": LEVELS, "ranks": [f"rank.{i}" for i in range(k)],
-                "save": f"/api/answer/{quote(q.id, safe='')}", "submit": f"/api/submit/{quote(q.id, safe='')}"}
-        return page("annotate", f"Query {q.id}", p, q=q, k=k, n_images=len(q.images), data=data, dims=DIMENSIONS, levels=LEVELS,
-                    progress=store.progress(p["name"], overlap), note=w["note"] if w["status"] == "returned" else "", script=_SCRIPT)
+        data = {"id": q.id, "annotator": p["name"], "draft": w["draft"], "levels": LEVELS,
+                "ranks": [f"rank.{i}" for i in range(k)],
+                "save": f"/api/answer/{quote(q.id, safe='')}",
+                "submit": f"/api/submit/{quote(q.id, safe='')}"}
+        return page("annotate", f"Query {q.id}", p, q=q, k=k, n_images=len(q.images), data=data,
+                    dims=DIMENSIONS, levels=LEVELS, progress=store.progress(p["name"], overlap),
+                    note=w["note"] if w["status"] == "returned" else "", script=_SCRIPT)
 
     @app.get("/media/{query_id}/{n}")
     def media(request: Request, query_id: str, n: int):
@@ -715,7 +921,8 @@ def make_app(store:AnnotationStore, # the annotation database
 
     async def body(request: Request) -> dict:
         raw = bytearray()
-        async for chunk in request.stream():  # a body sent without its length is cut off at the same limit
+        # a body sent without its length is cut off at the same limit
+        async for chunk in request.stream():
             raw += chunk
             if len(raw) > MAX_BODY: raise HTTPException(413, f"request body over {MAX_BODY} bytes")
         try: data = json.loads(raw)
@@ -728,7 +935,8 @@ def make_app(store:AnnotationStore, # the annotation database
     @app.post("/api/answer/{query_id}")
     async def answer(request: Request, query_id: str):
         p = who(request, "annotator"); assigned(p, query_id); data = await body(request)
-        if not isinstance(data.get("field"), str): raise HTTPException(400, "expected {field, value}")
+        if not isinstance(data.get("field"), str):
+            raise HTTPException(400, "expected {field, value}")
         try: store.save_answer(query_id, p["name"], data["field"], data.get("value"))
         except AnnotationError as e: return refused(e)
         return {"saved": data["field"]}
@@ -743,7 +951,8 @@ def make_app(store:AnnotationStore, # the annotation database
     @app.get("/review")
     def review_list(request: Request):
         p = who(request, "reviewer")
-        return page("review_list", "Review", p, ids=store.review_queue(overlap), accepted=len(store.accepted_ids()), db=str(store.path))
+        return page("review_list", "Review", p, ids=store.review_queue(overlap),
+                    accepted=len(store.accepted_ids()), db=str(store.path))
 
     @app.get("/review/{query_id}")
     def review_page(request: Request, query_id: str):
@@ -752,13 +961,15 @@ def make_app(store:AnnotationStore, # the annotation database
         except KeyError: raise HTTPException(404, "no such query") from None
         subs = store.submissions(query_id)
         if not subs: raise HTTPException(404, "nothing submitted for this query yet")
-        return page("review", f"Review {q.id}", p, q=q, n_images=len(q.images), subs=subs, names=sorted(subs), rows=review_rows(subs),
+        return page("review", f"Review {q.id}", p, q=q, n_images=len(q.images), subs=subs,
+                    names=sorted(subs), rows=review_rows(subs),
                     data={"url": f"/api/review/{quote(q.id, safe='')}"})
 
     @app.post("/api/review/{query_id}")
     async def decide(request: Request, query_id: str):
         p = who(request, "reviewer"); data = await body(request)
-        try: store.review(query_id, p["name"], data.get("decision"), data.get("accepted"), data.get("note") or "")
+        try: store.review(query_id, p["name"], data.get("decision"), data.get("accepted"),
+                          data.get("note") or "")
         except AnnotationError as e: return refused(e)
         return {"next": "/review"}
 
@@ -770,19 +981,23 @@ class AnnotationServer:
     def __init__(self, store:AnnotationStore, overlap:int=2, host:str="127.0.0.1", port:int=0,
                  public_url:str|None=None, # the address people open (default: this server's own)
                 ):
-        import socket, uvicorn
+        import socket, uvicorn  # uvicorn only when serving
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
         app = make_app(store, overlap, public_url or self.url)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
 
     @property
-    def url(self) -> str: return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
+    def url(self) -> str:
+        "The server's own address."
+        return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
 
     def start(self):
+        "Start serving; return once the server is up."
         self.thread.start()
         for _ in range(200):
             if self.server.started: return self
@@ -790,21 +1005,24 @@ class AnnotationServer:
         raise RuntimeError("the annotation server did not start")
 
     def stop(self):
+        "Stop serving and release the port."
         self.server.should_exit = True; self.thread.join(10); self.sock.close()
 
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
 
 # %% ../nbs/08_annotate.ipynb #f1d4c6a9
-def _loopback(host:str) -> bool: return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
-
-def site_url(cfg:AnnotateConfig) -> str:
-    "The address people open: `public_url`, or the bind address (127.0.0.1 when it listens on every interface)."
+def site_url(cfg:AnnotateConfig, # the command's settings
+            ) -> str:
+    "The address people open: `public_url`, or the bind address (127.0.0.1 for every interface)."
     if cfg.public_url: return web_origin(cfg.public_url)
-    host = f"[{cfg.host}]" if ":" in cfg.host else ("127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host)
+    host = (f"[{cfg.host}]" if ":" in cfg.host
+            else "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host)
     return web_origin(f"http://{host}:{cfg.port}")
 
-def setup_store(cfg:AnnotateConfig) -> tuple[AnnotationStore, dict]:
+# %% ../nbs/08_annotate.ipynb #e434680a
+def setup_store(cfg:AnnotateConfig, # the command's settings
+               ) -> tuple[AnnotationStore, dict]:
     "Open the database, add the data and the people; return the store and the new sign-in links."
     root = cfg.image_root
     if root is None and cfg.data is not None:
@@ -814,7 +1032,8 @@ def setup_store(cfg:AnnotateConfig) -> tuple[AnnotationStore, dict]:
     known, links = set(store.people()), {}
     for role, names in (("annotator", cfg.annotators), ("reviewer", cfg.reviewers)):
         for name in names:
-            if name not in known or name in cfg.new_tokens: links[name] = store.add_person(name, role)
+            if name not in known or name in cfg.new_tokens:
+                links[name] = store.add_person(name, role)
     for name in set(cfg.new_tokens) - set(links):
         role = store.rows("SELECT role FROM people WHERE name=?", name)
         if not role: raise ValueError(f"new_tokens: {name!r} is not in {cfg.db}")
@@ -823,36 +1042,46 @@ def setup_store(cfg:AnnotateConfig) -> tuple[AnnotationStore, dict]:
     links = {n: f"{site}/login?token={t}" for n, t in links.items()}
     if links:
         path = Path(cfg.db).parent / "links.txt"  # created owner-only: it holds the tokens
-        with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "a", encoding="utf-8") as f:
             f.writelines(f"{n}\t{u}\n" for n, u in links.items())
         path.chmod(0o600)
     return store, links
 
-def run_annotate(cfg:AnnotateConfig) -> AnnotationStore:
+# %% ../nbs/08_annotate.ipynb #f602c0bd
+def _loopback(host:str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+def run_annotate(cfg:AnnotateConfig, # the command's settings
+                ) -> AnnotationStore:
     "Set up the annotation database and serve the annotation app until stopped."
     site = site_url(cfg)  # a bad public_url stops the command before anything is written
     store, links = setup_store(cfg)
     for n, u in links.items(): print(f"sign-in link for {n}: {u}")
     print(f"{store}; links are also in {Path(cfg.db).parent / 'links.txt'}")
-    if not store.people("annotator"): warnings.warn("no annotators yet: add some with --annotators NAME ...")
+    if not store.people("annotator"):
+        warnings.warn("no annotators yet: add some with --annotators NAME ...")
     if cfg.serve:
-        import uvicorn
+        import uvicorn  # only when serving
         if not _loopback(cfg.host):
-            warnings.warn(f"serving on {cfg.host}: reachable from other machines over plain HTTP; put a TLS proxy in front"
-                          + ("" if cfg.public_url else f", and set public_url to the address people open (now {site})"))
+            warnings.warn(f"serving on {cfg.host}: reachable from other machines over plain HTTP; "
+                          "put a TLS proxy in front" + ("" if cfg.public_url else
+                          f", and set public_url to the address people open (now {site})"))
         print(f"serving on http://{cfg.host}:{cfg.port} for {site} (Ctrl+C to stop)", flush=True)
-        uvicorn.run(make_app(store, cfg.overlap, site), host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.run(make_app(store, cfg.overlap, site), host=cfg.host, port=cfg.port,
+                    log_level="warning")
     return store
 
 # %% ../nbs/08_annotate.ipynb #59ee9416
 def _clean_temps_of(path) -> int:
-    "Remove the temporary files a killed atomic write of `path` left (only its own: the folder may be shared)."
+    "Remove the temporary files a killed atomic write of `path` left (only its own)."
     stale = list(Path(path).parent.glob(f".{Path(path).name}.*.tmp"))
     for p in stale: p.unlink(missing_ok=True)
     if stale: print(f"removed {len(stale)} temporary file(s) a killed run left beside {path}")
     return len(stale)
 
-def run_annotate_export(cfg:AnnotateExportConfig) -> Path:
+def run_annotate_export(cfg:AnnotateExportConfig, # the command's settings
+                       ) -> Path:
     "Export the annotations as schema JSONL."
     if not Path(cfg.db).exists(): raise FileNotFoundError(f"{cfg.db}: no annotation database")
     _clean_temps_of(cfg.out)
@@ -860,28 +1089,36 @@ def run_annotate_export(cfg:AnnotateExportConfig) -> Path:
     print(f"{n} {cfg.which} annotations written to {cfg.out}")
     return Path(cfg.out)
 
+# %% ../nbs/08_annotate.ipynb #fdb3c935
 def _fmt(v) -> str:
     if isinstance(v, (list, tuple)) and len(v) == 3: return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-def run_annotate_agreement(cfg:AnnotateAgreementConfig) -> dict:
+def run_annotate_agreement(cfg:AnnotateAgreementConfig, # the command's settings
+                          ) -> dict:
     "Print (and save) agreement per annotator pair and overall, and time per query."
     if not Path(cfg.db).exists(): raise FileNotFoundError(f"{cfg.db}: no annotation database")
     rep = agreement_report(AnnotationStore(cfg.db), cfg.seed)
     for name, a in [("overall", rep["overall"])] + list(rep["pairs"].items()):
-        print(f"{name:24} " + "  ".join(f"{k.replace('alpha_', 'α ').replace('kendall_tau', 'τ').replace('queries_with_several_annotators', 'queries')} {_fmt(v)}" for k, v in a.items()))
+        short = lambda k: (k.replace('alpha_', 'α ').replace('kendall_tau', 'τ')
+                           .replace('queries_with_several_annotators', 'queries'))
+        print(f"{name:24} " + "  ".join(f"{short(k)} {_fmt(v)}" for k, v in a.items()))
     for a, t in rep["seconds_per_query"].items():
-        print(f"{a:24} {t['queries']} queries, median {t['median'] / 60:.1f} min, mean {_fmt([x / 60 for x in t['mean']])} min")
+        print(f"{a:24} {t['queries']} queries, median {t['median'] / 60:.1f} min, "
+              f"mean {_fmt([x / 60 for x in t['mean']])} min")
     if cfg.out: _clean_temps_of(cfg.out); write_text(cfg.out, json.dumps(rep, indent=1))
     return rep
 
 # %% ../nbs/08_annotate.ipynb #bcadf080
-def answers_from_record(rec:dict) -> dict:
+def answers_from_record(rec:dict, # an annotated schema record
+                       ) -> dict:
     "The page's answers (field -> value) that reproduce an annotated record."
     rs, out = rec["responses"], {"ranking_reason": rec.get("ranking_reason", "")}
     k = sum(not r.get("added") for r in rs)
-    ranks = rec["ranking"][:k] if k == len(rs) else [1] * k  # with a tie response, the K originals share one rank
+    # with a tie response, the K originals share one rank
+    ranks = rec["ranking"][:k] if k == len(rs) else [1] * k
     for i, r in enumerate(rs):
-        out |= {f"scores.{i}.{d}": v for d, v in (r.get("scores") or {}).items()} | {f"reasons.{i}.{d}": v for d, v in (r.get("reasons") or {}).items()}
+        out |= {f"scores.{i}.{d}": v for d, v in (r.get("scores") or {}).items()}
+        out |= {f"reasons.{i}.{d}": v for d, v in (r.get("reasons") or {}).items()}
         if r.get("added"): out |= {"tie.kind": r["added"], "tie.text": r["text"]}
     return out | {f"rank.{i}": v for i, v in enumerate(ranks)}

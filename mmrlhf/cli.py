@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = ['COMMANDS', 'command_function', 'build_parser', 'main']
 
 # %% ../nbs/19_cli.ipynb #55e220a6
-import argparse, sys
+import argparse, importlib, sys
 
 # %% ../nbs/19_cli.ipynb #0f2f0603
 import mmrlhf
@@ -21,43 +21,68 @@ from .configs import (AnnotateAgreementConfig, AnnotateConfig, AnnotateExportCon
                             TrainRewardConfig)
 
 # %% ../nbs/19_cli.ipynb #9c3c1733
-COMMANDS = {  # name -> (settings, "module:function" that runs them, summary); the module is imported when the command runs
-    "synth": (SynthConfig, "world:run_synth", "write the synthetic shapes world (images, clips, questions, graded responses)"),
-    "curate": (CurateConfig, "curation:run_curate", "embed, cluster, deduplicate and sample an instruction pool into balanced queries"),
-    "respond": (RespondConfig, "respond:run_respond", "candidate responses from several models, written as unannotated queries"),
-    "annotate": (AnnotateConfig, "annotate:run_annotate", "the annotation web app: scores, reasons and rankings in the browser, expert review, SQLite"),
-    "annotate-export": (AnnotateExportConfig, "annotate:run_annotate_export", "write the annotation database's accepted (or all) annotations as schema JSONL"),
-    "annotate-agreement": (AnnotateAgreementConfig, "annotate:run_annotate_agreement", "agreement between annotators (alpha, tau) and time per query"),
-    "pairs": (PairsConfig, "formats:run_pairs", "validate, annotate, expand and summarise preference data"),
-    "expand-critiques": (ExpandConfig, "critiques:run_expand_critiques", "expand each annotator's short reasons into a full critique with a language model"),
-    "train-reward": (TrainRewardConfig, "reward:run_train_reward", "train a critique reward model on annotated queries"),
-    "score": (ScoreConfig, "reward:run_score", "critique and score every response; write each pair's reward margin"),
-    "eval-rewardbench": (EvalRewardBenchConfig, "reward:run_eval_rewardbench", "ACC and ACC+ with intervals from scored data"),
-    "ref-logps": (RefLogpsConfig, "dpo:run_ref_logps", "write each response's reference log-probability into the data (once, before MM-DPO)"),
-    "train-dpo": (TrainDPOConfig, "dpo:run_train_dpo", "train a policy with MM-DPO (per-pair β from reward margins, all pairs per query)"),
-    "eval": (EvalConfig, "evaluate:run_eval", "answer and score a benchmark (leakage check, intervals, paired comparison with a baseline)"),
-    "report": (ReportConfig, "report:run_report", "one offline HTML report (plotly inlined) comparing evaluation runs, with a terminal summary"),
+COMMANDS = {  # name -> (settings, "module:function" that runs them, summary)
+    "synth": (SynthConfig, "world:run_synth",
+              "write the synthetic shapes world (images, clips, questions, graded responses)"),
+    "curate": (CurateConfig, "curation:run_curate",
+               "embed, cluster, deduplicate and sample an instruction pool into balanced queries"),
+    "respond": (RespondConfig, "respond:run_respond",
+                "candidate responses from several models, written as unannotated queries"),
+    "annotate": (AnnotateConfig, "annotate:run_annotate",
+                 "the annotation web app: scores, reasons and rankings in the browser, expert "
+                 "review, SQLite"),
+    "annotate-export": (AnnotateExportConfig, "annotate:run_annotate_export",
+                        "write the annotation database's accepted (or all) annotations as schema "
+                        "JSONL"),
+    "annotate-agreement": (AnnotateAgreementConfig, "annotate:run_annotate_agreement",
+                           "agreement between annotators (alpha, tau) and time per query"),
+    "pairs": (PairsConfig, "formats:run_pairs",
+              "validate, annotate, expand and summarise preference data"),
+    "expand-critiques": (ExpandConfig, "critiques:run_expand_critiques",
+                         "expand each annotator's short reasons into a full critique with a "
+                         "language model"),
+    "train-reward": (TrainRewardConfig, "reward:run_train_reward",
+                     "train a critique reward model on annotated queries"),
+    "score": (ScoreConfig, "reward:run_score",
+              "critique and score every response; write each pair's reward margin"),
+    "eval-rewardbench": (EvalRewardBenchConfig, "reward:run_eval_rewardbench",
+                         "ACC and ACC+ with intervals from scored data"),
+    "ref-logps": (RefLogpsConfig, "dpo:run_ref_logps",
+                  "write each response's reference log-probability into the data (once, before "
+                  "MM-DPO)"),
+    "train-dpo": (TrainDPOConfig, "dpo:run_train_dpo",
+                  "train a policy with MM-DPO (per-pair β from reward margins, all pairs per "
+                  "query)"),
+    "eval": (EvalConfig, "evaluate:run_eval",
+             "answer and score a benchmark (leakage check, intervals, paired comparison with a "
+             "baseline)"),
+    "report": (ReportConfig, "report:run_report",
+               "one offline HTML report (plotly inlined) comparing evaluation runs, with a "
+               "terminal summary"),
     "demo": (DemoConfig, "pipeline:run_demo", "run the whole pipeline on the shapes world"),
 }
 
 # %% ../nbs/19_cli.ipynb #03a113ce
 def command_function(name:str, # a key of COMMANDS
                     ):
-    "The function that runs command `name`, imported now (the stages' heavy imports wait for this)."
-    import importlib  # here, like the stages themselves: `--help` never needs them
+    "The function that runs command `name`, its module imported now (not before it is needed)."
+    if name not in COMMANDS:
+        raise ConfigError(f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
     module, _, function = COMMANDS[name][1].partition(":")
     return getattr(importlib.import_module(f"mmrlhf.{module}"), function)
 
 # %% ../nbs/19_cli.ipynb #a60dc57a
 def build_parser() -> argparse.ArgumentParser:
     "The `mmrlhf` argument parser with one subparser per command."
-    parser = argparse.ArgumentParser(prog="mmrlhf", description="MM-RLHF for vision-language models.")
+    parser = argparse.ArgumentParser(prog="mmrlhf",
+                                     description="MM-RLHF for vision-language models.")
     parser.add_argument("--version", action="version", version=f"mmrlhf {mmrlhf.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (cls, _, summary) in COMMANDS.items():
         add_config_args(sub.add_parser(name, help=summary, description=cls.__doc__), cls)
     return parser
 
+# %% ../nbs/19_cli.ipynb #05ccbc79
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `mmrlhf` command."
     parser = build_parser()

@@ -9,12 +9,13 @@ __all__ = ['MAX_LENGTH', 'LORA_TARGETS', 'DEFAULT_MIX', 'retune', 'TrainConfig',
            'EvalConfig', 'ReportConfig', 'SynthConfig', 'DemoConfig']
 
 # %% ../nbs/01_configs.ipynb #96893ce9
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from .core import Config, opt
 
 # %% ../nbs/01_configs.ipynb #2ec47099
 MAX_LENGTH = 32768 # the default longest prompt + response, in tokens (image tokens included)
-LORA_TARGETS = r"^(?!.*(vision|visual)).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+LORA_TARGETS = (r"^(?!.*(vision|visual)).*\."  # not the vision tower; these projections:
+                r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
 DEFAULT_MIX = {"long": 0.3, "short": 0.3, "mcq": 0.15, "safety": 0.15, "video": 0.1}
 
 # %% ../nbs/01_configs.ipynb #fa0efb3a
@@ -23,29 +24,36 @@ def retune(cls, # a settings class that declares the field
            default, # the new default
            help:str|None=None, # a more specific help text (default: the declared one)
           ):
-    "The field `name` of `cls` with another default, for a subclass: declared once, defaulted per command."
-    declared = next(f for f in fields(cls) if f.name == name)
+    "The field `name` of `cls` with another default: declared once, defaulted per command."
+    declared = next((f for f in fields(cls) if f.name == name), None)
+    if declared is None: raise ValueError(f"retune: {cls.__name__} has no setting {name!r} to "
+                                          "give another default")
     return opt(default, declared.metadata.get("help", "") if help is None else help)
 
 # %% ../nbs/01_configs.ipynb #427a636f
 @dataclass
 class TrainConfig(Config):
-    "Settings every training command shares: data, model, optimisation, checkpoints, precision, LoRA."
+    "What every training command shares: data, model, optimisation, checkpoints, precision, LoRA."
     data: str = opt("runs/pairs/queries.jsonl", "annotated queries (schema JSONL)")
-    image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's folder)")
-    base: str = opt("tiny:llava_onevision", "the model to train: a local folder, or <source>:<name> (tiny:<family>)")
+    image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's "
+                                     "folder)")
+    base: str = opt("tiny:llava_onevision",
+                    "the model to train: a local folder, or <source>:<name> (tiny:<family>)")
     out: str = opt("runs/train", "output folder (checkpoints and the final model)")
     steps: int = opt(100, "optimiser steps")
     batch_size: int = opt(4, "queries per device per step (each with all its responses)")
     grad_accum: int = opt(1, "gradient accumulation steps")
     lr: float = opt(1e-4, "peak learning rate")
-    warmup_ratio: float = opt(0.1, "share of steps with a rising learning rate (cosine decay after)")
+    warmup_ratio: float = opt(0.1,
+                              "share of steps with a rising learning rate (cosine decay after)")
     logging_steps: int = opt(0, "log every this many steps (0: a tenth of the steps)")
     save_steps: int = opt(50, "checkpoint every this many steps")
-    resume: bool = opt(False, "resume from the newest complete checkpoint in `out` (incomplete ones are skipped with a warning)")
+    resume: bool = opt(False, "resume from the newest complete checkpoint in `out` (incomplete "
+                              "ones are skipped with a warning)")
     bf16: bool = opt(False, "bf16 mixed precision (GPUs)")
     deepspeed: str|None = opt(None, "a DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json)")
-    max_length: int|None = opt(MAX_LENGTH, "longest sequence in tokens, image tokens included (none: no limit)")
+    max_length: int|None = opt(MAX_LENGTH, "longest sequence in tokens, image tokens included "
+                                           "(none: no limit)")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
     lora_alpha: int = opt(32, "LoRA alpha, the update being alpha/r * BA (0: twice the rank)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input")
@@ -53,65 +61,100 @@ class TrainConfig(Config):
 
     def training_arguments(self, **extra):
         "The `transformers.TrainingArguments` these settings ask for (`extra` adds or overrides)."
-        import torch  # here, not at the top: this module stays light so that `--help` answers at once
+        import torch  # here, not at the top: this module stays light, so `--help` answers at once
         from transformers import TrainingArguments
-        kw = dict(output_dir=self.out, per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
-                  max_steps=self.steps, learning_rate=self.lr, warmup_steps=max(1, int(self.warmup_ratio * self.steps)),
-                  lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=self.logging_steps or max(1, self.steps // 10),
-                  save_strategy="steps", save_steps=self.save_steps, report_to="none", remove_unused_columns=False,
-                  seed=self.seed, data_seed=self.seed, bf16=self.bf16, deepspeed=self.deepspeed or None,
+        kw = dict(output_dir=self.out, per_device_train_batch_size=self.batch_size,
+                  gradient_accumulation_steps=self.grad_accum,
+                  max_steps=self.steps, learning_rate=self.lr,
+                  warmup_steps=max(1, int(self.warmup_ratio * self.steps)),
+                  lr_scheduler_type="cosine", weight_decay=0.0,
+                  logging_steps=self.logging_steps or max(1, self.steps // 10),
+                  save_strategy="steps", save_steps=self.save_steps, report_to="none",
+                  remove_unused_columns=False,
+                  seed=self.seed, data_seed=self.seed, bf16=self.bf16,
+                  deepspeed=self.deepspeed or None,
                   use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
         return TrainingArguments(**(kw | extra))
 
 # %% ../nbs/01_configs.ipynb #3f259362
 @dataclass
 class DeltaPolicy:
-    "How MM-DPO turns each pair's reward margin δ into β, and which pairs it keeps (the paper's values by default)."
+    "How MM-DPO turns each pair's margin δ into β and which pairs it keeps (paper defaults)."
     beta: float = opt(0.1, "β_ori")
-    w: float|None = opt(None, "β's growth; none: the mode's default (dynamic 0.5, the paper; implicit 0.1, the release's ls_factor_weight)")
+    w: float|None = opt(None, "β's growth; none: the mode's default (dynamic 0.5, the paper; "
+                              "implicit 0.1, the release's ls_factor_weight)")
     k: float = opt(0.5, "β's rate")
-    beta_mode: str = opt("dynamic", "dynamic (the paper), fixed (standard DPO) or implicit (the released code)")
+    beta_mode: str = opt("dynamic", "dynamic (the paper), fixed (standard DPO) or implicit (the "
+                                    "released code)")
     gamma: float = opt(0.25, "weight of the SFT term on chosen responses")
-    negative_delta: str = opt("clamp", "pairs the reward model ranks the other way: clamp, skip or keep")
-    missing_delta: str = opt("error", "pairs without a margin (dynamic β): error (score them with `mmrlhf score`), fixed (β_ori) or skip")
+    negative_delta: str = opt("clamp",
+                              "pairs the reward model ranks the other way: clamp, skip or keep")
+    missing_delta: str = opt("error", "pairs without a margin (dynamic β): error (score them with "
+                                      "`mmrlhf score`), fixed (β_ori) or skip")
 
     def delta_policy(self) -> "DeltaPolicy":
-        "Just the δ policy of these settings (a command's settings carry it among their other fields)."
+        "Just the δ policy of these settings (a command's settings hold it among other fields)."
         return DeltaPolicy(**{f.name: getattr(self, f.name) for f in fields(DeltaPolicy)})
 
 # %% ../nbs/01_configs.ipynb #60a22de3
 @dataclass
 class TrainRewardConfig(TrainConfig):
     "Settings of `mmrlhf train-reward`."
-    data: str = retune(TrainConfig, "data", "runs/pairs/queries.jsonl", "annotated queries (schema JSONL, e.g. from `mmrlhf pairs`)")
+    data: str = retune(TrainConfig, "data", "runs/pairs/queries.jsonl",
+                       "annotated queries (schema JSONL, e.g. from `mmrlhf pairs`)")
     out: str = retune(TrainConfig, "out", "runs/reward")
     steps: int = retune(TrainConfig, "steps", 300)
-    lr: float = retune(TrainConfig, "lr", 2e-3, "peak learning rate (1e-6 for a 7B model, as in the release)")
+    lr: float = retune(TrainConfig, "lr", 2e-3,
+                       "peak learning rate (1e-6 for a 7B model, as in the release)")
     warmup_ratio: float = retune(TrainConfig, "warmup_ratio", 0.05)
     save_steps: int = retune(TrainConfig, "save_steps", 100)
     lora_alpha: int = retune(TrainConfig, "lora_alpha", 0)
-    loss: str = opt("paper", "loss form: paper (critique CE a mean over critiques) or release (CE_w + CE_l in each pair's term)")
-    critique_weight: float = opt(1.0, "weight of the critique loss (0 with use_critiques false: score-only)")
+    max_length: int|None = retune(TrainConfig, "max_length", MAX_LENGTH,
+                                  "longest sequence in tokens, image tokens included (longer: "
+                                  "response, then critique cut; a query whose head alone is "
+                                  "longer is left out; none: no limit)")
+    loss: str = opt("paper", "loss form: paper (critique CE a mean over critiques) or release "
+                             "(CE_w + CE_l in each pair's term)")
+    critique_weight: float = opt(1.0, "weight of the critique loss (0 with use_critiques false: "
+                                      "score-only)")
     score_weight: float = opt(1.0, "weight of the Bradley-Terry loss")
     center_weight: float = opt(0.01, "weight of the centring term")
-    use_critiques: bool = opt(True, "teacher-force critiques (false: the score-head-only ablation)")
-    critique_source: str = opt("expanded", "expanded (each response's critique, else its joined reasons) or raw (the joined reasons: the paper's raw-critique ablation)")
-    margin_scale: float = opt(0.0, "margin term: -log σ(r_w - r_l - m), m = this x the pair's difference of mean annotator scores (0: off)")
+    use_critiques: bool = opt(True,
+                              "teacher-force critiques (false: the score-head-only ablation)")
+    critique_source: str = opt("expanded",
+                               "expanded (each response's critique, else its joined reasons) or "
+                               "raw (the joined reasons: the paper's raw-critique ablation)")
+    margin_scale: float = opt(0.0, "margin term: -log σ(r_w - r_l - m), m = this x the pair's "
+                                   "difference of mean annotator scores (0: off)")
     template: str = opt("default", "critique prompt: default or release")
-    lora_targets: str = opt(LORA_TARGETS, "regex over module names of the layers LoRA adapts (default: the language model's projections)")
+    lora_targets: str = opt(LORA_TARGETS,
+                            "regex over module names of the layers LoRA adapts (default: the "
+                            "language model's projections)")
 
 # %% ../nbs/01_configs.ipynb #49210a01
 @dataclass
 class TrainDPOConfig(DeltaPolicy, TrainConfig):
     "Settings of `mmrlhf train-dpo`."
-    data: str = retune(TrainConfig, "data", "runs/ref/queries.jsonl", "annotated queries with rewards (δ) and ref_logp (from `mmrlhf ref-logps`)")
-    base: str = retune(TrainConfig, "base", "tiny:llava_onevision", "the policy to train (the reference of ref-logps): a local folder or <source>:<name>")
+    data: str = retune(TrainConfig, "data", "runs/ref/queries.jsonl",
+                       "annotated queries with rewards (δ) and ref_logp (from `mmrlhf ref-logps`)")
+    base: str = retune(TrainConfig, "base", "tiny:llava_onevision",
+                       "the policy to train (the reference of ref-logps): a local folder or "
+                       "<source>:<name>")
     out: str = retune(TrainConfig, "out", "runs/dpo")
     logging_steps: int = retune(TrainConfig, "logging_steps", 10)
+    lr: float = retune(TrainConfig, "lr", 1e-4,
+                       "peak learning rate (the release: 1e-6 for a 7B model)")
+    grad_accum: int = retune(TrainConfig, "grad_accum", 1,
+                             "gradient accumulation steps (the release: 12 with batch 1)")
+    max_length: int|None = retune(TrainConfig, "max_length", MAX_LENGTH,
+                                  "longest prompt + response in tokens: longer responses cut "
+                                  "from their end, queries whose prompt alone does not fit "
+                                  "dropped; none: no limit (as in ref-logps)")
     share_prefix: bool = opt(True, "encode each query's image and prompt once for its responses")
     system: str|None = opt(None, "a system message before every conversation")
     train_vision: bool = opt(False, "also train the vision tower (the paper freezes it)")
-    gradient_checkpointing: bool = opt(False, "recompute activations to save memory (turns prefix sharing off)")
+    gradient_checkpointing: bool = opt(False, "recompute activations to save memory (turns prefix "
+                                              "sharing off)")
 
 # %% ../nbs/01_configs.ipynb #1ba9cc6d
 @dataclass
@@ -119,69 +162,93 @@ class PairsConfig(Config):
     "Settings of `mmrlhf pairs`: validate, annotate, expand and summarise a query file."
     input: str = opt("runs/world/queries.jsonl", "JSONL file of queries")
     out: str = opt("runs/pairs", "folder for queries.jsonl, pairs.jsonl, groups/, stats.json")
-    image_root: str|None = opt(None, "folder the image paths are relative to (default: the input's folder)")
-    check_images: bool = opt(True, "check that every image exists inside the image root (on reading our layout, and before any export)")
+    image_root: str|None = opt(None, "folder the image paths are relative to (default: the "
+                                     "input's folder)")
+    check_images: bool = opt(True, "check that every image exists inside the image root (on "
+                                   "reading our layout, and before any export)")
     rejects: bool = opt(False, "move bad records to rejects.jsonl instead of stopping")
     oracle: bool = opt(False, "annotate with the shapes-world oracle before expanding")
     groups: bool = opt(True, "also write the query groups as an Arrow dataset")
-    input_format: str = opt("mmrlhf", "layout of the input: mmrlhf, release, dpo_pairs, reward_bench, trl, llamafactory or swift (see formats)")
+    input_format: str = opt("mmrlhf", "layout of the input: mmrlhf, release, dpo_pairs, "
+                                      "reward_bench, trl, llamafactory or swift (see formats)")
     export: list = opt([], "also write the result in these layouts, e.g. [dpo_pairs, trl, swift]")
-    default_category: str|None = opt(None, "category of imported queries whose media paths name none")
-    derive_pairs: bool = opt(False, "pair-file input: replace the pairs as listed by every rank-different pair of the ranking they imply")
-    identical_texts: str = opt("warn", "responses with one text at different ranks: warn (count and first ids) or reject (a bad record)")
-    absolute_images: bool = opt(True, "write absolute image paths in the trl, llamafactory and swift exports (found from any folder)")
+    default_category: str|None = opt(None,
+                                     "category of imported queries whose media paths name none")
+    derive_pairs: bool = opt(False, "pair-file input: replace the pairs as listed by every "
+                                    "rank-different pair of the ranking they imply")
+    identical_texts: str = opt("warn", "responses with one text at different ranks: warn (count "
+                                       "and first ids) or reject (a bad record)")
+    absolute_images: bool = opt(True, "write absolute image paths in the trl, llamafactory and "
+                                      "swift exports (found from any folder)")
 
 # %% ../nbs/01_configs.ipynb #8c69030a
 @dataclass
 class CurateConfig(Config):
     "Settings of `mmrlhf curate`: pool -> balanced, deduplicated queries."
-    pool: str = opt("runs/world/queries.jsonl", "instruction pool: .jsonl, .parquet or a saved datasets folder")
-    image_root: str|None = opt(None, "folder the image paths are relative to (default: the pool's folder)")
+    pool: str = opt("runs/world/queries.jsonl",
+                    "instruction pool: .jsonl, .parquet or a saved datasets folder")
+    image_root: str|None = opt(None, "folder the image paths are relative to (default: the pool's "
+                                     "folder)")
     out: str = opt("runs/curated", "output folder")
     model: str = opt("ViT-B-32", "open_clip model name, or 'tiny' for tests")
-    weights: str|None = opt(None, "local CLIP weights file (safetensors preferred); none: random weights, for tests only")
-    precision: str = opt("auto", "auto (fp16 on GPU; bf16 on a CPU with native bf16, else fp32), bf16, fp16 or fp32")
+    weights: str|None = opt(None, "local CLIP weights file (safetensors preferred); none: random "
+                                  "weights, for tests only")
+    precision: str = opt("auto", "auto (fp16 on GPU; bf16 on a CPU with native bf16, else fp32), "
+                                 "bf16, fp16 or fp32")
     batch_size: int = opt(64, "images per forward pass")
     shard_size: int = opt(4096, "items per embedding shard (the unit of resumption)")
     clusters: int = opt(100, "k-means clusters")
     total: int = opt(30000, "size of the curated set")
-    ratio: dict = opt({"long": 4, "short": 5, "mcq": 1}, "target ratio of the rebalanced categories (safety and video are kept)")
+    ratio: dict = opt({"long": 4, "short": 5, "mcq": 1},
+                      "target ratio of the rebalanced categories (safety and video are kept)")
     long_threshold: int = opt(128, "reference answers longer than this are 'long'")
-    near_dup_threshold: float = opt(0.95, "cosine (centred embeddings) above which images are near-duplicates")
+    near_dup_threshold: float = opt(0.95, "cosine (centred embeddings) above which images are "
+                                          "near-duplicates")
     center: bool = opt(True, "centre embeddings before clustering and deduplication")
     seed: int = opt(0, "seed of clustering and sampling")
     report: bool = opt(True, "write report.html")
     thumbnails: int = opt(6, "example images per cluster in report.html")
-    near_examples: int = opt(24, "near-duplicate pairs shown in report.html (those with the lowest cosines)")
+    near_examples: int = opt(24, "near-duplicate pairs shown in report.html (those with the "
+                                 "lowest cosines)")
 
 # %% ../nbs/01_configs.ipynb #49d9a2ec
 @dataclass
 class RespondConfig(Config):
     "Settings of `mmrlhf respond`."
-    data: str = opt("runs/curate/queries.jsonl", "queries to answer (schema JSONL, e.g. from `mmrlhf curate`)")
+    data: str = opt("runs/curate/queries.jsonl",
+                    "queries to answer (schema JSONL, e.g. from `mmrlhf curate`)")
     image_root: str|None = opt(None, "folder of the queries' images (default: the data's folder)")
-    models: list = opt(["tiny:llava_onevision", "tiny:qwen2_vl"], "the models that answer: folders, adapter folders or tiny:/small:<family>")
-    out: str = opt("runs/respond", "folder for queries.jsonl (unannotated, one response per model) and each model's answers")
+    models: list = opt(["tiny:llava_onevision", "tiny:qwen2_vl"],
+                       "the models that answer: folders, adapter folders or tiny:/small:<family>")
+    out: str = opt("runs/respond",
+                   "folder for queries.jsonl (unannotated, one response per model) and each "
+                   "model's answers")
     batch_size: int = opt(16, "queries per generate call")
     max_new_tokens: int = opt(256, "longest response")
     temperature: float = opt(0.7, "sampling temperature (0: greedy)")
-    seed: int = opt(0, "seed of sampling (model k, item i: from seed + k, i's id and the model) and of test-bed models")
+    seed: int = opt(0, "seed of sampling (model k, item i: from seed + k, i's id and the model) "
+                       "and of test-bed models")
 
 # %% ../nbs/01_configs.ipynb #11b96e7a
 @dataclass
 class AnnotateConfig(Config):
     "Settings of `mmrlhf annotate`: the annotation web app."
-    db: str = opt("runs/annotate/annotations.sqlite", "the annotation database (created if missing)")
-    data: str|None = opt(None, "queries to add: schema JSONL (or its folder), e.g. from `mmrlhf respond`")
-    image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's folder; recorded in a new database)")
+    db: str = opt("runs/annotate/annotations.sqlite",
+                  "the annotation database (created if missing)")
+    data: str|None = opt(None, "queries to add: schema JSONL (or its folder), e.g. from `mmrlhf "
+                               "respond`")
+    image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's "
+                                     "folder; recorded in a new database)")
     annotators: list = opt([], "annotators to add (each new one gets a sign-in link)")
     reviewers: list = opt([], "reviewers to add")
     new_tokens: list = opt([], "people who get a new sign-in link (the old one stops working)")
     overlap: int = opt(2, "annotators per query")
     host: str = opt("127.0.0.1", "interface to listen on (localhost by default)")
     port: int = opt(8765, "port to listen on")
-    public_url: str|None = opt(None, "the address people open, e.g. https://annotate.example.org behind a proxy: the sign-in "
-                                     "links use it and writes from any other origin are refused (default: http://host:port)")
+    public_url: str|None = opt(None, "the address people open, e.g. https://annotate.example.org "
+                                     "behind a proxy: the sign-in "
+                                     "links use it and writes from any other origin are refused "
+                                     "(default: http://host:port)")
     serve: bool = opt(True, "serve the app (false: only set up the database and print the links)")
 
 # %% ../nbs/01_configs.ipynb #27f7c3c8
@@ -190,7 +257,8 @@ class AnnotateExportConfig(Config):
     "Settings of `mmrlhf annotate-export`."
     db: str = opt("runs/annotate/annotations.sqlite", "the annotation database")
     out: str = opt("runs/annotate/annotated.jsonl", "the schema JSONL file to write")
-    which: str = opt("accepted", "accepted (one reviewed annotation per query) or submitted (every submission)")
+    which: str = opt("accepted",
+                     "accepted (one reviewed annotation per query) or submitted (all of them)")
 
 # %% ../nbs/01_configs.ipynb #2862bb8c
 @dataclass
@@ -204,42 +272,59 @@ class AnnotateAgreementConfig(Config):
 @dataclass
 class ExpandConfig(Config):
     "Settings of `mmrlhf expand-critiques`."
-    data: str = opt("runs/pairs/queries.jsonl", "annotated queries (schema JSONL with reasons, e.g. from `mmrlhf pairs`)")
-    out: str = opt("runs/critiques", "folder for queries.jsonl (with critiques), flagged.jsonl, cache.jsonl and summary.json")
-    image_root: str|None = opt(None, "if given, every image must exist inside it (the expander itself sees text only)")
-    url: str|None = opt(None, "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (or give `model`)")
+    data: str = opt("runs/pairs/queries.jsonl",
+                    "annotated queries (schema JSONL with reasons, e.g. from `mmrlhf pairs`)")
+    out: str = opt("runs/critiques",
+                   "folder for queries.jsonl (with critiques), flagged.jsonl, cache.jsonl and "
+                   "summary.json")
+    image_root: str|None = opt(None, "if given, every image must exist inside it (the expander "
+                                     "itself sees text only)")
+    url: str|None = opt(None, "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (or "
+                              "give `model`)")
     model_name: str = opt("gpt-4o", "the model the endpoint serves")
     api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the endpoint's key")
-    model: str|None = opt(None, "local model instead of an endpoint: a folder, an adapter folder or tiny:/small:<family>")
+    model: str|None = opt(None, "local model instead of an endpoint: a folder, an adapter folder "
+                                "or tiny:/small:<family>")
     seed: int = opt(0, "seed of a test-bed model's weights")
     max_new_tokens: int = opt(512, "longest expansion in tokens")
     batch_size: int = opt(8, "responses per batch (local generate call, and the unit of progress)")
     workers: int = opt(4, "endpoint requests in flight at once")
     overwrite: bool = opt(False, "expand responses that already have a critique too")
-    check: str = opt("heuristic", "contradiction check: none, heuristic, model (one more request per response) or both")
+    check: str = opt("heuristic",
+                     "contradiction check: none, heuristic, model (one more request per response) "
+                     "or both")
 
 # %% ../nbs/01_configs.ipynb #999cf44a
 @dataclass
 class ScoreConfig(Config):
     "Settings of `mmrlhf score`."
     data: str = opt("runs/pairs/queries.jsonl", "queries to score (schema JSONL)")
-    image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's folder)")
+    image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's "
+                                     "folder)")
     model: str = opt("runs/reward/final", "a reward model folder (from `mmrlhf train-reward`)")
-    out: str = opt("runs/scored", "folder for the scored queries.jsonl and pairs.jsonl (with margins), and rejected.jsonl")
-    critiques: str = opt("generate", "generate (critique, then score), given (the data's critiques) or none")
+    out: str = opt("runs/scored",
+                   "folder for the scored queries.jsonl and pairs.jsonl (with margins), and "
+                   "rejected.jsonl")
+    critiques: str = opt("generate",
+                         "generate (critique, then score), given (the data's critiques) or none")
     max_new_tokens: int = opt(128, "longest generated critique")
     temperature: float = opt(0.0, "critique sampling temperature (0: greedy, as in the release)")
     top_p: float = opt(1.0, "nucleus sampling's mass (with temperature above 0)")
     seed: int = opt(0, "seed of sampled critiques")
     batch_size: int = opt(8, "queries per scoring batch")
-    max_length: int|None = opt(MAX_LENGTH, "longest sequence in tokens, image tokens included (longer: response, then critique cut; "
-                                           "a query whose head alone is longer is left out, in rejected.jsonl; none: no limit)")
+    max_length: int|None = opt(MAX_LENGTH,
+                               "longest sequence in tokens, image tokens included (longer: "
+                               "response, then critique cut; "
+                                           "a query whose head alone is longer is left out, in "
+                                           "rejected.jsonl; none: no limit)")
 
 # %% ../nbs/01_configs.ipynb #f896fb67
 @dataclass
 class EvalRewardBenchConfig(Config):
     "Settings of `mmrlhf eval-rewardbench`."
-    scored: str = opt("runs/scored/queries.jsonl", "scored data: our queries.jsonl (responses with rewards) or the release's evaluation output")
+    scored: str = opt("runs/scored/queries.jsonl",
+                      "scored data: our queries.jsonl (responses with rewards) or the release's "
+                      "evaluation output")
     layout: str = opt("auto", "mmrlhf, release (mm_reward_bench lines with rewards) or auto")
     seed: int = opt(0, "seed of the bootstrap")
 
@@ -247,14 +332,22 @@ class EvalRewardBenchConfig(Config):
 @dataclass
 class RefLogpsConfig(Config):
     "Settings of `mmrlhf ref-logps`."
-    data: str = opt("runs/scored/queries.jsonl", "queries (schema JSONL), e.g. from `mmrlhf score`")
-    image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's folder)")
-    model: str = opt("tiny:llava_onevision", "the reference policy (the model DPO starts from): a local folder or tiny:/small:<family>")
+    data: str = opt("runs/scored/queries.jsonl",
+                    "queries (schema JSONL), e.g. from `mmrlhf score`")
+    image_root: str|None = opt(None, "folder the image paths are relative to (default: the data's "
+                                     "folder)")
+    model: str = opt("tiny:llava_onevision",
+                     "the reference policy (the model DPO starts from): a local folder or "
+                     "tiny:/small:<family>")
     out: str = opt("runs/ref", "folder for queries.jsonl with each response's ref_logp")
     batch_size: int = opt(8, "queries per forward")
-    system: str|None = opt(None, "a system message before every conversation (as the policy is trained)")
-    max_length: int|None = opt(MAX_LENGTH, "longest prompt + response in tokens: longer responses cut from their end, queries whose "
-                                           "prompt alone does not fit dropped (no ref_logp); none: no limit")
+    system: str|None = opt(None,
+                           "a system message before every conversation (as the policy is trained)")
+    max_length: int|None = opt(MAX_LENGTH,
+                               "longest prompt + response in tokens: longer responses cut from "
+                               "their end, queries whose "
+                                           "prompt alone does not fit dropped (no ref_logp); "
+                                           "none: no limit")
     share_prefix: bool = opt(True, "encode each query's image and prompt once for its responses")
     bf16: bool = opt(False, "run the model in bfloat16 (GPUs)")
     seed: int = opt(0, "seed of a test-bed model's weights")
@@ -263,24 +356,35 @@ class RefLogpsConfig(Config):
 @dataclass
 class EvalConfig(Config):
     "Settings of `mmrlhf eval`."
-    model: str = opt("runs/dpo/final", "the model: a folder, a LoRA adapter folder, or tiny:/small:<family>")
+    model: str = opt("runs/dpo/final",
+                     "the model: a folder, a LoRA adapter folder, or tiny:/small:<family>")
     name: str|None = opt(None, "the model's name in reports (default: the model spec)")
-    bench: str = opt("runs/world-test/queries.jsonl", "benchmark JSONL (a shapes world's queries.jsonl works as it is)")
-    image_root: str|None = opt(None, "folder of the benchmark's images (default: the benchmark's folder)")
+    bench: str = opt("runs/world-test/queries.jsonl",
+                     "benchmark JSONL (a shapes world's queries.jsonl works as it is)")
+    image_root: str|None = opt(None, "folder of the benchmark's images (default: the benchmark's "
+                                     "folder)")
     bench_name: str|None = opt(None, "the benchmark's name (default: the file's folder name)")
     out: str = opt("runs/eval", "folder for predictions.jsonl, run.json and comparison.json")
-    baseline: str|None = opt(None, "another model's run.json on the same benchmark: compare against it")
-    train: str|None = opt(None, "training queries (schema JSONL) to check the benchmark against for leakage")
-    train_image_root: str|None = opt(None, "folder of the training images (default: the training file's folder)")
-    clip: str = opt("ViT-B-32", "CLIP model of the image leakage check (tiny: a random one, for tests)")
+    baseline: str|None = opt(None,
+                             "another model's run.json on the same benchmark: compare against it")
+    train: str|None = opt(None, "training queries (schema JSONL) to check the benchmark against "
+                                "for leakage")
+    train_image_root: str|None = opt(None, "folder of the training images (default: the training "
+                                           "file's folder)")
+    clip: str = opt("ViT-B-32",
+                    "CLIP model of the image leakage check (tiny: a random one, for tests)")
     clip_weights: str|None = opt(None, "local CLIP weights file")
-    drop_contaminated: str|None = opt(None, "drop items flagged by: text, image, either or both (default: keep all, report only)")
+    drop_contaminated: str|None = opt(None, "drop items flagged by: text, image, either or both "
+                                            "(default: keep all, report only)")
     batch_size: int = opt(16, "items per generate call")
     max_new_tokens: int = opt(96, "longest answer")
     system: str|None = opt(None, "a system message")
-    temperature: float = opt(0.0, "0: greedy; above 0, each item is sampled from its own seed (seed, id, model)")
-    checker: str = opt("shapes", "grader of items that carry a `truth` field: an installed `mmrlhf.checkers` entry point (shapes: the shapes world's)")
-    judge_url: str|None = opt(None, "an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) for judged metrics")
+    temperature: float = opt(0.0, "0: greedy; above 0, each item is sampled from its own seed "
+                                  "(seed, id, model)")
+    checker: str = opt("shapes", "grader of items that carry a `truth` field: an installed "
+                                 "`mmrlhf.checkers` entry point (shapes: the shapes world's)")
+    judge_url: str|None = opt(None, "an OpenAI-compatible endpoint (e.g. "
+                                    "http://localhost:8000/v1) for judged metrics")
     judge_model: str = opt("gpt-4o", "the judge's model name at that endpoint")
     judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's API key")
     seed: int = opt(0, "seed of sampling, the bootstrap and a test-bed model's weights")
@@ -288,10 +392,11 @@ class EvalConfig(Config):
 # %% ../nbs/01_configs.ipynb #1a23d9ea
 @dataclass
 class ReportConfig(Config):
-    "Settings of `mmrlhf report`: evaluation results -> one offline HTML page and a terminal summary."
+    "Settings of `mmrlhf report`: evaluation results -> an offline HTML page and a summary."
     runs: list = opt([], "evaluation run files (JSON), one per model or seed")
     comparisons: list = opt([], "paired comparison files (JSON)")
-    rewardbench: str|None = opt(None, "reward-bench result (JSON, as printed by `mmrlhf eval-rewardbench`)")
+    rewardbench: str|None = opt(None, "reward-bench result (JSON, as printed by `mmrlhf "
+                                      "eval-rewardbench`)")
     out: str = opt("runs/report/report.html", "the HTML file to write")
     title: str = opt("mmrlhf evaluation report", "the page's title")
 
@@ -323,7 +428,8 @@ class DemoConfig(Config):
     warmup_steps: int = opt(350, "steps of the supervised warm-up")
     batch_size: int = opt(16, "examples per warm-up step")
     lr: float = opt(1.5e-3, "peak learning rate of the warm-up")
-    noise: float = opt(0.2, "chance that a warm-up example uses a flawed answer (teaches some hallucination)")
+    noise: float = opt(0.2, "chance that a warm-up example uses a flawed answer (teaches some "
+                            "hallucination)")
     reward_base: str = opt("tiny:llava_onevision", "the reward model's base")
     reward_steps: int = opt(300, "reward-model training steps (4 queries each)")
     critique_tokens: int = opt(32, "longest generated critique")

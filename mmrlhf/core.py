@@ -12,7 +12,9 @@ __all__ = ['opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config
            'last_complete_checkpoint', 'GlobalMeanTrainer', 'plugin']
 
 # %% ../nbs/00_core.ipynb #939603ce
-import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, tempfile, types, typing, warnings
+import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, tempfile, types
+import typing
+import warnings
 from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def coerce(value, # the raw value: from YAML, or a string from the command line
           ):
     "Convert `value` to type `tp`, or raise a `ValueError` naming the field."
     tp, optional = _strip_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+    if value is None or (optional and isinstance(value,
+                                                 str) and value.lower() in ("none", "null", "")):
         if optional or tp is typing.Any: return None
         raise ValueError(f"{name}: must not be empty")
     origin = typing.get_origin(tp) or tp
@@ -56,17 +59,20 @@ def coerce(value, # the raw value: from YAML, or a string from the command line
         if origin is bool:
             if isinstance(value, bool): return value
             if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"): return True
-            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"): return False
+            if isinstance(value, str) and value.lower() in ("0", "false", "no",
+                                                            "off"): return False
             if isinstance(value, int) and value in (0, 1): return bool(value)
             raise ValueError(f"not a boolean: {value!r}")
         if origin in (int, float):
             if isinstance(value, bool): raise ValueError(f"not a number: {value!r}")
-            if origin is int and isinstance(value, float) and not value.is_integer(): raise ValueError(f"not an integer: {value!r}")
+            if origin is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"not an integer: {value!r}")
             return origin(value)
         if origin is str: return str(value)
         if origin in (list, tuple, dict):
             if isinstance(value, str): value = yaml.safe_load(value)
-            if not isinstance(value, dict if origin is dict else (list, tuple)): raise ValueError(f"expected a {origin.__name__}, got {value!r}")
+            if not isinstance(value, dict if origin is dict else (list, tuple)):
+                raise ValueError(f"expected a {origin.__name__}, got {value!r}")
             return origin(value)
         return value
     except (TypeError, ValueError) as e: raise ValueError(f"{name}: {e}") from None
@@ -75,6 +81,7 @@ def coerce(value, # the raw value: from YAML, or a string from the command line
 class ConfigError(ValueError):
     "A configuration that can't be used, with the file or flag it came from."
 
+# %% ../nbs/00_core.ipynb #40773adc
 @dataclass
 class Config:
     "Base of a stage's settings: YAML in and out, typed overrides."
@@ -84,17 +91,19 @@ class Config:
         types_ = _field_types(cls)
         out = {}
         for f in fields(cls):
-            default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+            made = f.default_factory() if f.default_factory is not MISSING else None
+            default = f.default if f.default is not MISSING else made
             out[f.name] = (types_[f.name], default, f.metadata.get("help", ""))
         return out
 
     def update(self, values:dict, source:str="overrides"):
-        "Set fields from a mapping, converting types; unknown keys raise `ConfigError` naming `source`."
+        "Set fields from a mapping, converting types; an unknown key is a `ConfigError`."
         types_ = _field_types(type(self))
         for k, v in values.items():
             key = k.replace("-", "_")
             if key not in types_:
-                raise ConfigError(f"{source}: unknown setting {k!r} for {type(self).__name__}; known: {', '.join(types_)}")
+                raise ConfigError(f"{source}: unknown setting {k!r} for {type(self).__name__}; "
+                                  f"known: {', '.join(types_)}")
             try: setattr(self, key, coerce(v, types_[key], key))
             except ValueError as e: raise ConfigError(f"{source}: {e}") from None
         return self
@@ -107,7 +116,8 @@ class Config:
         try: data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError: raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict): raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        if not isinstance(data, dict): raise ConfigError(f"{path}: expected a mapping of "
+                                                         f"settings, got {type(data).__name__}")
         return cls().update(data, str(path)).update(overrides)
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
@@ -120,7 +130,8 @@ class Config:
 # %% ../nbs/00_core.ipynb #8949b22b
 def _type_name(tp) -> str:
     "A short readable name for a type annotation."
-    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"): return tp.__name__
+    return str(tp).replace("typing.", "")
 
 def config_table(cls) -> str:
     "A markdown table of a config's fields: name, type, default and help."
@@ -134,19 +145,25 @@ def add_config_args(parser:argparse.ArgumentParser, # the (sub)parser to fill
                     cls, # a `Config` subclass
                    ):
     "Add `--config`, `--print-config`, one flag per field and `key=value` overrides to `parser`."
-    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (flags and key=value override it)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file of settings (flags and key=value override it)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings as YAML and exit")
     for name, (tp, default, help_) in cls.field_help().items():
         flag = "--" + name.replace("_", "-")
         base, _ = _strip_optional(tp)
         text = f"{help_} (default: {default!r})"
-        if base is bool: parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-        else: parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=_type_name(base).upper(), help=text)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more settings, e.g. seed=3")
+        if base is bool: parser.add_argument(flag, dest=name,
+                                             action=argparse.BooleanOptionalAction,
+                                             default=argparse.SUPPRESS, help=text)
+        else: parser.add_argument(flag, dest=name, default=argparse.SUPPRESS,
+                                  metavar=_type_name(base).upper(), help=text)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="more settings, e.g. seed=3")
     return parser
 
 def config_from_args(cls, # the `Config` subclass to build
-                     args:argparse.Namespace, # parsed arguments from a parser filled by `add_config_args`
+                     args:argparse.Namespace, # parsed by a parser that `add_config_args` filled
                     ):
     "Build `cls` from defaults, `--config`, flags and `key=value` overrides."
     cfg = cls.from_yaml(args.config) if args.config else cls()
@@ -165,7 +182,7 @@ def seed_everything(seed:int, # the seed for Python, NumPy and torch
     "Seed `random`, NumPy and torch (all devices)."
     random.seed(seed); np.random.seed(seed)
     try:
-        import torch
+        import torch  # here: core stays light, so the command line answers without loading torch
         torch.manual_seed(seed)
     except ImportError: pass
     return seed
@@ -189,6 +206,7 @@ def atomic_write(path, # the file to write
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
 
+# %% ../nbs/00_core.ipynb #3fa12c8c
 def write_text(path, text:str):
     "Write `text` to `path` atomically."
     with atomic_write(path) as f: f.write(text)
@@ -222,14 +240,16 @@ def atomic_dir(path, # the folder to create (an existing one is replaced when th
 def clean_stale_temps(folder, # an output folder (not searched recursively)
                       say:bool=False, # print how many were removed (when any were)
                      ) -> int:
-    "Remove the temporary files and staging folders a killed run left in `folder`; return how many."
+    "Remove the temporary files and staging folders a killed run left in `folder`; count them."
     folder, n = Path(folder), 0
     if not folder.is_dir(): return 0
     for p in folder.iterdir():
         if not p.name.startswith("."): continue
         if p.is_file() and p.name.endswith(".tmp"): p.unlink(missing_ok=True); n += 1
-        elif p.is_dir() and p.name.endswith((".partial", ".old")): shutil.rmtree(p, ignore_errors=True); n += 1
-    if say and n: print(f"removed {n} temporary file(s) or folder(s) a stopped run left in {folder}")
+        elif p.is_dir() and p.name.endswith((".partial",
+                                             ".old")): shutil.rmtree(p, ignore_errors=True); n += 1
+    if say and n: print(f"removed {n} temporary file(s) or folder(s) a stopped run left in "
+                        f"{folder}")
     return n
 
 # %% ../nbs/00_core.ipynb #3e6eac10
@@ -237,42 +257,54 @@ class DataError(ValueError):
     "Bad input data, located by file, line and field."
     def __init__(self, file, # the file that holds the bad record
                  line:int|None, # 1-based line number, if the file is line-oriented
-                 field:str|None, # the offending field, dotted for nested ones (e.g. `responses.2.text`)
+                 field:str|None, # the offending field, dotted when nested (`responses.2.text`)
                  reason:str, # what is wrong, in words
                 ):
         self.file, self.line, self.field, self.reason = str(file), line, field, reason
         where = self.file + (f":{line}" if line is not None else "")
         super().__init__(f"{where}: {field + ': ' if field else ''}{reason}")
 
+# %% ../nbs/00_core.ipynb #0f84c6e1
 class DataErrors(ValueError):
     "Several `DataError`s from one file."
     def __init__(self, errors:list, shown:int=50):
         self.errors = errors
-        lines = [str(e) for e in errors[:shown]] + ([f"... and {len(errors) - shown} more"] if len(errors) > shown else [])
-        super().__init__(lines[0] if len(errors) == 1 else f"{len(errors)} bad record(s):\n" + "\n".join(lines))
+        more = [f"... and {len(errors) - shown} more"] if len(errors) > shown else []
+        lines = [str(e) for e in errors[:shown]] + more
+        many = f"{len(errors)} bad record(s):\n" + "\n".join(lines)
+        super().__init__(lines[0] if len(errors) == 1 else many)
 
 # %% ../nbs/00_core.ipynb #87bb5afa
 def _nonfinite_field(obj, where:str="") -> str|None:
     "The dotted path of the first NaN or infinite number in a decoded record, if any."
     if isinstance(obj, float) and not math.isfinite(obj): return where or "(the record)"
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    return next((f for k, v in items if (f := _nonfinite_field(v, f"{where}.{k}" if where else str(k))) is not None), None)
+    items = obj.items() if isinstance(obj,
+                                      dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        if (f := _nonfinite_field(v, f"{where}.{k}" if where else str(k))) is not None: return f
+    return None
 
 def decode_json_line(raw:bytes, # one line of a JSONL file, as read
                      path, # the file, for errors
                      line:int, # its 1-based line number, for errors
                     ) -> dict:
-    "One JSONL line as a record; bytes that are not UTF-8, bad JSON, a non-object and NaN raise `DataError`."
+    "One JSONL line as a record; non-UTF-8 bytes, bad JSON, a non-object or NaN are a `DataError`."
     try: text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(path, line, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+        raise DataError(path, line, None,
+                        f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
                                           "re-encode the file as UTF-8") from None
-    odd = []  # `json.loads` reads NaN and Infinity unless told: note them, then find where they are
+    odd = []  # `json.loads` reads NaN and Infinity unless told: note them, then find them
     try: rec = json.loads(text, parse_constant=lambda c: odd.append(c) or float(c))
-    except json.JSONDecodeError as e: raise DataError(path, line, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict): raise DataError(path, line, None, f"expected a JSON object, got {type(rec).__name__}")
+    except json.JSONDecodeError as e:
+        raise DataError(path, line, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict): raise DataError(path, line, None,
+                                                  "expected a JSON object, got "
+                                                  f"{type(rec).__name__}")
     if odd and (bad := _nonfinite_field(rec)) is not None:
-        raise DataError(path, line, bad, "NaN or infinity is not a number (JSON has no such value); use null for a missing one")
+        raise DataError(path, line, bad,
+                        "NaN or infinity is not a number (JSON has no such value); use null for a "
+                        "missing one")
     return rec
 
 def json_line(rec:dict, # a JSON-serialisable record
@@ -283,7 +315,8 @@ def json_line(rec:dict, # a JSON-serialisable record
     try: return json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n"
     except ValueError:
         if (bad := _nonfinite_field(rec)) is None: raise
-        raise ValueError(f"{path}: record {n} ({rec.get('id', 'no id')!r}): {bad} is NaN or infinite; "
+        raise ValueError(f"{path}: record {n} ({rec.get('id', 'no id')!r}): {bad} is NaN or "
+                         "infinite; "
                          "refusing to write invalid JSON") from None
 
 def read_jsonl(path, # a file with one JSON object per line (UTF-8)
@@ -297,7 +330,7 @@ def read_jsonl(path, # a file with one JSON object per line (UTF-8)
 def write_jsonl(path, # the file to write (atomically)
                 records:typing.Iterable[dict], # JSON-serialisable mappings, finite numbers only
                ) -> int:
-    "Write one JSON object per line, atomically; return the number written (NaN or infinity raise `ValueError`)."
+    "Write one JSON object per line, atomically; return the count (NaN or infinity: `ValueError`)."
     n = 0
     with atomic_write(path) as f:
         for rec in records: n += 1; f.write(json_line(rec, path, n))
@@ -309,10 +342,13 @@ def resolve_image_path(root, # the configured image root
                       ) -> Path:
     "The real path of `rel` under `root`; `ValueError` if it escapes the root."
     root = Path(root).resolve()
-    if not isinstance(rel, str) or not rel: raise ValueError(f"image path must be a non-empty string, got {rel!r}")
-    if Path(rel).is_absolute(): raise ValueError(f"image path {rel!r} is absolute; give it relative to the image root")
+    if not isinstance(rel, str) or not rel: raise ValueError("image path must be a non-empty "
+                                                             f"string, got {rel!r}")
+    if Path(rel).is_absolute(): raise ValueError(f"image path {rel!r} is absolute; give it "
+                                                 "relative to the image root")
     full = (root / rel).resolve()
-    if not full.is_relative_to(root): raise ValueError(f"image path {rel!r} escapes the image root {root}")
+    if not full.is_relative_to(root): raise ValueError(f"image path {rel!r} escapes the image "
+                                                       f"root {root}")
     return full
 
 def load_image(root, # the configured image root
@@ -341,63 +377,69 @@ def mean_ci(values, # numbers or booleans, one per example
 # %% ../nbs/00_core.ipynb #3d40ce1f
 def last_complete_checkpoint(out, # a Trainer's output folder
                             ) -> str|None:
-    "The newest `checkpoint-N` in `out` whose `trainer_state.json` is whole; warn about each newer one skipped."
+    "The newest `checkpoint-N` in `out` with a whole `trainer_state.json`; warn of newer ones."
     out = Path(out)
     if not out.is_dir(): return None
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    found = [(int(m.group(1)), p) for p in out.iterdir()
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
     for _, p in sorted(found, reverse=True):
         try: json.loads((p / "trainer_state.json").read_text()); return str(p)
         except (OSError, ValueError):
-            warnings.warn(f"{p}: incomplete checkpoint (no readable trainer_state.json: the run stopped while writing it); "
+            warnings.warn(f"{p}: incomplete checkpoint (no readable trainer_state.json: the run "
+                          "stopped while writing it); "
                           "resuming from an earlier one", stacklevel=2)
     return None
 
 # %% ../nbs/00_core.ipynb #3d8047e3
 class GlobalMeanTrainer:
-    "Mixin for a `transformers.Trainer` whose loss is a mean over items: normalised by the global batch, checkpoints appear whole."
-    item_kinds: tuple = ("pairs",) # the kinds of items `count_items` counts (the same on every process)
+    "Mixin for a `Trainer` whose loss is a mean over items: global mean, whole checkpoints."
+    item_kinds: tuple = ("pairs",) # the kinds of items `count_items` counts (same everywhere)
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.loss_is_scaled_for_ga = True  # `global_mean` already divides by the whole step's count
+        self.loss_is_scaled_for_ga = True  # `global_mean` divides by the whole step's count
 
     def count_items(self, batch:dict) -> dict:
         "The number of items of each kind in one collated micro-batch (a subclass defines it)."
         raise NotImplementedError
 
     def _get_num_items_in_batch(self, batch_samples:list, device) -> dict:
-        "Each kind's count over the micro-batches of one optimiser step, summed over all processes."
-        import torch
+        "Each kind's count over the micro-batches of one optimiser step, summed over processes."
+        import torch  # here: core stays light, so the command line answers without loading torch
         counts = [self.count_items(b) for b in batch_samples]
-        t = torch.tensor([float(sum(c[k] for c in counts)) for k in self.item_kinds], dtype=torch.float64, device=device)
+        t = torch.tensor([float(sum(c[k] for c in counts)) for k in self.item_kinds],
+                         dtype=torch.float64, device=device)
         if self.accelerator.num_processes > 1: t = self.accelerator.reduce(t, reduction="sum")
         return dict(zip(self.item_kinds, t.float()))
 
     def global_mean(self, total, # a sum over this micro-batch's items of one kind (a 0-d tensor)
                     kind:str, # which count divides it
-                    num_items_in_batch:dict|None, # what `_get_num_items_in_batch` returned; None outside training
-                    local_count:int, # this micro-batch's count of that kind (used when `num_items_in_batch` is None)
+                    num_items_in_batch:dict|None, # the step's counts; None outside training
+                    local_count:int, # this micro-batch's count of that kind (for outside training)
                    ):
-        "This micro-batch's share of the mean over the global batch, scaled for the gradient averaging over processes."
+        "This micro-batch's share of the global mean, scaled for the averaging over processes."
         if num_items_in_batch is None: return total / max(float(local_count), 1.0)
         n = num_items_in_batch[kind].to(total.device)
         return total * self.accelerator.num_processes / n.clamp(min=1)
 
     def _save_checkpoint(self, model, trial):
-        "Write the checkpoint under `.staging/` and move it into place once every process has written its part."
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-        run_dir = Path(self._get_output_dir(trial)); name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        "Write the checkpoint under `.staging/`; move it in place once every process wrote."
+        from transformers.trainer_utils import (  # light core: loaded when a trainer saves
+            PREFIX_CHECKPOINT_DIR, rotate_checkpoints)
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = run_dir / ".staging"
-        if self.args.should_save: shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        if self.args.should_save: shutil.rmtree(staging, ignore_errors=True)  # a killed save's
         self.accelerator.wait_for_everyone()
-        self._get_output_dir = lambda trial=None: str(staging)  # the Trainer writes wherever this points
+        self._get_output_dir = lambda trial=None: str(staging)  # the Trainer writes here
         try: super()._save_checkpoint(model, trial)
         finally: del self._get_output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save and (staging / name).is_dir():
             if (run_dir / name).exists(): shutil.rmtree(run_dir / name)
             os.replace(staging / name, run_dir / name)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+            rotate_checkpoints(output_dir=str(run_dir),
+                               save_total_limit=self.args.save_total_limit, use_mtime=False)
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
@@ -406,6 +448,7 @@ def plugin(group:str, # an entry-point group, e.g. `mmrlhf.model_sources`
            name:str, # the entry point's name in that group, e.g. `tiny`
           ):
     "The object an installed package registers under `name` in `group`, or None."
-    from importlib.metadata import entry_points  # here: the metadata scan is needed only when a plug-in is asked for
+    # here, not at the top: the metadata scan is needed only when a plug-in is asked for
+    from importlib.metadata import entry_points
     found = [ep for ep in entry_points(group=group) if ep.name == name]
     return found[0].load() if found else None

@@ -12,11 +12,13 @@ __all__ = ['MARKER', 'EXPAND_PROMPT', 'CHECK_PROMPT', 'human_comment', 'expand_p
 
 # %% ../nbs/09_critiques.ipynb #0183d1f8
 import hashlib, json, re
-from dataclasses import dataclass
 from pathlib import Path
 
+# %% ../nbs/09_critiques.ipynb #p1090ab1
+import torch
+
 # %% ../nbs/09_critiques.ipynb #4eb31955
-from .core import Config, ConfigError, DataError, opt, read_jsonl, write_jsonl, write_text
+from .core import ConfigError, DataError, read_jsonl, write_jsonl, write_text
 from .configs import ExpandConfig
 from .schema import DIMENSIONS, level, parse_query, Query, Response, write_queries
 from .models import generate_text, load_policy
@@ -28,11 +30,13 @@ def _without_level(reason:str, dimension:str, score:int|None) -> str:
     reason = reason.strip()
     if score is not None:
         name = level(dimension, score)
-        if reason.lower().startswith(name.lower()) and reason[len(name):len(name) + 1] in (":", ".", "-", ","):
+        after = reason[len(name):len(name) + 1]
+        if reason.lower().startswith(name.lower()) and after in (":", ".", "-", ","):
             reason = reason[len(name) + 1:].strip()
     return reason[:1].upper() + reason[1:]
 
-def human_comment(r:Response) -> str:
+def human_comment(r:Response, # the annotated response (its `scores` and `reasons`)
+                 ) -> str:
     "The annotator's reasons as one comment: a line per dimension with its score and level name."
     lines = []
     for d in DIMENSIONS:
@@ -47,13 +51,17 @@ def human_comment(r:Response) -> str:
 # %% ../nbs/09_critiques.ipynb #cbc1728d
 MARKER = "Expanded Comment:"
 
-EXPAND_PROMPT = """You are given a question about an image, an answer to it, and a human expert's comment on the answer: a score from 1 to 5 with a reason for each of helpfulness, faithfulness to the image, and ethics.
+EXPAND_PROMPT = """You are given a question about an image, an answer to it, and a human expert's \
+comment on the answer: a score from 1 to 5 with a reason for each of helpfulness, faithfulness to \
+the image, and ethics.
 
-Expand the human comment into a professional, logically rigorous critique of the answer. Keep every strength and every weakness the comment names, and the verdict of every score.
+Expand the human comment into a professional, logically rigorous critique of the answer. Keep \
+every strength and every weakness the comment names, and the verdict of every score.
 
 Rules:
 - Do not answer the question yourself.
-- Add no new facts. Say nothing about the image, the answer or the world that the human comment does not say: no new observations, no speculation, no uncertain content.
+- Add no new facts. Say nothing about the image, the answer or the world that the human comment \
+does not say: no new observations, no speculation, no uncertain content.
 - Do not change or soften any verdict, and do not contradict the comment.
 
 [Question:] {question}
@@ -63,13 +71,15 @@ Rules:
 
 Write the expanded comment after "Expanded Comment:" and nothing else."""
 
+# %% ../nbs/09_critiques.ipynb #fe18343b
 def expand_prompt(question:str, # the query's question
                   answer:str, # the response being critiqued
                   comment:str, # the human comment (`human_comment`)
                   template:str=EXPAND_PROMPT, # with {question}, {answer} and {comment}
                  ) -> str:
     "The user message asking for an expansion of `comment`."
-    return template.format(question=question.strip(), answer=answer.strip(), comment=comment.strip())
+    return template.format(question=question.strip(), answer=answer.strip(),
+                           comment=comment.strip())
 
 # %% ../nbs/09_critiques.ipynb #d469a91f
 _MARKER_RE = re.compile(r"[*_#\s]*expanded\s+comment\s*[*_]*\s*:\s*[*_]*", re.I)
@@ -90,10 +100,12 @@ _LINE_RE = re.compile(r"-\s*(\w+)(?:\s+(\d)/5\s+\(([^)]*)\))?\s*:\s*(.*)")
 
 def stand_in_expansion(body:dict, # the chat request's JSON body
                       ) -> str:
-    "A `StandInServer` reply: the request's human comment restated sentence by sentence (or 'No.' to a check)."
+    "A `StandInServer` reply: the request's human comment restated (or 'No.' to a check)."
     text = body["messages"][-1]["content"]
-    if isinstance(text, list): text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
-    if text.startswith(CHECK_PROMPT[:60]): return "No. The expanded comment restates the human comment."
+    if isinstance(text, list):
+        text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
+    if text.startswith(CHECK_PROMPT[:60]):
+        return "No. The expanded comment restates the human comment."
     m = _COMMENT_RE.search(text)
     if m is None: return "Expanded Comment: "
     out = []
@@ -103,13 +115,15 @@ def stand_in_expansion(body:dict, # the chat request's JSON body
         dim, s, name, reason = lm.groups()
         reason = reason.rstrip(". ") + "."
         rated = f", the answer is rated {s}/5 ({name})" if s else ", the annotator notes that"
-        out.append(f"On {dim.lower()}{rated}, because {reason[:1].lower() + reason[1:]}" if s else f"On {dim.lower()}{rated} {reason[:1].lower() + reason[1:]}")
+        said = reason[:1].lower() + reason[1:]
+        out.append(f"On {dim.lower()}{rated}, because {said}" if s
+                   else f"On {dim.lower()}{rated} {said}")
     return "Expanded Comment: " + " ".join(out)
 
 # %% ../nbs/09_critiques.ipynb #8b7a3619
 class EndpointBackend:
     "Replies from a chat model behind an OpenAI-compatible endpoint (cached by its `JudgeClient`)."
-    def __init__(self, client, # an `evaluate.JudgeClient`
+    def __init__(self, client, # a `judge.JudgeClient`
                  workers:int=4, # requests in flight at once
                 ):
         self.client, self.workers = client, workers
@@ -120,29 +134,34 @@ class EndpointBackend:
     @property
     def n_cached(self) -> int: return self.client.n_cached
 
-    def __call__(self, prompts:list[str]) -> list[str]:
+    def __call__(self, prompts:list[str], # the user messages
+                ) -> list[str]:
         "The reply to each prompt, in order."
         return self.client.ask_many(prompts, workers=self.workers)
 
 # %% ../nbs/09_critiques.ipynb #f240c420
 class LocalBackend:
     "Greedy replies from a local vision-language model, cached in an append-only JSONL file."
-    def __init__(self, model, processor, # from `evaluate.load_policy`
+    def __init__(self, model, processor, # from `models.load_policy`
                  name:str, # what the model is (its spec), part of every cache key
                  cache_path=None, # JSONL file of finished replies (None: no cache)
                  max_new_tokens:int=512, # longest reply
                  batch_size:int=8, # prompts per generate call
                 ):
-        self.model, self.processor, self.name, self.max_new_tokens, self.batch_size = model, processor, name, max_new_tokens, batch_size
+        self.model, self.processor, self.name = model, processor, name
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.cache_path = Path(cache_path) if cache_path else None
         self.n_new = self.n_cached = 0
         self._cache = read_reply_cache(self.cache_path) if self.cache_path else {}
 
     def __repr__(self): return f"LocalBackend({self.name!r}, cached={len(self._cache)})"
 
-    def key(self, prompt:str) -> str:
+    def key(self, prompt:str, # a user message
+           ) -> str:
         "The cache key of a prompt: SHA-256 of the model, the prompt and the generation settings."
-        blob = json.dumps({"model": self.name, "prompt": prompt, "max_new_tokens": self.max_new_tokens, "greedy": True}, sort_keys=True, ensure_ascii=False)
+        blob = json.dumps({"model": self.name, "prompt": prompt,
+                           "max_new_tokens": self.max_new_tokens, "greedy": True},
+                          sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @classmethod
@@ -153,9 +172,9 @@ class LocalBackend:
         model, processor = load_policy(spec, seed)
         return cls(model, processor, f"{spec}#seed={seed}" if ":" in spec else spec, **kwargs)
 
-    def __call__(self, prompts:list[str]) -> list[str]:
-        "The reply to each prompt, in order; new ones are generated in batches and appended to the cache."
-        import torch
+    def __call__(self, prompts:list[str], # the user messages
+                ) -> list[str]:
+        "The reply to each prompt, in order; new ones are generated in batches and cached."
         keys = [self.key(p) for p in prompts]
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         self.n_cached += len(keys) - sum(k in todo for k in keys)
@@ -163,42 +182,62 @@ class LocalBackend:
         for s in range(0, len(todo), self.batch_size):
             chunk = todo[s:s + self.batch_size]
             with torch.no_grad():
-                replies = generate_text(self.model, self.processor, [None] * len(chunk), [by_key[k] for k in chunk], self.max_new_tokens, self.batch_size)
+                replies = generate_text(self.model, self.processor, [None] * len(chunk),
+                                        [by_key[k] for k in chunk], self.max_new_tokens,
+                                        self.batch_size)
             self.n_new += len(chunk)
             for k, reply in zip(chunk, replies): self._cache[k] = reply
             if self.cache_path:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.cache_path, "a", encoding="utf-8") as f:
-                    for k, reply in zip(chunk, replies): f.write(json.dumps({"key": k, "model": self.name, "reply": reply}, ensure_ascii=False) + "\n")
+                    for k, reply in zip(chunk, replies):
+                        f.write(json.dumps({"key": k, "model": self.name, "reply": reply},
+                                           ensure_ascii=False) + "\n")
                     f.flush()
         return [self._cache[k] for k in keys]
 
 # %% ../nbs/09_critiques.ipynb #5e353ac3
-_POSITIVE = frozenset("""accurate accurately correct correctly right precise precisely exact exactly faithful faithfully match matches matching
-consistent complete thorough helpful useful reliable reliably safe safely respectful appropriate appropriately excellent good well strong
+_POSITIVE = frozenset("""accurate accurately correct correctly right precise precisely exact
+exactly faithful faithfully match matches matching consistent complete thorough helpful useful
+reliable reliably safe safely respectful appropriate appropriately excellent good well strong
 strength strengths commendable successfully properly fine flawless""".split())
-_NEGATIVE = frozenset("""wrong wrongly incorrect incorrectly inaccurate inaccurately inaccuracy inaccuracies error errors erroneous mistake mistakes
-mistaken misidentifies misidentified misidentifying miscount miscounts miscounted misstates misstated failure missing misses omits omitted
-omission omissions incomplete unhelpful useless unreliable unsafe harmful dangerous hallucinated hallucinates hallucination hallucinations
-fabricated fabricates invented contradicts weakness weaknesses flaw flaws flawed problem problems problematic issue issues concern concerns
-risk risks poor poorly unsupported false misleading deficient shortcoming shortcomings vague unclear refuses refusal""".split())
-_NEGATORS = frozenset("not no never without lacks lacking lack nor neither cannot can't don't doesn't didn't isn't aren't wasn't won't fail fails failed".split())
-_HEDGES = frozenset("partially partly somewhat moderately mostly largely fairly reasonably slightly".split())
-_CONTRAST = frozenset("but however although though whereas while yet despite nevertheless nonetheless except".split())
+_NEGATIVE = frozenset("""wrong wrongly incorrect incorrectly inaccurate inaccurately inaccuracy
+inaccuracies error errors erroneous mistake mistakes mistaken misidentifies misidentified
+misidentifying miscount miscounts miscounted misstates misstated failure missing misses omits
+omitted omission omissions incomplete unhelpful useless unreliable unsafe harmful dangerous
+hallucinated hallucinates hallucination hallucinations fabricated fabricates invented contradicts
+weakness weaknesses flaw flaws flawed problem problems problematic issue issues concern concerns
+risk risks poor poorly unsupported false misleading deficient shortcoming shortcomings vague
+unclear refuses refusal""".split())
+_NEGATORS = frozenset("""not no never without lacks lacking lack nor neither cannot can't don't
+doesn't didn't isn't aren't wasn't won't fail fails failed""".split())
+_HEDGES = frozenset("""partially partly somewhat moderately mostly largely fairly
+reasonably slightly""".split())
+_CONTRAST = frozenset("""but however although though whereas while yet despite
+nevertheless nonetheless except""".split())
 _TOPICS = {"helpfulness": ("help", "unhelp", "useful", "useless", "complete", "incomplete"),
-           "faithfulness": ("faithful", "unfaithful", "accura", "inaccura", "correct", "incorrect", "factual", "hallucinat", "match", "mismatch"),
-           "ethics": ("ethic", "unethic", "safe", "unsafe", "harm", "respectful", "disrespect", "toxic", "offensive")}
-_GENERIC = frozenset("""the a an and or of to in on at for with by from as is are was were be been being it its it's this that these those there here
-which what who whom whose how when where why so such than then also too very just only any all some each every both one about into over
-under after before because since if else other same answer answers response responses question questions image images picture comment
-says say said saying give gives given states state stated statement model annotator user overall rated rating score""".split())
-_SYNONYMS = {"number": "count", "counts": "count", "counting": "count", "color": "colour", "colors": "colour", "colours": "colour",
-             "place": "position", "location": "position", "placed": "position", "located": "position", "choice": "option", "letter": "option"}
+           "faithfulness": ("faithful", "unfaithful", "accura", "inaccura", "correct", "incorrect",
+                            "factual", "hallucinat", "match", "mismatch"),
+           "ethics": ("ethic", "unethic", "safe", "unsafe", "harm", "respectful", "disrespect",
+                      "toxic", "offensive")}
+_GENERIC = frozenset("""the a an and or of to in on at for with by from as is are was were be
+been being it its it's this that these those there here which what who whom whose how when where
+why so such than then also too very just only any all some each every both one about into over
+under after before because since if else other same answer answers response responses question
+questions image images picture comment says say said saying give gives given states state stated
+statement model annotator user overall rated rating score""".split())
+_SYNONYMS = {"number": "count", "counts": "count", "counting": "count",
+             "color": "colour", "colors": "colour", "colours": "colour",
+             "place": "position", "location": "position",
+             "placed": "position", "located": "position",
+             "choice": "option", "letter": "option"}
 _WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
+# %% ../nbs/09_critiques.ipynb #c139b2c5
 def _words(text:str) -> list[str]: return _WORD_RE.findall(text.lower().replace("\u2019", "'"))
 
-def polarity(text:str) -> tuple[int, int]:
+def polarity(text:str, # a sentence, or any text
+            ) -> tuple[int, int]:
     "(praising, faulting) word counts of `text`, with negation and hedges applied."
     w, pos, neg = _words(text), 0, 0
     for i, t in enumerate(w):
@@ -225,12 +264,14 @@ def _topics(words:list[str]) -> set[str]:
     "The dimensions whose vocabulary the words touch."
     return {d for d, pre in _TOPICS.items() if any(w.startswith(pre) for w in words)}
 
-def _is_topic_word(w:str) -> bool: return any(w.startswith(p) for pre in _TOPICS.values() for p in pre)
+def _is_topic_word(w:str) -> bool:
+    return any(w.startswith(p) for pre in _TOPICS.values() for p in pre)
 
 def _aspects(reason:str) -> set[str]:
     "The normalised content words of a reason: what it judges."
-    return {_norm(w) for w in _words(reason) if len(w) > 2 and w not in _GENERIC and w not in _POSITIVE and w not in _NEGATIVE
-            and w not in _NEGATORS and w not in _HEDGES and w not in _CONTRAST and not _is_topic_word(w)}
+    return {_norm(w) for w in _words(reason) if len(w) > 2 and w not in _GENERIC
+            and w not in _POSITIVE and w not in _NEGATIVE and w not in _NEGATORS
+            and w not in _HEDGES and w not in _CONTRAST and not _is_topic_word(w)}
 
 def _sentences(text:str) -> list[str]:
     "`text` split into sentences (on . ! ? and line breaks)."
@@ -240,7 +281,7 @@ _SCORE_RE = re.compile(r"\b[1-5]\s*/\s*5\b")
 
 # %% ../nbs/09_critiques.ipynb #ed057adb
 def _verdicts(r:Response) -> dict:
-    "Per dimension with a reason: (score, aspect verdict ±1, level verdict -1/0/+1, aspects, masked level name)."
+    "Per dimension with a reason: (score, aspect ±1, level -1/0/+1, aspects, masked level name)."
     out = {}
     for d in DIMENSIONS:
         reason = (r.reasons or {}).get(d, "").strip()
@@ -250,9 +291,11 @@ def _verdicts(r:Response) -> dict:
         faults = polarity(body)[1] > 0
         aspect_v = -1 if faults or (s is not None and s <= 3) else 1
         level_v = 0 if s is None else -1 if s <= 2 else 1 if s >= 4 and not faults else 0
-        out[d] = (s, aspect_v, level_v, _aspects(body), level(d, s).lower() if s is not None else None)
+        name = level(d, s).lower() if s is not None else None
+        out[d] = (s, aspect_v, level_v, _aspects(body), name)
     for d, (s, av, lv, asp, name) in out.items():   # words two reasons share judge neither
-        shared = set().union(*[a for e, (_, _, _, a, _) in out.items() if e != d]) if len(out) > 1 else set()
+        others = [a for e, (_, _, _, a, _) in out.items() if e != d]
+        shared = set().union(*others) if len(out) > 1 else set()
         out[d] = (s, av, lv, asp - shared, name)
     return out
 
@@ -272,14 +315,22 @@ def contradictions(r:Response, # the annotated response (its `scores` and `reaso
         sign, topics, normed = (1 if pos else -1), _topics(words), {_norm(w) for w in words}
         for d, (s, aspect_v, level_v, aspects, _) in verdicts.items():
             scored = f"{s}/5, {level(d, s)}" if s is not None else "no score"
-            if d in topics and level_v and sign != level_v and all(verdicts.get(e, (0, 0, level_v))[2] == level_v for e in topics - {d}):
-                why.append(f"{'praises' if sign > 0 else 'faults'} {d} although it is scored {scored}: {sent!r}")
+            says = 'praises' if sign > 0 else 'faults'
+            same = all(verdicts.get(e, (0, 0, level_v))[2] == level_v for e in topics - {d})
+            if d in topics and level_v and sign != level_v and same:
+                why.append(f"{says} {d} although it is scored {scored}: {sent!r}")
             elif sign != aspect_v and (hit := sorted(aspects & normed)) and not (topics - {d}):
-                why.append(f"{'praises' if sign > 0 else 'faults'} {', '.join(hit)}, which the {d} reason ({scored}) {'faults' if aspect_v < 0 else 'praises'}: {sent!r}")
+                judged = 'faults' if aspect_v < 0 else 'praises'
+                why.append(f"{says} {', '.join(hit)}, which the {d} reason ({scored}) {judged}: "
+                           f"{sent!r}")
     return why
 
 # %% ../nbs/09_critiques.ipynb #eb9f562f
-CHECK_PROMPT = """Compare an expanded comment with the human comment it was written from. Answer "yes" if the expanded comment contradicts the human comment (praises what it faults, faults what it praises, or changes the verdict of a score) or states facts the human comment does not contain; answer "no" otherwise. Answer "yes" or "no" on the first line, then say why in one sentence.
+CHECK_PROMPT = """Compare an expanded comment with the human comment it was written from. \
+Answer "yes" if the expanded comment contradicts the human comment (praises what it faults, \
+faults what it praises, or changes the verdict of a score) or states facts the human comment does \
+not contain; answer "no" otherwise. Answer "yes" or "no" on the first line, then say why in one \
+sentence.
 
 [Human Comment:]
 {comment}
@@ -287,43 +338,50 @@ CHECK_PROMPT = """Compare an expanded comment with the human comment it was writ
 [Expanded Comment:]
 {expansion}"""
 
+# %% ../nbs/09_critiques.ipynb #b3451294
 def check_prompt(comment:str, # the human comment (`human_comment`)
                  expansion:str, # its expansion
                 ) -> str:
     "The user message asking whether `expansion` contradicts or goes beyond `comment`."
     return CHECK_PROMPT.format(comment=comment.strip(), expansion=expansion.strip())
 
+# %% ../nbs/09_critiques.ipynb #2756cf56
 def model_verdict(reply:str, # the checking model's reply to `check_prompt`
                  ) -> str|None:
     "Why the checking model flags the expansion, or None when it answers no."
     said = parse_yes_no(reply)
     if said is False: return None
     first = " ".join((reply or "").split())[:300]
-    return f"the check model says: {first}" if said else f"the check model's reply is neither yes nor no: {first!r}"
+    if said: return f"the check model says: {first}"
+    return f"the check model's reply is neither yes nor no: {first!r}"
 
 # %% ../nbs/09_critiques.ipynb #a8e8d20f
 _CHECKS = ("none", "heuristic", "model", "both")
 
 def _flag(q, i, comment, expansion, why) -> dict:
-    return {"id": q.id, "index": i, "reason": comment, "expansion": expansion, "why": "; ".join(why)}
+    return {"id": q.id, "index": i, "reason": comment, "expansion": expansion,
+            "why": "; ".join(why)}
 
-def expand_critiques(queries:list, # annotated `Query`s; their responses' `critique`s are filled in place
-                     backend, # an `EndpointBackend`, a `LocalBackend`, or any callable prompts -> replies
+def expand_critiques(queries:list, # annotated `Query`s; their responses' `critique`s are filled in
+                     backend, # an `EndpointBackend`, a `LocalBackend`, or any prompts -> replies
                      overwrite:bool=False, # expand responses that already have a critique too
                      check:str="heuristic", # none, heuristic, model or both
-                     batch_size:int=8, # prompts per backend call (the unit of progress and of resumption)
+                     batch_size:int=8, # prompts per backend call (the unit of progress)
                      template:str=EXPAND_PROMPT, # the expansion prompt
                      progress:bool=True, # print progress
                     ) -> tuple[list[dict], dict]:
     "Expand each response's reasons into its critique; return (flags, summary)."
-    if check not in _CHECKS: raise ValueError(f"check: expected one of {list(_CHECKS)}, got {check!r}")
+    if check not in _CHECKS:
+        raise ValueError(f"check: expected one of {list(_CHECKS)}, got {check!r}")
     tasks, kept, total = [], 0, 0
     for q in queries:
         for i, r in enumerate(q.responses):
             total += 1
             if r.critique and not overwrite: kept += 1; continue
             try: comment = human_comment(r)
-            except ValueError: raise ValueError(f"query {q.id!r}: response {i} has no reasons to expand (annotate it first)") from None
+            except ValueError:
+                raise ValueError(f"query {q.id!r}: response {i} has no reasons to expand "
+                                 "(annotate it first)") from None
             tasks.append((q, i, comment, expand_prompt(q.question, r.text, comment, template)))
     flags, empty, done = [], 0, []
     for s in range(0, len(tasks), max(1, batch_size)):
@@ -331,9 +389,14 @@ def expand_critiques(queries:list, # annotated `Query`s; their responses' `criti
         replies = backend([t[3] for t in chunk])
         for (q, i, comment, _), reply in zip(chunk, replies):
             expansion, r = parse_expansion(reply), q.responses[i]
-            if not expansion: empty += 1; flags.append(_flag(q, i, comment, "", ["empty expansion: the reply has nothing after the marker"])); continue
+            if not expansion:
+                empty += 1
+                flags.append(_flag(q, i, comment, "",
+                                   ["empty expansion: the reply has nothing after the marker"]))
+                continue
             r.critique = expansion; done.append((q, i, comment, expansion))
-        if progress: print(f"  expanded {min(s + batch_size, len(tasks))}/{len(tasks)}", flush=True)
+        if progress:
+            print(f"  expanded {min(s + batch_size, len(tasks))}/{len(tasks)}", flush=True)
     why = {id(t): [] for t in done}
     if check in ("heuristic", "both"):
         for t in done: why[id(t)] += contradictions(t[0].responses[t[1]], t[3])
@@ -342,44 +405,61 @@ def expand_critiques(queries:list, # annotated `Query`s; their responses' `criti
             chunk = done[s:s + batch_size]
             for t, reply in zip(chunk, backend([check_prompt(t[2], t[3]) for t in chunk])):
                 if (v := model_verdict(reply)) is not None: why[id(t)].append(v)
-    flags += [_flag(q, i, comment, expansion, why[id(t)]) for t in done for q, i, comment, expansion in [t] if why[id(t)]]
-    summary = {"responses": total, "expanded": len(done), "kept": kept, "empty": empty, "flagged": len(flags),
-               "new_requests": getattr(backend, "n_new", None), "cached": getattr(backend, "n_cached", None)}
+    flags += [_flag(q, i, comment, expansion, why[id(t)])
+              for t in done for q, i, comment, expansion in [t] if why[id(t)]]
+    summary = {"responses": total, "expanded": len(done), "kept": kept, "empty": empty,
+               "flagged": len(flags), "new_requests": getattr(backend, "n_new", None),
+               "cached": getattr(backend, "n_cached", None)}
     return flags, summary
 
 # %% ../nbs/09_critiques.ipynb #59705ab0
 def _read_for_expansion(path:Path, image_root, overwrite:bool) -> list[Query]:
-    "The queries of `path`, each response to expand checked for reasons; `DataError` names file, line and field."
+    "The queries of `path`, each response to expand checked for reasons (`DataError` names where)."
     if not path.is_file(): raise DataError(path, None, None, "data file not found")
     queries = []
     for line, rec in read_jsonl(path):
         q = parse_query(rec, path, line, image_root)
-        if not q.responses: raise DataError(path, line, "responses", f"query {q.id!r} has no responses to critique")
+        if not q.responses:
+            raise DataError(path, line, "responses",
+                            f"query {q.id!r} has no responses to critique")
         for i, r in enumerate(q.responses):
             if r.critique and not overwrite: continue
             if not any((r.reasons or {}).get(d, "").strip() for d in DIMENSIONS):
-                raise DataError(path, line, f"responses.{i}.reasons", f"query {q.id!r} is not annotated: the response has no reasons to expand (annotate first, e.g. `mmrlhf pairs --oracle`)")
+                raise DataError(path, line, f"responses.{i}.reasons",
+                                f"query {q.id!r} is not annotated: the response has no reasons to "
+                                "expand (annotate first, e.g. `mmrlhf pairs --oracle`)")
         queries.append(q)
     return queries
 
 # %% ../nbs/09_critiques.ipynb #419cc3e9
 def _backend(cfg:ExpandConfig, cache:Path):
     "The backend `cfg` names: an endpoint (`url`) or a local model (`model`)."
-    if bool(cfg.url) == bool(cfg.model): raise ConfigError("expand-critiques: give exactly one of url (an OpenAI-compatible endpoint) and model (a local checkpoint)")
-    if cfg.model: return LocalBackend.load(cfg.model, cfg.seed, cache_path=cache, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    return EndpointBackend(JudgeClient(cfg.url, cfg.model_name, cfg.api_key_env, cache_path=cache, max_tokens=cfg.max_new_tokens), cfg.workers)
+    if bool(cfg.url) == bool(cfg.model):
+        raise ConfigError("expand-critiques: give exactly one of url (an OpenAI-compatible "
+                          "endpoint) and model (a local checkpoint)")
+    if cfg.model:
+        return LocalBackend.load(cfg.model, cfg.seed, cache_path=cache,
+                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    client = JudgeClient(cfg.url, cfg.model_name, cfg.api_key_env, cache_path=cache,
+                         max_tokens=cfg.max_new_tokens)
+    return EndpointBackend(client, cfg.workers)
 
-def run_expand_critiques(cfg:ExpandConfig) -> Path:
-    "Expand every response's reasons into its critique; write queries.jsonl, flagged.jsonl and a cache to `out`."
-    if cfg.check not in _CHECKS: raise ConfigError(f"check: expected one of {list(_CHECKS)}, got {cfg.check!r}")
+def run_expand_critiques(cfg:ExpandConfig, # the command's settings
+                        ) -> Path:
+    "Expand every response's reasons into its critique; write queries, flags and a cache to `out`."
+    if cfg.check not in _CHECKS:
+        raise ConfigError(f"check: expected one of {list(_CHECKS)}, got {cfg.check!r}")
     data, out = Path(cfg.data), Path(cfg.out)
-    queries = _read_for_expansion(data, Path(cfg.image_root) if cfg.image_root else None, cfg.overwrite)
+    root = Path(cfg.image_root) if cfg.image_root else None
+    queries = _read_for_expansion(data, root, cfg.overwrite)
     backend = _backend(cfg, out / "cache.jsonl")
     flags, summary = expand_critiques(queries, backend, cfg.overwrite, cfg.check, cfg.batch_size)
     write_queries(out / "queries.jsonl", queries)
     write_jsonl(out / "flagged.jsonl", flags)
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     cfg.save(out / "expand-config.yaml")
-    print(f"{summary['responses']} responses: {summary['expanded']} expanded ({summary['new_requests']} new requests, {summary['cached']} from the cache), "
-          f"{summary['kept']} kept, {summary['empty']} empty; {summary['flagged']} flagged for review in {out / 'flagged.jsonl'} (still written)")
+    print(f"{summary['responses']} responses: {summary['expanded']} expanded "
+          f"({summary['new_requests']} new requests, {summary['cached']} from the cache), "
+          f"{summary['kept']} kept, {summary['empty']} empty; "
+          f"{summary['flagged']} flagged for review in {out / 'flagged.jsonl'} (still written)")
     return out / "queries.jsonl"

@@ -14,7 +14,6 @@ __all__ = ['REBALANCED', 'MANIFEST_VERSION', 'RESULTS', 'read_pool', 'scan_pool'
 # %% ../nbs/06_curation.ipynb #f3c4a0a8
 import base64, hashlib, html, io, json, math, random, re, time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -22,8 +21,8 @@ from typing import Iterator
 import numpy as np
 
 # %% ../nbs/06_curation.ipynb #be0f5ca3
-from .core import (atomic_write, clean_stale_temps, Config, ConfigError, DataError,
-                         load_image, opt, read_jsonl, resolve_image_path, write_jsonl, write_text)
+from .core import (atomic_write, clean_stale_temps, ConfigError, DataError, load_image,
+                         read_jsonl, resolve_image_path, write_jsonl, write_text)
 from .configs import CurateConfig
 from .schema import Query, query_record
 
@@ -32,38 +31,49 @@ def _pool_item(rec:dict, file, line) -> dict:
     "Validate one pool record and keep the fields curation uses."
     def need(cond, fld, reason):
         if not cond: raise DataError(file, line, fld, reason)
-    need(isinstance(rec.get("id"), (str, int)) and str(rec.get("id")) != "", "id", "must be a non-empty string")
+    need(isinstance(rec.get("id"), (str, int)) and str(rec.get("id")) != "", "id",
+         "must be a non-empty string")
     images = rec.get("images", rec.get("image"))
     if isinstance(images, str): images = [images]
-    need(isinstance(images, list) and images and all(isinstance(p, str) for p in images), "images", "must be a path or a non-empty list of paths")
-    need(isinstance(rec.get("question"), str) and rec["question"].strip() != "", "question", "must be a non-empty string")
+    need(isinstance(images, list) and images and all(isinstance(p, str) for p in images),
+         "images", "must be a path or a non-empty list of paths")
+    need(isinstance(rec.get("question"), str) and rec["question"].strip() != "", "question",
+         "must be a non-empty string")
     ref = rec.get("reference", rec.get("answer"))
     need(ref is None or isinstance(ref, str), "reference", "must be a string")
-    return {"id": str(rec["id"]), "images": images, "question": rec["question"], "reference": ref,
-            "source": rec.get("source") or "", "category": rec.get("category"), "video": bool(rec.get("video")) or len(images) > 1}
+    return {"id": str(rec["id"]), "images": images, "question": rec["question"],
+            "reference": ref, "source": rec.get("source") or "", "category": rec.get("category"),
+            "video": bool(rec.get("video")) or len(images) > 1}
 
+# %% ../nbs/06_curation.ipynb #650bb9ad
 def _one_line(e:Exception) -> str: return f"{type(e).__name__}: " + " ".join(str(e).split())
 
 def _pool_rows(path:Path) -> Iterator[tuple[int, dict]]:
     "(line or row number, raw record) from any pool format; unreadable files raise `DataError`."
     if path.is_dir():
-        import datasets
+        import datasets  # heavy, and only needed for a saved dataset folder
         try: ds = datasets.load_from_disk(str(path))
-        except Exception as e: raise DataError(path, None, None, f"not a saved datasets folder ({_one_line(e)})") from None
+        except Exception as e:
+            raise DataError(path, None, None,
+                            f"not a saved datasets folder ({_one_line(e)})") from None
         n = 0
         try:
             for rec in ds: n += 1; yield n, rec
-        except Exception as e: raise DataError(path, n + 1, None, f"unreadable dataset row ({_one_line(e)})") from None
+        except Exception as e:
+            raise DataError(path, n + 1, None,
+                            f"unreadable dataset row ({_one_line(e)})") from None
     elif path.suffix == ".parquet":
-        import pyarrow as pa, pyarrow.parquet as pq
+        import pyarrow as pa, pyarrow.parquet as pq  # only needed for a Parquet pool
         n = 0
         try:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
                 for rec in batch.to_pylist(): n += 1; yield n, rec
         except (pa.ArrowException, OSError) as e:
-            raise DataError(path, n + 1 if n else None, None, f"unreadable Parquet ({_one_line(e)})") from None
+            raise DataError(path, n + 1 if n else None, None,
+                            f"unreadable Parquet ({_one_line(e)})") from None
     else: yield from read_jsonl(path)  # bad bytes, bad JSON: DataError with file, line and column
 
+# %% ../nbs/06_curation.ipynb #8d205692
 def _read_numbered(path) -> Iterator[tuple[int, dict]]:
     "(line, pool item) pairs, validated."
     path = Path(path)
@@ -74,7 +84,7 @@ def read_pool(path, # a .jsonl or .parquet file, or a folder saved by `datasets`
     "Stream pool items from JSONL, Parquet or a Hugging Face dataset folder."
     for _, item in _read_numbered(path): yield item
 
-# %% ../nbs/06_curation.ipynb #0b59d1f1
+# %% ../nbs/06_curation.ipynb #78c61f8c
 def _hash64(data:bytes) -> int:
     "A 63-bit integer hash (exact-duplicate keys that fit numpy int64)."
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
@@ -83,9 +93,10 @@ def _item_key(item:dict) -> bytes:
     "The canonical bytes of a pool item (every field the embeddings' metadata depends on)."
     return json.dumps(item, sort_keys=True, ensure_ascii=False).encode()
 
+# %% ../nbs/06_curation.ipynb #0b59d1f1
 def scan_pool(path, # the pool (see `read_pool`)
              ) -> dict:
-    "Count the pool's items and fingerprint their records; an empty pool or a repeated id raises `DataError`."
+    "Count and fingerprint the pool's records; an empty pool or a repeated id is a `DataError`."
     path, h, keys, n = Path(path), hashlib.blake2b(digest_size=16), [], 0
     for _, item in _read_numbered(path):
         n += 1; h.update(_item_key(item)); keys.append(_hash64(item["id"].encode()))
@@ -97,14 +108,14 @@ def scan_pool(path, # the pool (see `read_pool`)
         for line, item in _read_numbered(path):
             if _hash64(item["id"].encode()) not in suspects: continue
             if item["id"] in seen:
-                raise DataError(path, line, "id", f"id {item['id']!r} is also on line {seen[item['id']]}; ids must be unique "
-                                f"({int((counts > 1).sum())} repeated in all)")
+                raise DataError(path, line, "id",
+                                f"id {item['id']!r} is also on line {seen[item['id']]}; ids must "
+                                f"be unique ({int((counts > 1).sum())} repeated in all)")
             seen[item["id"]] = line
     return {"items": n, "records": h.hexdigest()}
 
 # %% ../nbs/06_curation.ipynb #8b2660fd
 _OPTION = re.compile(r"(?:^|\n|\s)\(?([A-H])[.)]\s+\S")
-REBALANCED = ("long", "short", "mcq")
 
 def categorise(item:dict, # a pool item from `read_pool`
                long_threshold:int=128, # a reference longer than this many characters is "long"
@@ -118,9 +129,14 @@ def categorise(item:dict, # a pool item from `read_pool`
     if len(set(letters)) >= 2 and "A" in letters: return "mcq"
     return "long" if len(item.get("reference") or "") > long_threshold else "short"
 
+# %% ../nbs/06_curation.ipynb #94a8cad3
+REBALANCED = ("long", "short", "mcq")
+
 # %% ../nbs/06_curation.ipynb #cbad3439
-_TINY_CLIP = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+_TINY_CLIP = {"embed_dim": 64,
+              "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                           "layers": 2}}
 
 def clip_model(name:str="ViT-B-32", # an open_clip model name, or "tiny"
                weights:str|None=None, # local weights file; None: seeded random weights
@@ -128,38 +144,48 @@ def clip_model(name:str="ViT-B-32", # an open_clip model name, or "tiny"
                seed:int=0, # seed of the random weights
               ):
     "An open_clip image model (eval mode) and its image preprocessing."
-    import logging, tempfile as _tf, open_clip, torch
+    import logging, tempfile as _tf, open_clip, torch  # heavy: loaded only when a model is built
     if name == "tiny":
         d = _tf.mkdtemp(); Path(d, "mmrlhf-tiny-clip.json").write_text(json.dumps(_TINY_CLIP))
         open_clip.add_model_config(d); name = "mmrlhf-tiny-clip"
-    if weights is not None and not Path(weights).is_file(): raise ConfigError(f"CLIP weights {weights} not found (give a local file)")
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"CLIP weights {weights} not found (give a local file)")
     torch.manual_seed(seed)
     level = logging.getLogger().level
-    if weights is None: logging.getLogger().setLevel(logging.ERROR)  # random weights are intended here
-    try: model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device, weights_only=True)
+    if weights is None:  # random weights are intended here
+        logging.getLogger().setLevel(logging.ERROR)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=weights, device=device, weights_only=True)
     finally: logging.getLogger().setLevel(level)
     return model.eval(), preprocess
 
 # %% ../nbs/06_curation.ipynb #df455af3
 def cpu_has_native_bf16() -> bool:
-    "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."
+    "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."
     try: flags = Path("/proc/cpuinfo").read_text()
     except OSError: return False
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
-def resolve_precision(precision:str, device) -> str:
+# %% ../nbs/06_curation.ipynb #dd6f0e2c
+def resolve_precision(precision:str, # "auto", "bf16", "fp16" or "fp32"
+                      device, # where the model runs
+                     ) -> str:
     "'auto' -> fp16 on a GPU, bf16 on a CPU with native bf16, fp32 otherwise."
     if precision != "auto": return precision
-    return "fp16" if str(device).startswith("cuda") else ("bf16" if cpu_has_native_bf16() else "fp32")
+    if str(device).startswith("cuda"): return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
+# %% ../nbs/06_curation.ipynb #baed8cb1
 def _image_bytes(image_root, rel:str) -> tuple[bytes|None, str|None]:
     "The bytes of an image under the root, or the reason it can't be read."
     try: return resolve_image_path(image_root, rel).read_bytes(), None
     except Exception as e: return None, f"{type(e).__name__}: {e}"
 
 def _add_item(h, item:dict, data:bytes|None, why:str|None):
-    "Add one pool record and its image's bytes (or why they can't be read) to a shard's fingerprint."
-    h.update(_item_key(item)); h.update(hashlib.blake2b(data if data is not None else why.encode()).digest())
+    "Add one pool record and its image's bytes (or why they can't be read) to a fingerprint."
+    h.update(_item_key(item))
+    h.update(hashlib.blake2b(data if data is not None else why.encode()).digest())
 
 def _shard_fingerprint(settings_digest:str, items:list, image_root) -> str:
     "A digest of the settings, the shard's pool records and the bytes of their images."
@@ -178,41 +204,50 @@ def model_fingerprint(model, preprocess) -> str:
     h.update(re.sub(r" at 0x[0-9a-f]+", "", repr(preprocess)).encode())  # no memory addresses
     return h.hexdigest()
 
-# %% ../nbs/06_curation.ipynb #aeb40c47
+# %% ../nbs/06_curation.ipynb #aa8d6780
 MANIFEST_VERSION = 1
 
-def _digest(obj) -> str: return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=16).hexdigest()
+# %% ../nbs/06_curation.ipynb #3cc85d20
+def _digest(obj) -> str:
+    "A digest of a JSON-able object (keys sorted)."
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 def _manifest_digest(manifest:dict) -> str:
     "What every shard of a run records: the manifest's digest (the model's display name aside)."
-    return _digest({**manifest, "settings": {k: v for k, v in manifest["settings"].items() if k != "model_name"}})
+    settings = {k: v for k, v in manifest["settings"].items() if k != "model_name"}
+    return _digest({**manifest, "settings": settings})
 
+# %% ../nbs/06_curation.ipynb #aeb40c47
 def _settings_changes(old:dict, new:dict) -> list[str]:
     "What differs between two manifests' settings, in words."
     out = []
     for k in sorted(set(old) | set(new)):
         if k == "model_name" or old.get(k) == new.get(k): continue
         if k == "model":
-            out.append(f"model: {old.get('model_name', '?')} (weights digest {str(old.get('model'))[:12]}) -> "
-                       f"{new.get('model_name', '?')} (weights digest {str(new.get('model'))[:12]})")
+            out.append(f"model: {old.get('model_name', '?')} (weights digest "
+                       f"{str(old.get('model'))[:12]}) -> "
+                       f"{new.get('model_name', '?')} (weights digest "
+                       f"{str(new.get('model'))[:12]})")
         else: out.append(f"{k}: {old.get(k)} -> {new.get(k)}")
     return out
 
 def check_manifest(emb_dir, # the embeddings folder
                    manifest:dict, # what this run would write: {"settings": ..., "pool": ...}
-                   write:bool=True, # write it (atomically) when absent or when only the pool changed
+                   write:bool=True, # write it (atomically) if absent or only the pool changed
                   ) -> dict|None:
-    "The manifest found in `emb_dir` (None if none); `ConfigError` naming every setting that changed."
+    "The manifest found in `emb_dir` (None if none); a `ConfigError` names every changed setting."
     path = Path(emb_dir) / "manifest.json"
     old = None
     if path.exists():
         try: old = json.loads(path.read_text())
-        except (OSError, ValueError): old = None  # unreadable: its shards are checked one by one anyway
+        except (OSError, ValueError): old = None  # unreadable: its shards are checked one by one
     if old is not None:
         changes = _settings_changes(old.get("settings", {}), manifest["settings"])
         if changes:
-            raise ConfigError(f"{emb_dir} holds embeddings made with other settings ({'; '.join(changes)}); rerun with the "
-                              f"earlier settings to resume, or remove {emb_dir} (or choose another --out) to start again")
+            raise ConfigError(f"{emb_dir} holds embeddings made with other settings "
+                              f"({'; '.join(changes)}); rerun with the "
+                              f"earlier settings to resume, or remove {emb_dir} (or choose "
+                              "another --out) to start again")
     if write and old != manifest: write_text(path, json.dumps(manifest, sort_keys=True, indent=1))
     return old
 
@@ -223,36 +258,39 @@ def embed_pool(pool_path, # the pool file (see `read_pool`)
                model=None, preprocess=None, # from `clip_model` (built if None)
                batch_size:int=64, # images per forward pass
                shard_size:int=4096, # items per shard (the unit of resumption)
-               precision:str="auto", # "auto", "bf16" (CPU autocast), "fp16" (GPU autocast) or "fp32"
+               precision:str="auto", # "auto", "bf16" (CPU autocast), "fp16" (GPU) or "fp32"
                long_threshold:int=128, # see `categorise`
                process_index:int=0, num_processes:int=1, # this process's share of the shards
                progress:bool=True, # show a progress bar
                model_name:str="", # how to name the model when a resume is refused
               ) -> list[Path]:
-    "Embed every pool image into resumable shards; return the shard metadata files this process owns."
-    import torch
+    "Embed every pool image into resumable shards; return this process's shard metadata files."
+    import torch  # heavy: loaded only when images are embedded
     from PIL import Image
     from tqdm.auto import tqdm
     emb_dir = Path(out) / "embeddings"; emb_dir.mkdir(parents=True, exist_ok=True)
-    if num_processes == 1: clean_stale_temps(emb_dir)  # with several, the caller cleans before they start
+    if num_processes == 1: clean_stale_temps(emb_dir)  # with several, the caller cleans first
     scan = scan_pool(pool_path)
     n_items, n_shards = scan["items"], max(1, math.ceil(scan["items"] / shard_size))
     if model is None: model, preprocess = clip_model()
     device = next(model.parameters()).device
     prec = resolve_precision(precision, device)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
-    settings = {"version": MANIFEST_VERSION, "shard_size": shard_size, "batch_size": batch_size, "precision": prec,
-                "long_threshold": long_threshold, "model": model_fingerprint(model, preprocess), "model_name": model_name}
+    settings = {"version": MANIFEST_VERSION, "shard_size": shard_size, "batch_size": batch_size,
+                "precision": prec, "long_threshold": long_threshold,
+                "model": model_fingerprint(model, preprocess), "model_name": model_name}
     manifest = {"settings": settings, "pool": {**scan, "shards": n_shards}}
-    check_manifest(emb_dir, manifest)  # refuses other settings; every process writes the same content
-    s_digest, m_digest = _digest({k: v for k, v in settings.items() if k != "model_name"}), _manifest_digest(manifest)
+    check_manifest(emb_dir, manifest)  # refuses other settings; all processes write the same
+    s_digest = _digest({k: v for k, v in settings.items() if k != "model_name"})
+    m_digest = _manifest_digest(manifest)
     if process_index == 0:  # shards a larger pool left behind
         for p in emb_dir.glob("shard-*.*"):
             stem = p.stem[len("shard-"):]
-            if p.suffix in (".json", ".npy") and stem.isdigit() and int(stem) >= n_shards: p.unlink(missing_ok=True)
+            if p.suffix in (".json", ".npy") and stem.isdigit() and int(stem) >= n_shards:
+                p.unlink(missing_ok=True)
     mine = set(range(process_index, n_shards, num_processes))
-    bar = tqdm(total=sum(min(shard_size, n_items - sh * shard_size) for sh in mine), desc="embedding", unit="img",
-               disable=not progress)
+    bar = tqdm(total=sum(min(shard_size, n_items - sh * shard_size) for sh in mine),
+               desc="embedding", unit="img", disable=not progress)
     counts = Counter()
 
     def embed(sh, items):
@@ -263,7 +301,8 @@ def embed_pool(pool_path, # the pool file (see `read_pool`)
         def flush():
             if not batch: return
             x = torch.stack([preprocess(im) for im in batch]).to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            with torch.no_grad(), torch.autocast(device.type, dtype=autocast,
+                                                 enabled=autocast is not None):
                 vecs.append(model.encode_image(x).float().cpu().numpy())
             bar.update(len(batch)); batch.clear()
         for item in items:
@@ -273,17 +312,20 @@ def embed_pool(pool_path, # the pool file (see `read_pool`)
             if data is not None:
                 try:
                     with Image.open(io.BytesIO(data)) as im: im = im.convert("RGB")
-                except Exception as e:  # name the file, not the in-memory buffer (whose address changes from run to run)
-                    why = f"{type(e).__name__}: " + re.sub(r"<_io.BytesIO object at 0x\w+>", repr(rel), str(e))
+                except Exception as e:  # name the file, not the buffer (its address changes)
+                    why = f"{type(e).__name__}: " + re.sub(r"<_io.BytesIO object at 0x\w+>",
+                                                           repr(rel), str(e))
             if why is not None:
-                rejects.append({"id": item["id"], "image": rel, "reason": why}); bar.update(1); continue
+                rejects.append({"id": item["id"], "image": rel, "reason": why})
+                bar.update(1); continue
             meta.append([item["id"], categorise(item, long_threshold), _hash64(data),
                          _hash64(data + b"\0" + item["question"].strip().lower().encode())])
             batch.append(im)
             if len(batch) == batch_size: flush()
         flush()
         arr = np.concatenate(vecs) if vecs else np.zeros((0, model.visual.output_dim), np.float32)
-        with atomic_write(emb_dir / f"shard-{sh:05d}.npy", "wb") as f: np.save(f, arr.astype(np.float32))
+        with atomic_write(emb_dir / f"shard-{sh:05d}.npy", "wb") as f:
+            np.save(f, arr.astype(np.float32))
         write_text(js, json.dumps({"shard": sh, "items": meta, "rejects": rejects,
                                    "fingerprint": h.hexdigest(), "manifest": m_digest}))
 
@@ -293,7 +335,9 @@ def embed_pool(pool_path, # the pool file (see `read_pool`)
         if js.exists() and (emb_dir / f"shard-{sh:05d}.npy").exists():
             try: old = json.loads(js.read_text())
             except (OSError, ValueError): old = None
-        if old is not None and old.get("fingerprint") == _shard_fingerprint(s_digest, items, image_root):
+        same = old is not None and (old.get("fingerprint")
+                                    == _shard_fingerprint(s_digest, items, image_root))
+        if same:
             if old.get("manifest") != m_digest:  # the same items in a changed pool
                 write_text(js, json.dumps({**old, "manifest": m_digest}))
             counts["reused"] += 1; bar.update(len(items)); return
@@ -301,7 +345,8 @@ def embed_pool(pool_path, # the pool file (see `read_pool`)
         embed(sh, items)
 
     current, items = None, []
-    for i, item in enumerate(read_pool(pool_path)):  # one pass over the pool, one shard's records in memory at a time
+    # one pass over the pool, one shard's records in memory at a time
+    for i, item in enumerate(read_pool(pool_path)):
         sh = i // shard_size
         if sh != current:
             if current in mine: process(current, items)
@@ -310,26 +355,29 @@ def embed_pool(pool_path, # the pool file (see `read_pool`)
     if current in mine: process(current, items)
     bar.close()
     if counts["changed"]:
-        print(f"embeddings: {counts['changed']} shard(s) re-embedded because their pool items or images changed, "
-              f"{counts['reused']} reused, {counts['new']} new")
+        print(f"embeddings: {counts['changed']} shard(s) re-embedded because their pool items or "
+              f"images changed, {counts['reused']} reused, {counts['new']} new")
     return [emb_dir / f"shard-{s:05d}.json" for s in sorted(mine)]
 
 # %% ../nbs/06_curation.ipynb #c4d58bd9
 class Embedded:
-    "Memory-mapped pool embeddings with per-item metadata; vectors are centred and normalised on read."
+    "Memory-mapped pool embeddings with per-item metadata; centred and normalised on read."
     def __init__(self, shard_files:list, # `shard-NNNNN.json` files written by `embed_pool`
                  center:bool=True, # subtract the pool mean before normalising
                  manifest:dict|None=None, # the run's manifest: every shard must belong to it
                 ):
-        self.meta_files, self.shards, cats, ih, ph, self.rejects, sizes = list(shard_files), [], [], [], [], [], []
-        self.manifest, digest = manifest, _manifest_digest(manifest) if manifest is not None else None
+        self.meta_files, self.shards, self.rejects = list(shard_files), [], []
+        cats, ih, ph, sizes = [], [], [], []
+        self.manifest = manifest
+        digest = _manifest_digest(manifest) if manifest is not None else None
         for m in self.meta_files:
             meta = json.loads(Path(m).read_text())
             if digest is not None and meta.get("manifest") != digest:
                 raise DataError(m, None, None, "belongs to another run of the pool (stale); "
                                 "run `mmrlhf curate` again to re-embed it")
             self.shards.append(np.load(Path(m).with_suffix(".npy"), mmap_mode="r"))
-            cats += [it[1] for it in meta["items"]]; ih += [it[2] for it in meta["items"]]; ph += [it[3] for it in meta["items"]]
+            cats += [it[1] for it in meta["items"]]
+            ih += [it[2] for it in meta["items"]]; ph += [it[3] for it in meta["items"]]
             self.rejects += meta["rejects"]; sizes.append(len(meta["items"]))
         self.categories = np.array(cats, dtype="<U8")
         self.image_hash, self.pair_hash = np.array(ih, np.int64), np.array(ph, np.int64)
@@ -377,30 +425,38 @@ class Embedded:
     @property
     def ids(self) -> list[str]: return self.ids_of(np.arange(len(self)))  # small pools only
 
+# %% ../nbs/06_curation.ipynb #7f44e9fa
 def load_embeddings(out, # the folder `embed_pool` wrote into
                     center:bool=True, # subtract the mean before normalising
                    ) -> Embedded:
-    "The shards of `out/embeddings` listed by its manifest, memory-mapped; a missing or stale shard is an error."
+    "The shards of `out/embeddings` listed by its manifest; a missing or stale shard is an error."
     emb_dir = Path(out) / "embeddings"
-    if not (emb_dir / "manifest.json").exists():  # a folder from before manifests: whatever shards are there
+    if not (emb_dir / "manifest.json").exists():  # a folder from before manifests: its shards
         metas = sorted(emb_dir.glob("shard-*.json"))
-        if not metas: raise DataError(emb_dir, None, None, "no embedding shards: run `mmrlhf curate` first")
+        if not metas: raise DataError(emb_dir, None, None,
+                                      "no embedding shards: run `mmrlhf curate` first")
         return Embedded(metas, center)
     manifest = json.loads((emb_dir / "manifest.json").read_text())
     metas = [emb_dir / f"shard-{s:05d}.json" for s in range(manifest["pool"]["shards"])]
     missing = [p.name for p in metas if not p.exists()]
     if missing:
-        raise DataError(emb_dir, None, None, f"{len(missing)} of {len(metas)} shards are unfinished ({missing[0]} first); "
-                                             "run `mmrlhf curate` again to embed them")
+        raise DataError(emb_dir, None, None,
+                        f"{len(missing)} of {len(metas)} shards are unfinished ({missing[0]} "
+                        "first); run `mmrlhf curate` again to embed them")
     return Embedded(metas, center, manifest)
 
+# %% ../nbs/06_curation.ipynb #072337da
 class InMemory(Embedded):
     "An `Embedded` over an array already in memory (for tests and small experiments)."
-    def __init__(self, vectors:np.ndarray, center:bool=False):
-        self.shards, self.meta_files, self.rejects, self.manifest = [np.asarray(vectors, np.float32)], [], [], None
+    def __init__(self, vectors:np.ndarray, # the vectors, one row per item
+                 center:bool=False, # subtract their mean before normalising
+                ):
+        self.shards, self.meta_files = [np.asarray(vectors, np.float32)], []
+        self.rejects, self.manifest = [], None
         self.offsets, self.dim = np.array([0, len(vectors)], np.int64), vectors.shape[1]
         self.mean = vectors.mean(0).astype(np.float32) if center else None
-        n = len(vectors); self.categories = np.array([""] * n); self.image_hash = self.pair_hash = np.arange(n, dtype=np.int64)
+        n = len(vectors); self.categories = np.array([""] * n)
+        self.image_hash = self.pair_hash = np.arange(n, dtype=np.int64)
 
 # %% ../nbs/06_curation.ipynb #24d3d4bc
 def cluster(emb:Embedded, # the pool's embeddings (or `InMemory(vectors)`)
@@ -410,10 +466,12 @@ def cluster(emb:Embedded, # the pool's embeddings (or `InMemory(vectors)`)
             max_points_per_centroid:int=256, # training sample per centre
            ) -> tuple[np.ndarray, np.ndarray]:
     "Centres (k, d) and the cluster of every item."
-    import faiss
+    import faiss  # heavy: loaded only to cluster
     n = len(emb); k = min(k, n)
-    sample = np.sort(np.random.default_rng(seed).choice(n, min(n, k * max_points_per_centroid), replace=False))
-    km = faiss.Kmeans(emb.dim, k, niter=niter, spherical=True, seed=seed, verbose=False, max_points_per_centroid=max_points_per_centroid)
+    sample = np.sort(np.random.default_rng(seed).choice(n, min(n, k * max_points_per_centroid),
+                                                        replace=False))
+    km = faiss.Kmeans(emb.dim, k, niter=niter, spherical=True, seed=seed, verbose=False,
+                      max_points_per_centroid=max_points_per_centroid)
     km.train(np.ascontiguousarray(emb.rows(sample)))
     assign = np.empty(n, np.int32)
     for start, x in emb.chunks():
@@ -421,47 +479,47 @@ def cluster(emb:Embedded, # the pool's embeddings (or `InMemory(vectors)`)
     return km.centroids, assign
 
 # %% ../nbs/06_curation.ipynb #e27bb488
-def _first_of_groups(keys:np.ndarray) -> np.ndarray:
-    "Mask of items whose key appeared earlier."
-    _, first = np.unique(keys, return_index=True)
-    dup = np.ones(len(keys), bool); dup[first] = False
-    return dup
-
-def _first_with_key(keys:np.ndarray) -> np.ndarray:
-    "For every item, the first item with the same key."
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return first[inverse.ravel()]
-
-def dedup_index(emb, members, flat_limit, ivf_limit, nprobe, seed):
-    "A faiss inner-product index sized to the `members` (global indices), trained if it needs to be; returns (index, exact)."
-    import faiss
+def dedup_index(emb, # the pool's embeddings (or `InMemory(vectors)`)
+                members:np.ndarray, # global indices of the items the index will hold
+                flat_limit:int, # exact search up to this many items
+                ivf_limit:int, # IVF with full vectors up to this many, product-quantised beyond
+                nprobe:int, # IVF lists probed per query
+                seed:int, # seed of the training sample
+               ):
+    "A faiss inner-product index sized to `members`, trained if it needs to be; (index, exact)."
+    import faiss  # heavy: loaded only to search
     d, n = emb.dim, len(members)
     if n <= flat_limit: return faiss.IndexFlatIP(d), True
     nlist = int(4 * math.sqrt(n))
-    if n <= ivf_limit: index, exact = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT), True
+    if n <= ivf_limit:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        exact = True
     else:
         m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if d % m == 0)
-        index, exact = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT), False
-    sample = np.sort(np.random.default_rng(seed).choice(members, min(n, max(64 * nlist, 256 * 40)), replace=False))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        exact = False
+    size = min(n, max(64 * nlist, 256 * 40))
+    sample = np.sort(np.random.default_rng(seed).choice(members, size, replace=False))
     index.train(np.ascontiguousarray(emb.rows(sample))); index.nprobe = nprobe
     return index, exact
 
+# %% ../nbs/06_curation.ipynb #e6c400b9
 def near_duplicates(emb, # the pool's embeddings, or an array of normalised vectors
                     threshold:float=0.95, # cosine above which two images are duplicates
                     neighbours:int=8, # neighbours examined per item
                     flat_limit:int=20_000, # exact search up to this many items
-                    ivf_limit:int=1_000_000, # IVF with full vectors up to this many, product-quantised beyond
+                    ivf_limit:int=1_000_000, # IVF with full vectors up to this many, PQ beyond
                     nprobe:int=16, # IVF lists probed per query
                     seed:int=0, # seed of the training sample
-                    among:np.ndarray|None=None, # boolean mask: search only these items (e.g. without exact duplicates)
+                    among:np.ndarray|None=None, # boolean mask: search only these items
                     progress:bool=False, # show a progress bar
-                    matches:bool=False, # also return, per item, the earlier item it repeats (-1: none) and their cosine
+                    matches:bool=False, # also return what each item repeats (-1: none), cosine
                    ) -> np.ndarray|tuple[np.ndarray, np.ndarray, np.ndarray]:
     "Mask of items that are near-duplicates of an earlier item."
     from tqdm.auto import tqdm
     if isinstance(emb, np.ndarray): emb = InMemory(emb)
     among = np.ones(len(emb), bool) if among is None else np.asarray(among, bool)
-    members = np.flatnonzero(among)  # index position p holds item members[p]; positions follow pool order
+    members = np.flatnonzero(among)  # index position p holds item members[p], in pool order
     index, exact = dedup_index(emb, members, flat_limit, ivf_limit, nprobe, seed)
     for start, x in emb.chunks(): index.add(np.ascontiguousarray(x[among[start:start + len(x)]]))
     dup, pos = np.zeros(len(emb), bool), 0
@@ -473,51 +531,71 @@ def near_duplicates(emb, # the pool's embeddings, or an array of normalised vect
         sims, nbrs = index.search(x, min(neighbours, len(members)))
         here = np.arange(pos, pos + len(x))[:, None]
         cand = (nbrs >= 0) & (nbrs < here) & (sims >= (threshold if exact else threshold - 0.1))
-        if not exact and cand.any():  # product-quantised scores are approximate: re-check with the exact vectors
+        if not exact and cand.any():  # PQ scores are approximate: re-check with exact vectors
             r, c = np.nonzero(cand)
             exact_sims = np.einsum("ij,ij->i", x[r], emb.rows(members[nbrs[r, c]]))
             true = exact_sims >= threshold
-            cand[:] = False; cand[r[true], c[true]] = True; sims = sims.copy(); sims[r, c] = exact_sims
+            cand[:] = False; cand[r[true], c[true]] = True
+            sims = sims.copy(); sims[r, c] = exact_sims
         hit = cand.any(1)
         dup[members[pos:pos + len(x)]] = hit
         if hit.any():  # the closest earlier match of each duplicate
             best = np.where(cand, sims, -np.inf).argmax(1)
             rows = np.flatnonzero(hit)
-            of[members[pos + rows]], cos[members[pos + rows]] = members[nbrs[rows, best[rows]]], sims[rows, best[rows]]
+            of[members[pos + rows]] = members[nbrs[rows, best[rows]]]
+            cos[members[pos + rows]] = sims[rows, best[rows]]
         pos += len(x); bar.update(len(x))
     bar.close()
     return (dup, of, cos) if matches else dup
 
+# %% ../nbs/06_curation.ipynb #a8a6622a
+def _first_of_groups(keys:np.ndarray) -> np.ndarray:
+    "Mask of items whose key appeared earlier."
+    _, first = np.unique(keys, return_index=True)
+    dup = np.ones(len(keys), bool); dup[first] = False
+    return dup
+
+def _first_with_key(keys:np.ndarray) -> np.ndarray:
+    "For every item, the first item with the same key."
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first[inverse.ravel()]
+
 def find_duplicates(emb:Embedded, # the pool's embeddings
                     threshold:float=0.95, # near-duplicate cosine, see `near_duplicates`
-                    matches:bool=False, # also return what each duplicate repeats: (masks, of, cosine)
+                    matches:bool=False, # also return what each one repeats: (masks, of, cosine)
                     **kw) -> dict|tuple[dict, np.ndarray, np.ndarray]:
-    "Masks of exact-image, same-image-and-question and near-duplicate items (each excluding the earlier kinds)."
+    "Masks of same-image, same-image-and-question and near-duplicate items (no item in two)."
     same_image = _first_of_groups(emb.image_hash)
     same_pair = _first_of_groups(emb.pair_hash) & ~same_image
     # exact copies are left out of the near search: they would crowd the neighbour lists
     near, near_of, cos = near_duplicates(emb, threshold, among=~same_image, matches=True, **kw)
-    masks = {"same_image": same_image, "same_image_and_question": same_pair, "near_duplicate": near}
+    masks = {"same_image": same_image, "same_image_and_question": same_pair,
+             "near_duplicate": near}
     if not matches: return masks
-    of = np.where(same_image, _first_with_key(emb.image_hash), np.where(same_pair, _first_with_key(emb.pair_hash), near_of))
+    of = np.where(same_image, _first_with_key(emb.image_hash),
+                  np.where(same_pair, _first_with_key(emb.pair_hash), near_of))
     return masks, of, np.where(near, cos, np.nan).astype(np.float32)
 
 # %% ../nbs/06_curation.ipynb #eefcff0e
 def duplicate_records(emb:Embedded, # the pool's embeddings
-                      masks:dict, of:np.ndarray, cosine:np.ndarray, # from `find_duplicates(..., matches=True)`
+                      masks:dict, # from `find_duplicates(..., matches=True)`
+                      of:np.ndarray, # from the same: the item each duplicate repeats
+                      cosine:np.ndarray, # from the same: the cosine of each near-duplicate
                      ) -> list[dict]:
-    "One record per removed item, in pool order: its kind, the item it repeats, the kept item it stands for, the cosine."
+    "One record per removed item, in pool order: kind, item repeated, item kept for it, cosine."
     removed = np.logical_or.reduce(list(masks.values()))
     idx = np.flatnonzero(removed)
     kept = of[idx].copy()
-    while len(kept) and removed[kept].any():  # a chain (a copy of a near-duplicate): follow it to the item kept
+    while len(kept) and removed[kept].any():  # a chain (a copy of a near-duplicate): follow it
         m = removed[kept]; kept[m] = of[kept[m]]
     ids = emb.ids_of(np.concatenate([idx, of[idx], kept]))
     n, exact = len(idx), ~masks["near_duplicate"][idx]
     out = []
     for k, j in enumerate(idx):
-        rec = {"id": ids[k], "kind": "exact" if exact[k] else "near", "duplicate_of": ids[n + k], "kept": ids[2 * n + k],
-               "cosine": None if exact[k] else round(float(cosine[j]), 5), "category": str(emb.categories[j])}
+        rec = {"id": ids[k], "kind": "exact" if exact[k] else "near", "duplicate_of": ids[n + k],
+               "kept": ids[2 * n + k],
+               "cosine": None if exact[k] else round(float(cosine[j]), 5),
+               "category": str(emb.categories[j])}
         if exact[k]: rec["same_question"] = bool(emb.pair_hash[j] == emb.pair_hash[of[j]])
         out.append(rec)
     return out
@@ -526,7 +604,7 @@ def duplicate_records(emb:Embedded, # the pool's embeddings
 def sample_balanced(categories:np.ndarray, # category of each candidate item
                     clusters:np.ndarray, # cluster of each candidate item
                     total:int, # target size of the curated set
-                    ratio:dict, # weight of each rebalanced category, e.g. {"long": 4, "short": 5, "mcq": 1}
+                    ratio:dict, # weight of each rebalanced category: {"long": 4, "short": 5, ...}
                     seed:int=0, # seed of every choice
                    ) -> tuple[np.ndarray, dict]:
     "Indices of the chosen items and, per category, the target and achieved counts."
@@ -538,7 +616,8 @@ def sample_balanced(categories:np.ndarray, # category of each candidate item
     target = {c: int(round(rest * w / weights)) for c, w in ratio.items()}
     chosen, report = list(kept), {}
     for c in sorted(set(categories[kept].tolist())) if kept else []:
-        n = int((categories[kept] == c).sum()); report[c] = {"target": n, "achieved": n, "kept_as_is": True}
+        n = int((categories[kept] == c).sum())
+        report[c] = {"target": n, "achieved": n, "kept_as_is": True}
     for c, want in target.items():
         by_cluster = defaultdict(list)
         for i in np.flatnonzero(categories == c): by_cluster[int(clusters[i])].append(int(i))
@@ -547,10 +626,12 @@ def sample_balanced(categories:np.ndarray, # category of each candidate item
         picked, depth = [], 0
         while len(picked) < want and any(len(by_cluster[k]) > depth for k in order):
             for k in order:
-                if len(by_cluster[k]) > depth and len(picked) < want: picked.append(by_cluster[k][depth])
+                if len(by_cluster[k]) > depth and len(picked) < want:
+                    picked.append(by_cluster[k][depth])
             depth += 1
         chosen += picked
-        report[c] = {"target": want, "achieved": len(picked), "clusters": len({int(clusters[i]) for i in picked}),
+        report[c] = {"target": want, "achieved": len(picked),
+                     "clusters": len({int(clusters[i]) for i in picked}),
                      "available": int((categories == c).sum())}
     return np.array(sorted(chosen), dtype=np.int64), report
 
@@ -565,21 +646,60 @@ def thumbnail(image_root, # the image root
     im.thumbnail((size, size)); buf = io.BytesIO(); im.save(buf, "JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), None
 
-def report_examples(emb:Embedded, clusters:np.ndarray, # the embeddings and every item's cluster
+# %% ../nbs/06_curation.ipynb #bf01f987
+def report_examples(emb:Embedded, # the pool's embeddings
+                    clusters:np.ndarray, # every item's cluster
                     duplicates:list[dict], # from `duplicate_records`
                     per_cluster:int=6, # example images per cluster
                     pairs:int=24, # near-duplicate pairs to show: those closest to the threshold
-                    seed:int=0,
+                    seed:int=0, # seed of the examples
                    ) -> tuple[dict, list[dict]]:
-    "Ids to show in the report: a seeded few per cluster, and the near-duplicates with the lowest cosines."
+    "Ids to show: a seeded few per cluster, and the near-duplicates with the lowest cosines."
     rng, k = np.random.default_rng(seed), int(clusters.max()) + 1 if len(clusters) else 0
     picks = {c: np.sort(rng.choice(m, min(per_cluster, len(m)), replace=False)) for c in range(k)
              if len(m := np.flatnonzero(clusters == c))}
     flat = np.concatenate(list(picks.values())) if picks else np.zeros(0, np.int64)
     ids, pos, examples = emb.ids_of(flat), 0, {}
     for c, p in picks.items(): examples[c] = ids[pos:pos + len(p)]; pos += len(p)
-    near = sorted((r for r in duplicates if r["kind"] == "near"), key=lambda r: (r["cosine"], r["id"]))[:pairs]
+    near = sorted((r for r in duplicates if r["kind"] == "near"),
+                  key=lambda r: (r["cosine"], r["id"]))[:pairs]
     return examples, near
+
+# %% ../nbs/06_curation.ipynb #69bc8a84
+def _thumbs_html(ids:list, image_paths:dict, image_root, size:int=96) -> str:
+    "Thumbnails of items (by id), each titled with its id; an unreadable image shows its reason."
+    cells = []
+    for i in ids:
+        uri, why = (thumbnail(image_root, image_paths[i], size) if i in image_paths
+                    else (None, "not in the pool"))
+        t = html.escape(str(i), quote=True)
+        cells.append(f"<img src='{uri}' title='{t}' alt='{t}'>" if uri else
+                     f"<span class='bad' title='{html.escape(why, quote=True)}'>{t}: "
+                     "unreadable</span>")
+    return "".join(cells)
+
+def _examples_html(examples:dict, pairs:list, image_paths:dict, image_root, clusters:np.ndarray,
+                   chosen:np.ndarray) -> str:
+    "The clusters by example images, and the near-duplicate pairs closest to the threshold."
+    if not examples and not pairs: return ""
+    def thumbs(ids): return _thumbs_html(ids, image_paths, image_root)
+    k = int(clusters.max()) + 1 if len(clusters) else 0
+    size, cur = np.bincount(clusters, minlength=k), np.bincount(clusters[chosen], minlength=k)
+    rows = "".join(f"<tr><td>cluster {c}<br><small>{size[c]} items, {cur[c]} curated</small></td>"
+                   f"<td>{thumbs(ids)}</td></tr>" for c, ids in examples.items())
+    out = ("<h2>Clusters by example</h2><p>A seeded sample of each cluster's images (hover for "
+           "the id).</p><table>" + rows + "</table>")
+    if pairs:
+        prs = "".join(f"<tr><td>{r['cosine']:.4f}</td><td>{thumbs([r['id']])}</td>"
+                      f"<td>{thumbs([r['duplicate_of']])}</td>"
+                      f"<td>{html.escape(r['id'])} repeats "
+                      f"{html.escape(r['duplicate_of'])}</td></tr>" for r in pairs)
+        out += ("<h2>Near-duplicates closest to the threshold</h2><p>The removed items with the "
+                "lowest cosines: if these do not look like the same picture, raise the threshold. "
+                "Every removed item is in duplicates.jsonl.</p>"
+                "<table><tr><th>cosine</th><th>removed</th><th>repeats (earlier)</th><th>ids</th>"
+                "</tr>" + prs + "</table>")
+    return out
 
 # %% ../nbs/06_curation.ipynb #e82cbbf4
 def _pca2(x:np.ndarray) -> np.ndarray:
@@ -588,144 +708,151 @@ def _pca2(x:np.ndarray) -> np.ndarray:
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     return x @ vt[:2].T
 
-def _thumbs_html(ids:list, image_paths:dict, image_root, size:int=96) -> str:
-    "Thumbnails of items (by id), each titled with its id; an unreadable image shows its reason."
-    cells = []
-    for i in ids:
-        uri, why = thumbnail(image_root, image_paths[i], size) if i in image_paths else (None, "not in the pool")
-        t = html.escape(str(i), quote=True)
-        cells.append(f"<img src='{uri}' title='{t}' alt='{t}'>" if uri else
-                     f"<span class='bad' title='{html.escape(why, quote=True)}'>{t}: unreadable</span>")
-    return "".join(cells)
-
-def _examples_html(examples:dict, pairs:list, image_paths:dict, image_root, clusters:np.ndarray, chosen:np.ndarray) -> str:
-    "The clusters by example images, and the near-duplicate pairs closest to the threshold."
-    if not examples and not pairs: return ""
-    k = int(clusters.max()) + 1 if len(clusters) else 0
-    size, cur = np.bincount(clusters, minlength=k), np.bincount(clusters[chosen], minlength=k)
-    rows = "".join(f"<tr><td>cluster {c}<br><small>{size[c]} items, {cur[c]} curated</small></td>"
-                   f"<td>{_thumbs_html(ids, image_paths, image_root)}</td></tr>" for c, ids in examples.items())
-    out = ("<h2>Clusters by example</h2><p>A seeded sample of each cluster's images (hover for the id).</p>"
-           "<table>" + rows + "</table>")
-    if pairs:
-        prs = "".join(f"<tr><td>{r['cosine']:.4f}</td><td>{_thumbs_html([r['id']], image_paths, image_root)}</td>"
-                      f"<td>{_thumbs_html([r['duplicate_of']], image_paths, image_root)}</td>"
-                      f"<td>{html.escape(r['id'])} repeats {html.escape(r['duplicate_of'])}</td></tr>" for r in pairs)
-        out += ("<h2>Near-duplicates closest to the threshold</h2><p>The removed items with the lowest cosines: if these "
-                "do not look like the same picture, raise the threshold. Every removed item is in duplicates.jsonl.</p>"
-                "<table><tr><th>cosine</th><th>removed</th><th>repeats (earlier)</th><th>ids</th></tr>" + prs + "</table>")
-    return out
-
-def curation_report(emb:Embedded, clusters:np.ndarray, chosen:np.ndarray, ratio_report:dict, dup_counts:dict,
+def curation_report(emb:Embedded, # the pool's embeddings
+                    clusters:np.ndarray, # every item's cluster
+                    chosen:np.ndarray, # the curated items (indices into `emb`)
+                    ratio_report:dict, # target and achieved counts, from `sample_balanced`
+                    dup_counts:dict, # removed duplicates per kind
                     path, # the HTML file to write
                     sample:int=3000, # points in the projection
-                    seed:int=0,
-                    examples:dict|None=None, # cluster -> ids whose thumbnails to show (see `report_examples`)
+                    seed:int=0, # seed of that sample
+                    examples:dict|None=None, # cluster -> ids to show (see `report_examples`)
                     pairs:list|None=None, # near-duplicate records to show as image pairs
                     image_paths:dict|None=None, # id -> image path, for the thumbnails
                     image_root=None, # the folder those paths are relative to
                     accounting:str="", # the count-in = count-out sentence
                    ) -> Path:
     "Write the curation report as one self-contained HTML page."
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # heavy: loaded only to write a report
     from plotly.subplots import make_subplots
     k = int(clusters.max()) + 1 if len(clusters) else 0
     sizes = go.Figure([go.Bar(name="pool", x=list(range(k)), y=np.bincount(clusters, minlength=k)),
-                       go.Bar(name="curated", x=list(range(k)), y=np.bincount(clusters[chosen], minlength=k))])
-    sizes.update_layout(title="Items per cluster", xaxis_title="cluster", yaxis_title="items", barmode="overlay", height=380)
+                       go.Bar(name="curated", x=list(range(k)),
+                              y=np.bincount(clusters[chosen], minlength=k))])
+    sizes.update_layout(title="Items per cluster", xaxis_title="cluster", yaxis_title="items",
+                        barmode="overlay", height=380)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(emb), min(sample, len(emb)), replace=False))
     xy = _pca2(emb.rows(pick))
     proj = make_subplots(rows=1, cols=2, subplot_titles=("by cluster", "by category"))
-    proj.add_trace(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", marker=dict(size=4, color=clusters[pick], colorscale="Turbo"),
+    proj.add_trace(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers",
+                                marker=dict(size=4, color=clusters[pick], colorscale="Turbo"),
                                 text=emb.ids_of(pick), showlegend=False), 1, 1)
     for c in sorted(set(emb.categories[pick].tolist())):
         m = emb.categories[pick] == c
-        proj.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", marker=dict(size=4), name=c), 1, 2)
+        proj.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", marker=dict(size=4),
+                                    name=c), 1, 2)
     proj.update_layout(title="Image embeddings, first two principal components", height=420)
-    rows = "".join(f"<tr><td>{c}</td><td>{r['target']}</td><td>{r['achieved']}</td><td>{r.get('available', '')}</td><td>{r.get('clusters', '')}</td></tr>"
+    rows = "".join(f"<tr><td>{c}</td><td>{r['target']}</td><td>{r['achieved']}</td>"
+                   f"<td>{r.get('available', '')}</td><td>{r.get('clusters', '')}</td></tr>"
                    for c, r in ratio_report.items())
-    table = ("<table><tr><th>category</th><th>target</th><th>achieved</th><th>available</th><th>clusters used</th></tr>" + rows + "</table>"
-             + "<p>Removed: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dup_counts.items()) + f"; {len(emb.rejects)} rejected (missing or unreadable images).</p>")
-    gallery = _examples_html(examples or {}, pairs or [], image_paths or {}, image_root, clusters, chosen)
-    page = ("<html><head><meta charset='utf-8'><title>mmrlhf curation report</title><style>body{font-family:sans-serif;margin:2em}"
-            "td,th{padding:2px 10px;border-bottom:1px solid #ddd} img{margin:1px;vertical-align:middle} .bad{color:#a00}</style>"
+    removed = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dup_counts.items())
+    table = ("<table><tr><th>category</th><th>target</th><th>achieved</th><th>available</th>"
+             "<th>clusters used</th></tr>" + rows + "</table>"
+             f"<p>Removed: {removed}; {len(emb.rejects)} rejected (missing or unreadable "
+             "images).</p>")
+    gallery = _examples_html(examples or {}, pairs or [], image_paths or {}, image_root, clusters,
+                             chosen)
+    page = ("<html><head><meta charset='utf-8'><title>mmrlhf curation "
+            "report</title><style>body{font-family:sans-serif;margin:2em}"
+            "td,th{padding:2px 10px;border-bottom:1px solid #ddd} "
+            "img{margin:1px;vertical-align:middle} .bad{color:#a00}</style>"
             "</head><body><h1>Curation report</h1>"
             f"<p>{len(emb)} embedded items, {k} clusters, {len(chosen)} curated.</p>"
             + (f"<p>{html.escape(accounting)}</p>" if accounting else "") + table
-            + sizes.to_html(full_html=False, include_plotlyjs=True) + proj.to_html(full_html=False, include_plotlyjs=False)
+            + sizes.to_html(full_html=False, include_plotlyjs=True)
+            + proj.to_html(full_html=False, include_plotlyjs=False)
             + gallery + "</body></html>")
     write_text(path, page)
     return Path(path)
 
-# %% ../nbs/06_curation.ipynb #ca61c670
-RESULTS = ("curation.json", "curated.jsonl", "duplicates.jsonl", "rejects.jsonl", "report.html", "curate-config.yaml")
+# %% ../nbs/06_curation.ipynb #83084047
+RESULTS = ("curation.json", "curated.jsonl", "duplicates.jsonl", "rejects.jsonl", "report.html",
+           "curate-config.yaml")
 
+# %% ../nbs/06_curation.ipynb #ca61c670
 def run_curate(cfg:CurateConfig) -> dict:
     "Curate `cfg.pool` into `cfg.out`; return the summary."
-    import torch
+    import torch  # heavy: loaded only when the stage runs
     out, pool = Path(cfg.out), Path(cfg.pool)
     if not pool.exists(): raise DataError(pool, None, None, "pool not found")
     root = Path(cfg.image_root) if cfg.image_root else pool.parent
-    from accelerate import PartialState
-    state = PartialState(cpu=not torch.cuda.is_available())  # under `accelerate launch`, one of several processes
+    from accelerate import PartialState  # loaded with torch, only when the stage runs
+    state = PartialState(cpu=not torch.cuda.is_available())  # one of several processes, maybe
     rank, world = state.process_index, state.num_processes
     device = str(state.device) if torch.cuda.is_available() else "cpu"
-    if rank == 0: clean_stale_temps(out); clean_stale_temps(out / "embeddings")  # what a killed run left
-    if world > 1: state.wait_for_everyone()  # before any process starts writing temporary files
+    if rank == 0:  # what a killed run left
+        clean_stale_temps(out); clean_stale_temps(out / "embeddings")
+    if world > 1: state.wait_for_everyone()  # before any process writes temporary files
     model, preprocess = clip_model(cfg.model, cfg.weights, device, cfg.seed)
     t0 = time.time()
-    embed_pool(pool, root, out, model, preprocess, cfg.batch_size, cfg.shard_size, cfg.precision, cfg.long_threshold, rank, world,
+    embed_pool(pool, root, out, model, preprocess, cfg.batch_size, cfg.shard_size, cfg.precision,
+               cfg.long_threshold, rank, world,
                model_name=f"{cfg.model} with {cfg.weights or f'random weights (seed {cfg.seed})'}")
     if world > 1: state.wait_for_everyone()
     if rank != 0: return {}
     t_embed = time.time() - t0
-    for name in RESULTS: (out / name).unlink(missing_ok=True)  # the outputs below all come from this run; curation.json last
+    # the outputs below all come from this run; curation.json, removed first, is written last
+    for name in RESULTS: (out / name).unlink(missing_ok=True)
     emb = load_embeddings(out, cfg.center)
     pool_items = emb.manifest["pool"]["items"]
     if len(emb) + len(emb.rejects) != pool_items:
-        raise RuntimeError(f"{out / 'embeddings'}: shards hold {len(emb) + len(emb.rejects)} items, the pool {pool_items}")
+        raise RuntimeError(f"{out / 'embeddings'}: shards hold {len(emb) + len(emb.rejects)} "
+                           f"items, the pool {pool_items}")
     if len(emb) == 0:
         write_jsonl(out / "rejects.jsonl", emb.rejects)
-        raise DataError(pool, None, "images", f"none of {len(emb.rejects)} items could be embedded (first: {emb.rejects[0]['reason']}); "
+        raise DataError(pool, None, "images",
+                        f"none of {len(emb.rejects)} items could be embedded (first: "
+                        f"{emb.rejects[0]['reason']}); "
                         f"reasons in {out / 'rejects.jsonl'}")
     _, clusters = cluster(emb, cfg.clusters, cfg.seed)
-    dups, of, cos = find_duplicates(emb, cfg.near_dup_threshold, matches=True, seed=cfg.seed, progress=True)
+    dups, of, cos = find_duplicates(emb, cfg.near_dup_threshold, matches=True, seed=cfg.seed,
+                                    progress=True)
     removed = np.logical_or.reduce(list(dups.values()))
     keep = np.flatnonzero(~removed)
-    picked, ratio_report = sample_balanced(emb.categories[keep], clusters[keep], cfg.total, cfg.ratio, cfg.seed)
+    picked, ratio_report = sample_balanced(emb.categories[keep], clusters[keep], cfg.total,
+                                           cfg.ratio, cfg.seed)
     chosen = keep[picked]
-    chosen_ids = {i: (emb.categories[j], int(clusters[j])) for i, j in zip(emb.ids_of(chosen), chosen)}
+    chosen_ids = {i: (emb.categories[j], int(clusters[j]))
+                  for i, j in zip(emb.ids_of(chosen), chosen)}
     dup_records = duplicate_records(emb, dups, of, cos)
     examples, pairs = ({}, []) if not cfg.report else \
         report_examples(emb, clusters, dup_records, cfg.thumbnails, cfg.near_examples, cfg.seed)
-    shown = {i for ids in examples.values() for i in ids} | {r[k] for r in pairs for k in ("id", "duplicate_of")}
+    shown = ({i for ids in examples.values() for i in ids}
+             | {r[k] for r in pairs for k in ("id", "duplicate_of")})
     image_paths = {}
-    def curated():  # one pass over the pool: the curated queries, and the image paths the report shows
+    def curated():  # one pass over the pool: the curated queries, and the report's image paths
         for item in read_pool(pool):
             if item["id"] in shown: image_paths[item["id"]] = item["images"][0]
             if item["id"] in chosen_ids:
                 category, _ = chosen_ids[item["id"]]
-                yield query_record(Query(item["id"], item["question"], category, item["images"], [], item.get("reference"), item.get("source") or ""))
+                yield query_record(Query(item["id"], item["question"], category, item["images"],
+                                         [], item.get("reference"), item.get("source") or ""))
     n = write_jsonl(out / "curated.jsonl", curated())
     write_jsonl(out / "duplicates.jsonl", dup_records)
     write_jsonl(out / "rejects.jsonl", emb.rejects)
     dup_counts = {k: int(v.sum()) for k, v in dups.items()}
     n_dup, not_sampled = int(removed.sum()), len(emb) - int(removed.sum()) - n
     if n != len(chosen) or n + n_dup + not_sampled + len(emb.rejects) != pool_items:
-        raise RuntimeError(f"curation lost items: {pool_items} in, {n} curated + {n_dup} duplicates + {not_sampled} not sampled "
+        raise RuntimeError(f"curation lost items: {pool_items} in, {n} curated + {n_dup} "
+                           f"duplicates + {not_sampled} not sampled "
                            f"+ {len(emb.rejects)} rejected out")
-    accounting = (f"{pool_items} pool items = {n} curated + {n_dup} duplicates (duplicates.jsonl) + {not_sampled} not sampled "
+    accounting = (f"{pool_items} pool items = {n} curated + {n_dup} duplicates (duplicates.jsonl) "
+                  f"+ {not_sampled} not sampled "
                   f"+ {len(emb.rejects)} rejected (rejects.jsonl)")
     summary = {"pool_items": pool_items, "embedded": len(emb), "rejected": len(emb.rejects),
-               "duplicates": dup_counts, "duplicates_removed": n_dup, "not_sampled": not_sampled, "accounting": accounting,
+               "duplicates": dup_counts, "duplicates_removed": n_dup, "not_sampled": not_sampled,
+               "accounting": accounting,
                "clusters": int(clusters.max()) + 1, "curated": n, "ratio": ratio_report,
-               "clusters_covered": len({c for _, c in chosen_ids.values()}), "embed_seconds": round(t_embed, 1),
+               "clusters_covered": len({c for _, c in chosen_ids.values()}),
+               "embed_seconds": round(t_embed, 1),
                "seconds": round(time.time() - t0, 1)}
     if cfg.report:
-        curation_report(emb, clusters, chosen, ratio_report, dup_counts, out / "report.html", seed=cfg.seed,
-                        examples=examples, pairs=pairs, image_paths=image_paths, image_root=root, accounting=accounting)
+        curation_report(emb, clusters, chosen, ratio_report, dup_counts, out / "report.html",
+                        seed=cfg.seed, examples=examples, pairs=pairs, image_paths=image_paths,
+                        image_root=root, accounting=accounting)
     cfg.save(out / "curate-config.yaml")
-    write_text(out / "curation.json", json.dumps(summary, indent=1))  # last: its presence marks a complete set of outputs
+    # last: its presence marks a complete set of outputs
+    write_text(out / "curation.json", json.dumps(summary, indent=1))
     print(f"{accounting}; in {out}")
     return summary

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['NEGATIVE_DELTA', 'MISSING_DELTA', 'BETA_MODES', 'DEFAULT_W', 'SHARD_KEYS', 'dynamic_beta', 'implicit_beta', 'mode_w',
-           'kept_pairs', 'pair_betas', 'mmdpo_loss', 'mean_kept_loss', 'DPOExample', 'DPOCollator', 'MMDPOSettings',
+           'kept_pairs', 'MMDPOSettings', 'pair_betas', 'mmdpo_loss', 'mean_kept_loss', 'DPOExample', 'DPOCollator',
            'pair_terms', 'pair_metrics', 'group_dpo_loss', 'pair_summary', 'describe_pairs', 'naive_pair_loss',
            'reference_logps', 'MMDPOTrainer', 'query_dpo_examples', 'run_ref_logps', 'run_train_dpo']
 
@@ -15,23 +15,26 @@ __all__ = ['NEGATIVE_DELTA', 'MISSING_DELTA', 'BETA_MODES', 'DEFAULT_W', 'SHARD_
 import contextlib
 import json
 import math
-import os
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # %% ../nbs/12_dpo.ipynb #f84f56ca
 import torch
 import torch.nn.functional as F
+import yaml
+from accelerate import PartialState
+from transformers import AutoModelForImageTextToText, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 # %% ../nbs/12_dpo.ipynb #3cb25c26
-from .core import (atomic_dir, clean_stale_temps, Config, ConfigError, DataError,
-                         GlobalMeanTrainer, last_complete_checkpoint, opt, read_jsonl, write_text)
-from .configs import MAX_LENGTH, RefLogpsConfig, TrainDPOConfig
+from .core import (atomic_dir, clean_stale_temps, ConfigError, DataError, GlobalMeanTrainer,
+                         last_complete_checkpoint, write_text)
+from .configs import MAX_LENGTH, DeltaPolicy, RefLogpsConfig, TrainDPOConfig
 from .schema import pair_indices, query_medium, read_queries, write_queries
 from .models import apply_lora, load_base, save_vlm
-from .logprobs import encode_groups, freeze_vision, length_plan, response_logps, unwrap
+from .logprobs import encode_groups, freeze_vision, length_plan, response_logps
 
 # %% ../nbs/12_dpo.ipynb #2cd09d1e
 def dynamic_beta(delta, # reward margins r(chosen) - r(rejected), one per pair
@@ -44,95 +47,136 @@ def dynamic_beta(delta, # reward margins r(chosen) - r(rejected), one per pair
     return beta * (1 + w * (1 - torch.exp(-k * delta)))
 
 # %% ../nbs/12_dpo.ipynb #31fcc7ef
-def implicit_beta(h:torch.Tensor, # the batch's log-ratio differences (policy minus reference), gathered over processes
+def implicit_beta(h:torch.Tensor, # the batch's log-ratio differences (policy minus reference)
                   beta:float=0.1, # base β
                   w:float=0.1, # the release's `ls_factor_weight` (0.1 in its 7B script)
                   generator:torch.Generator|None=None, # for the 80% draw
                  ) -> torch.Tensor:
-    "The released code's batch-level β, computed from the policy's own margins (not from a reward model)."
+    "The released code's batch-level β, from the policy's own margins (not from a reward model)."
     a = h.detach().float().flatten()
     if a.numel() < 2: return torch.tensor(beta, device=a.device)
     mu, sd = a.mean(), a.std()
     p = torch.exp(-0.5 * ((a - mu) / (sd + 1e-7)) ** 2)
-    drawn = torch.multinomial(p.cpu(), max(1, int(0.8 * a.numel())), replacement=False, generator=generator).to(a.device)
+    n = max(1, int(0.8 * a.numel()))
+    drawn = torch.multinomial(p.cpu(), n, replacement=False, generator=generator).to(a.device)
     return (beta * (1 + w * (a[drawn].mean() - mu))).clamp(min=1e-3)
 
 # %% ../nbs/12_dpo.ipynb #c5d15de4
 NEGATIVE_DELTA = ("clamp", "skip", "keep")
 MISSING_DELTA = ("error", "fixed", "skip")
 BETA_MODES = ("dynamic", "fixed", "implicit")
-DEFAULT_W = {"dynamic": 0.5, "implicit": 0.1, "fixed": 0.0} # each β rule's own w: the paper's, the release's ls_factor_weight
+# each β rule's own w: the paper's, and the release's ls_factor_weight
+DEFAULT_W = {"dynamic": 0.5, "implicit": 0.1, "fixed": 0.0}
 
+def _check_choice(name:str, value:str, choices:tuple):
+    "Raise `ConfigError` unless `value` is one of `choices`."
+    if value not in choices: raise ConfigError(f"{name}: expected one of {choices}, got {value!r}")
+
+# %% ../nbs/12_dpo.ipynb #92a74ee7
 def mode_w(beta_mode:str, # dynamic, fixed or implicit
            w:float|None=None, # an explicit w, or None for the mode's default
           ) -> float:
     "`w`, or the β rule's own default when it is None."
-    if beta_mode not in BETA_MODES: raise ValueError(f"beta_mode: expected one of {BETA_MODES}, got {beta_mode!r}")
+    _check_choice("beta_mode", beta_mode, BETA_MODES)
     return DEFAULT_W[beta_mode] if w is None else float(w)
 
+# %% ../nbs/12_dpo.ipynb #9ae8a6a6
 def kept_pairs(delta:torch.Tensor, # per-pair margins, NaN where missing
-               beta_mode:str="dynamic", negative_delta:str="clamp", missing_delta:str="error",
+               policy:DeltaPolicy=DeltaPolicy(), # the β rule and the δ policies
               ) -> torch.Tensor:
-    "Which pairs the δ policies keep in the loss; refuses missing margins under `missing_delta='error'`."
-    if beta_mode not in BETA_MODES: raise ValueError(f"beta_mode: expected one of {BETA_MODES}, got {beta_mode!r}")
-    if negative_delta not in NEGATIVE_DELTA: raise ValueError(f"negative_delta: expected one of {NEGATIVE_DELTA}, got {negative_delta!r}")
-    if missing_delta not in MISSING_DELTA: raise ValueError(f"missing_delta: expected one of {MISSING_DELTA}, got {missing_delta!r}")
+    "Which pairs the δ policies keep; refuses missing margins under `missing_delta='error'`."
+    p = policy
+    _check_choice("beta_mode", p.beta_mode, BETA_MODES)
+    _check_choice("negative_delta", p.negative_delta, NEGATIVE_DELTA)
+    _check_choice("missing_delta", p.missing_delta, MISSING_DELTA)
     d = torch.as_tensor(delta, dtype=torch.float32)
     keep = torch.ones(d.shape, dtype=torch.bool, device=d.device)
-    if beta_mode != "dynamic": return keep
+    if p.beta_mode != "dynamic": return keep
     missing = torch.isnan(d)
-    if missing.any() and missing_delta == "error":
-        raise ValueError(f"{int(missing.sum())} of {d.numel()} pairs have no reward margin δ: score them with `mmrlhf score`, "
-                         "or set missing_delta=fixed (β_ori for them) or missing_delta=skip")
-    if negative_delta == "skip": keep &= ~(d < 0)
-    if missing_delta == "skip": keep &= ~missing
+    if missing.any() and p.missing_delta == "error":
+        raise ValueError(f"{int(missing.sum())} of {d.numel()} pairs have no reward margin δ: "
+                         "score them with `mmrlhf score`, or set missing_delta=fixed "
+                         "(β_ori for them) or missing_delta=skip")
+    if p.negative_delta == "skip": keep &= ~(d < 0)
+    if p.missing_delta == "skip": keep &= ~missing
     return keep
 
+# %% ../nbs/12_dpo.ipynb #d11c32d3
+class MMDPOSettings(DeltaPolicy):
+    "The MM-DPO δ policy (`configs.DeltaPolicy`, the paper's values), with tensor methods."
+    @classmethod
+    def of(cls, settings:DeltaPolicy, # settings carrying a δ policy (e.g. a `TrainDPOConfig`)
+          ) -> MMDPOSettings:
+        "The δ policy of `settings`, checked."
+        return cls(**asdict(settings.delta_policy())).check()
+
+    def check(self) -> MMDPOSettings:
+        "Raise `ConfigError` for an unknown rule or policy; returns the settings."
+        kept_pairs(torch.zeros(0), self)
+        return self
+
+    def keep(self, delta:torch.Tensor) -> torch.Tensor:
+        "Which of these pairs the loss uses."
+        return kept_pairs(delta, self)
+
+# %% ../nbs/12_dpo.ipynb #136c9640
 def pair_betas(delta:torch.Tensor|None, # per-pair margins (NaN where missing), or None
                h:torch.Tensor, # per-pair log-ratio differences
-               beta:float=0.1, # β_ori
-               w:float|None=None, # β's growth; None: the mode's default (`DEFAULT_W`)
-               k:float=0.5, # β's rate
-               beta_mode:str="dynamic", # dynamic (the paper), fixed (DPO) or implicit (the released code)
-               negative_delta:str="clamp", # clamp, skip or keep
-               missing_delta:str="error", # error, fixed or skip
+               policy:DeltaPolicy=DeltaPolicy(), # the β rule and the δ policies
                generator:torch.Generator|None=None, # for the implicit rule's draw
-               implicit_h:torch.Tensor|None=None, # the margins the implicit rule sees (default: `h`; all processes' in training)
+               implicit_h:torch.Tensor|None=None, # what the implicit rule sees (default `h`)
               ) -> tuple[torch.Tensor, torch.Tensor]:
     "Each pair's β and whether the pair is kept in the loss."
-    d = torch.full_like(h, float("nan"), dtype=torch.float32) if delta is None else torch.as_tensor(delta, dtype=torch.float32, device=h.device)
-    keep, w = kept_pairs(d, beta_mode, negative_delta, missing_delta), mode_w(beta_mode, w)
-    if beta_mode == "fixed": return torch.full_like(h, beta, dtype=torch.float32), keep
-    if beta_mode == "implicit": return implicit_beta(h if implicit_h is None else implicit_h, beta, w, generator).expand(h.shape).float(), keep
+    p = policy
+    if delta is None: d = torch.full_like(h, float("nan"), dtype=torch.float32)
+    else: d = torch.as_tensor(delta, dtype=torch.float32, device=h.device)
+    keep, w = kept_pairs(d, p), mode_w(p.beta_mode, p.w)
+    if p.beta_mode == "fixed": return torch.full_like(h, p.beta, dtype=torch.float32), keep
+    if p.beta_mode == "implicit":
+        b = implicit_beta(h if implicit_h is None else implicit_h, p.beta, w, generator)
+        return b.expand(h.shape).float(), keep
     missing = torch.isnan(d)
-    if negative_delta == "clamp": d = d.clamp(min=0)
-    b = dynamic_beta(torch.nan_to_num(d, nan=0.0), beta, w, k).clamp(min=1e-3)
-    return torch.where(missing, torch.full_like(b, beta), b), keep
+    if p.negative_delta == "clamp": d = d.clamp(min=0)
+    b = dynamic_beta(torch.nan_to_num(d, nan=0.0), p.beta, w, p.k).clamp(min=1e-3)
+    return torch.where(missing, torch.full_like(b, p.beta), b), keep
 
-# %% ../nbs/12_dpo.ipynb #895a683b
-def _mmdpo(pc, pr, rc, rr, delta=None, beta=0.1, w=None, k=0.5, beta_mode="dynamic", negative_delta="clamp", missing_delta="error",
-           generator=None, implicit_h=None):
+# %% ../nbs/12_dpo.ipynb #2ef2a6a5
+def _mmdpo(pc, pr, rc, rr, # policy chosen/rejected, reference chosen/rejected log-probabilities
+           delta, # per-pair margins (None or NaN: missing)
+           policy:DeltaPolicy, # the β rule and the δ policies
+           generator=None, implicit_h=None, # for the implicit rule (see `pair_betas`)
+          ):
+    "Per pair: the loss (0 where dropped), both implicit rewards, β, and whether it is kept."
     chosen, rejected = pc - rc, pr - rr
     h = chosen - rejected
-    betas, keep = pair_betas(delta, h, beta, w, k, beta_mode, negative_delta, missing_delta, generator, implicit_h)
+    betas, keep = pair_betas(delta, h, policy, generator, implicit_h)
     losses = torch.where(keep, -F.logsigmoid(betas * h), torch.zeros_like(h))
     return losses, (betas * chosen).detach(), (betas * rejected).detach(), betas, keep
 
-def mmdpo_loss(policy_chosen_logps:torch.Tensor, policy_rejected_logps:torch.Tensor,
-               ref_chosen_logps:torch.Tensor, ref_rejected_logps:torch.Tensor,
+# %% ../nbs/12_dpo.ipynb #895a683b
+def mmdpo_loss(policy_chosen_logps:torch.Tensor, # per pair: log π_θ(y_w | x)
+               policy_rejected_logps:torch.Tensor, # per pair: log π_θ(y_l | x)
+               ref_chosen_logps:torch.Tensor, # per pair: log π_ref(y_w | x)
+               ref_rejected_logps:torch.Tensor, # per pair: log π_ref(y_l | x)
                delta:torch.Tensor|None=None, # reward margins (None or NaN: missing)
                beta:float=0.1, # β_ori
                w:float|None=None, # β's growth; None: the mode's default
                k:float=0.5, # β's rate
                beta_mode:str="dynamic", # dynamic, fixed or implicit
-               negative_delta:str="clamp", missing_delta:str="error",
-               generator:torch.Generator|None=None,
+               negative_delta:str="clamp", # clamp, skip or keep
+               missing_delta:str="error", # error, fixed or skip
+               generator:torch.Generator|None=None, # for the implicit rule's draw
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Per-pair MM-DPO losses, chosen rewards and rejected rewards (each of shape [pairs])."
-    return _mmdpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, delta, beta, w, k,
-                  beta_mode, negative_delta, missing_delta, generator)[:3]
+    policy = DeltaPolicy(beta=beta, w=w, k=k, beta_mode=beta_mode, negative_delta=negative_delta,
+                         missing_delta=missing_delta)
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return _mmdpo(*logps, delta, policy, generator)[:3]
 
-def mean_kept_loss(losses:torch.Tensor, keep:torch.Tensor) -> torch.Tensor:
+# %% ../nbs/12_dpo.ipynb #924e946a
+def mean_kept_loss(losses:torch.Tensor, # per-pair losses, 0 where dropped
+                   keep:torch.Tensor, # whether each pair is kept
+                  ) -> torch.Tensor:
     "Mean loss over the pairs kept by the δ policy (0 if none)."
     return losses.sum() / keep.sum().clamp(min=1)
 
@@ -141,28 +185,36 @@ def mean_kept_loss(losses:torch.Tensor, keep:torch.Tensor) -> torch.Tensor:
 class DPOExample:
     "One query group for MM-DPO."
     medium: object # a PIL image, a list of frames, or None
-    question: str
+    question: str # the user's text
     responses: list # the K response texts
     pairs: list # (chosen, rejected) response indices
     deltas: list|None = None # reward margin per pair (None: missing)
     ref_logps: list|None = None # reference log-probability per response
-    id: str = ""
+    id: str = "" # the query's id, for messages
 
+# %% ../nbs/12_dpo.ipynb #7b9a531e
 class DPOCollator:
-    "Query groups -> one batch with batch-level pair indices, margins and reference log-probabilities."
-    def __init__(self, processor, system:str|None=None, share_prefix:bool=True,
-                 max_length:int|None=MAX_LENGTH, # longest prompt + response (see `logprobs.length_plan`)
+    "Query groups -> one batch with batch pair indices, margins and reference log-probabilities."
+    def __init__(self, processor,
+                 system:str|None=None, # a system message before every conversation
+                 share_prefix:bool=True, # the prefix-shared layout (see `logprobs.encode_groups`)
+                 max_length:int|None=MAX_LENGTH, # longest prompt + response (`length_plan`)
                 ):
-        self.processor, self.system, self.share_prefix, self.max_length = processor, system, share_prefix, max_length
+        self.processor, self.system, self.share_prefix = processor, system, share_prefix
+        self.max_length = max_length
+
     def __call__(self, examples:list) -> dict:
-        batch = encode_groups(self.processor, [(e.medium, e.question, e.responses) for e in examples], self.system, self.share_prefix, self.max_length)
+        groups = [(e.medium, e.question, e.responses) for e in examples]
+        p = self
+        batch = encode_groups(p.processor, groups, p.system, p.share_prefix, p.max_length)
         pairs, deltas, refs, off = [], [], [], 0
         for e in examples:
             for n, (c, r) in enumerate(e.pairs):
                 pairs.append((off + c, off + r))
                 d = None if e.deltas is None else e.deltas[n]
                 deltas.append(float("nan") if d is None else float(d))
-            refs += [float("nan") if e.ref_logps is None or e.ref_logps[i] is None else float(e.ref_logps[i]) for i in range(len(e.responses))]
+            ref = e.ref_logps or [None] * len(e.responses)
+            refs += [float("nan") if v is None else float(v) for v in ref]
             off += len(e.responses)
         batch["pairs"] = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
         batch["delta"] = torch.tensor(deltas, dtype=torch.float32)
@@ -170,127 +222,129 @@ class DPOCollator:
         return batch
 
 # %% ../nbs/12_dpo.ipynb #70db724a
-@dataclass
-class MMDPOSettings:
-    "The MM-DPO loss's settings (the paper's values by default)."
-    beta: float = 0.1 # β_ori
-    w: float|None = None # β's growth; None: the mode's default (dynamic 0.5, the paper; implicit 0.1, the release)
-    k: float = 0.5 # β's rate
-    beta_mode: str = "dynamic" # dynamic (the paper), fixed (DPO) or implicit (the released code)
-    gamma: float = 0.25 # weight of the SFT term (the release's value; the paper searched 0 to 1)
-    negative_delta: str = "clamp" # clamp, skip or keep
-    missing_delta: str = "error" # error, fixed or skip
-
-    def check(self):
-        "Raise `ConfigError` for an unknown rule or policy."
-        try: kept_pairs(torch.zeros(0), self.beta_mode, self.negative_delta, self.missing_delta)
-        except ValueError as e: raise ConfigError(str(e)) from None
-        return self
-
-    def keep(self, delta:torch.Tensor) -> torch.Tensor:
-        "Which of these pairs the loss uses."
-        return kept_pairs(delta, self.beta_mode, self.negative_delta, self.missing_delta)
-
 def pair_terms(logps:torch.Tensor, # per-response policy log-probabilities
                ntok:torch.Tensor, # per-response token counts
                ref_logps:torch.Tensor, # per-response reference log-probabilities
                pairs:torch.Tensor, # [pairs, 2] (chosen, rejected) batch indices
                delta:torch.Tensor|None, # per-pair margins
-               settings:MMDPOSettings=MMDPOSettings(),
-               generator:torch.Generator|None=None,
+               settings:DeltaPolicy=MMDPOSettings(), # the δ policy
+               generator:torch.Generator|None=None, # for the implicit rule's draw
                implicit_h:torch.Tensor|None=None, # all processes' margins, for the implicit rule
               ) -> dict:
-    "Per pair: the DPO loss, the SFT term (0 for pairs the δ policies drop), β, the implicit rewards and whether it is kept."
-    c, r, s = pairs[:, 0], pairs[:, 1], settings
-    losses, cr, rr, betas, keep = _mmdpo(logps[c], logps[r], ref_logps[c], ref_logps[r], delta, s.beta, s.w, s.k, s.beta_mode,
-                                        s.negative_delta, s.missing_delta, generator, implicit_h)
+    "Per pair: DPO loss, SFT term (0 for pairs the policies drop), β, implicit rewards, kept."
+    c, r = pairs[:, 0], pairs[:, 1]
+    four = (logps[c], logps[r], ref_logps[c], ref_logps[r])
+    losses, cr, rr, betas, keep = _mmdpo(*four, delta, settings, generator, implicit_h)
     sft = torch.where(keep, -(logps[c] / ntok[c].clamp(min=1)), torch.zeros_like(losses))
-    has = torch.zeros_like(keep) if delta is None else ~torch.isnan(torch.as_tensor(delta, device=keep.device))
-    return {"dpo": losses, "sft": sft, "beta": betas, "keep": keep, "chosen_reward": cr, "rejected_reward": rr, "has_delta": has}
+    if delta is None: has = torch.zeros_like(keep)
+    else: has = ~torch.isnan(torch.as_tensor(delta, device=keep.device))
+    return {"dpo": losses, "sft": sft, "beta": betas, "keep": keep, "chosen_reward": cr,
+            "rejected_reward": rr, "has_delta": has}
 
-def pair_metrics(t:dict) -> dict:
-    "A batch's logged numbers from its `pair_terms`: β's distribution, the share of pairs with δ and kept, the implicit rewards."
+# %% ../nbs/12_dpo.ipynb #b7fb30b2
+def pair_metrics(t:dict, # a batch's `pair_terms`
+                ) -> dict:
+    "A batch's logged numbers: β's spread, the shares of pairs with δ and kept, implicit rewards."
     if not len(t["beta"]): return {}
     b, cr, rr = t["beta"].detach().float(), t["chosen_reward"], t["rejected_reward"]
     q = torch.quantile(b, torch.tensor([0.25, 0.5, 0.75], device=b.device))
-    return {"beta_mean": b.mean(), "beta_min": b.min(), "beta_q25": q[0], "beta_median": q[1], "beta_q75": q[2], "beta_max": b.max(),
+    return {"beta_mean": b.mean(), "beta_min": b.min(), "beta_q25": q[0], "beta_median": q[1],
+            "beta_q75": q[2], "beta_max": b.max(),
             "delta_share": t["has_delta"].float().mean(), "kept_pairs": t["keep"].float().mean(),
             "reward_accuracy": (cr > rr).float().mean(), "reward_margin": (cr - rr).mean(),
             "chosen_reward": cr.mean(), "rejected_reward": rr.mean()}
 
+# %% ../nbs/12_dpo.ipynb #9a0d4f1f
 def group_dpo_loss(logps:torch.Tensor, # per-response policy log-probabilities
                    ntok:torch.Tensor, # per-response token counts
                    ref_logps:torch.Tensor, # per-response reference log-probabilities
                    pairs:torch.Tensor, # [pairs, 2] (chosen, rejected) batch indices
                    delta:torch.Tensor|None, # per-pair margins
-                   settings:MMDPOSettings=MMDPOSettings(),
-                   generator:torch.Generator|None=None,
-                   implicit_h:torch.Tensor|None=None, # all processes' margins, for the implicit rule
+                   settings:DeltaPolicy=MMDPOSettings(), # the δ policy (γ weighs the SFT term)
+                   generator:torch.Generator|None=None, # for the implicit rule's draw
+                   implicit_h:torch.Tensor|None=None, # all processes' margins (implicit rule)
                   ) -> tuple[torch.Tensor, dict]:
     "Loss of one batch of query groups (means over its kept pairs) and its metrics."
     t = pair_terms(logps, ntok, ref_logps, pairs, delta, settings, generator, implicit_h)
     n = t["keep"].sum().clamp(min=1)
     dpo, sft = t["dpo"].sum() / n, t["sft"].sum() / n
-    total = dpo + settings.gamma * sft + logps.sum() * 0  # the last term keeps a graph when the batch has no pair
+    total = dpo + settings.gamma * sft + logps.sum() * 0  # a graph even without a pair
     return total, {"dpo": dpo.detach(), "sft": sft.detach(), **pair_metrics(t)}
 
 # %% ../nbs/12_dpo.ipynb #9203bb7a
 def pair_summary(examples:list, # DPOExamples
-                 settings:MMDPOSettings=MMDPOSettings(),
+                 settings:DeltaPolicy=MMDPOSettings(), # the δ policy
                 ) -> dict:
-    "The data's pairs: how many have a reward margin δ, how many are negative and kept, and the spread of the β they get."
-    d = torch.tensor([float("nan") if e.deltas is None or e.deltas[n] is None else float(e.deltas[n])
-                      for e in examples for n in range(len(e.pairs))], dtype=torch.float32)
+    "The data's pairs: how many have δ, are negative, are kept, and the spread of their β."
+    ds = [e.deltas[n] if e.deltas else None for e in examples for n in range(len(e.pairs))]
+    d = torch.tensor([float("nan") if v is None else float(v) for v in ds], dtype=torch.float32)
     s, has = settings, ~torch.isnan(d)
-    out = {"queries": len(examples), "pairs": len(d), "with_delta": int(has.sum()), "negative_delta": int((d < 0).sum()),
-           "beta_mode": s.beta_mode, "w": mode_w(s.beta_mode, s.w), "kept": None, "beta": None}
+    out = {"queries": len(examples), "pairs": len(d), "with_delta": int(has.sum()),
+           "negative_delta": int((d < 0).sum()), "beta_mode": s.beta_mode,
+           "w": mode_w(s.beta_mode, s.w), "kept": None, "beta": None}
     if not len(d): return out
-    missing = "skip" if s.missing_delta == "error" and not has.all() else s.missing_delta  # the refusal is the caller's
-    b, keep = pair_betas(d, torch.zeros_like(d), s.beta, s.w, s.k, s.beta_mode, s.negative_delta, missing)
+    if s.missing_delta == "error" and not has.all():
+        s = replace(s, missing_delta="skip")  # the refusal is the caller's
+    b, keep = pair_betas(d, torch.zeros_like(d), s)
     out["kept"] = int(keep.sum())
     if s.beta_mode != "implicit" and keep.any():
         q = torch.quantile(b[keep], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
         out["beta"] = dict(zip(("min", "q25", "median", "q75", "max"), q))
     return out
 
-def describe_pairs(summary:dict) -> str:
+# %% ../nbs/12_dpo.ipynb #eac35886
+def describe_pairs(summary:dict, # from `pair_summary`
+                  ) -> str:
     "A run's opening line about its pairs and their β."
     s, n = summary, max(summary["pairs"], 1)
-    line = (f"{s['pairs']} pairs in {s['queries']} queries; reward margin δ on {s['with_delta']} ({100 * s['with_delta'] / n:.1f}%), "
-            f"negative on {s['negative_delta']}; {s['kept']} kept in the loss; ")
-    if s["beta_mode"] == "implicit": return line + f"β: the release's batch-level rule from the policy's margins (w={s['w']:g}), set each step"
+    line = (f"{s['pairs']} pairs in {s['queries']} queries; reward margin δ on {s['with_delta']} "
+            f"({100 * s['with_delta'] / n:.1f}%), negative on {s['negative_delta']}; "
+            f"{s['kept']} kept in the loss; ")
+    if s["beta_mode"] == "implicit":
+        return line + (f"β: the release's batch-level rule from the policy's margins "
+                       f"(w={s['w']:g}), set each step")
     if s["beta"] is None: return line + "β: no pair kept"
     b = s["beta"]
-    return line + (f"β ({s['beta_mode']}, w={s['w']:g}): min {b['min']:.4f}, quartiles {b['q25']:.4f} / {b['median']:.4f} / "
-                   f"{b['q75']:.4f}, max {b['max']:.4f}")
+    return line + (f"β ({s['beta_mode']}, w={s['w']:g}): min {b['min']:.4f}, "
+                   f"quartiles {b['q25']:.4f} / {b['median']:.4f} / {b['q75']:.4f}, "
+                   f"max {b['max']:.4f}")
 
 # %% ../nbs/12_dpo.ipynb #a52b3431
-def naive_pair_loss(model, processor, examples:list, ref:list, settings:MMDPOSettings=MMDPOSettings()) -> torch.Tensor:
+def naive_pair_loss(model, processor,
+                    examples:list, # DPOExamples
+                    ref:list, # per example: each response's reference log-probability
+                    settings:DeltaPolicy=MMDPOSettings(), # the δ policy
+                   ) -> torch.Tensor:
     "The MM-DPO loss computed pair by pair, two full sequences per pair (a reference for tests)."
     pcs, prs, rcs, rrs, ds, nts = [], [], [], [], [], []
     for e, ref_e in zip(examples, ref):
         for n, (c, r) in enumerate(e.pairs):
-            lp, nt = response_logps(model, encode_groups(processor, [(e.medium, e.question, [e.responses[c], e.responses[r]])], share_prefix=False))
-            pcs.append(lp[0]); prs.append(lp[1]); nts.append(nt[0]); rcs.append(ref_e[c]); rrs.append(ref_e[r])
+            group = (e.medium, e.question, [e.responses[c], e.responses[r]])
+            two = encode_groups(processor, [group], share_prefix=False)
+            lp, nt = response_logps(model, two)
+            pcs.append(lp[0]); prs.append(lp[1]); nts.append(nt[0])
+            rcs.append(ref_e[c]); rrs.append(ref_e[r])
             ds.append(float("nan") if e.deltas is None or e.deltas[n] is None else e.deltas[n])
     pc, pr, rc, rr = torch.stack(pcs), torch.stack(prs), torch.tensor(rcs), torch.tensor(rrs)
-    s = settings
-    losses, _, _, _, keep = _mmdpo(pc, pr, rc, rr, torch.tensor(ds), s.beta, s.w, s.k, s.beta_mode, s.negative_delta, s.missing_delta)
+    losses, _, _, _, keep = _mmdpo(pc, pr, rc, rr, torch.tensor(ds), settings)
     sft = torch.where(keep, -(pc / torch.stack(nts)), torch.zeros_like(pc))
-    return mean_kept_loss(losses, keep) + s.gamma * sft.sum() / keep.sum().clamp(min=1)
+    return mean_kept_loss(losses, keep) + settings.gamma * sft.sum() / keep.sum().clamp(min=1)
 
 # %% ../nbs/12_dpo.ipynb #1bddc973
 @torch.no_grad()
-def reference_logps(model, processor, examples:list,
+def reference_logps(model, processor,
+                    examples:list, # DPOExamples
                     batch_size:int=8, # queries per forward
-                    system:str|None=None, share_prefix:bool=True,
-                    max_length:int|None=MAX_LENGTH, # longest prompt + response (see `logprobs.length_plan`)
+                    system:str|None=None, # a system message before every conversation
+                    share_prefix:bool=True, # the prefix-shared layout
+                    max_length:int|None=MAX_LENGTH, # longest prompt + response (`length_plan`)
                    ) -> list[list[float]]:
     "Each example's per-response log-probabilities under `model`."
     model.eval(); device = next(model.parameters()).device; out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        batch = encode_groups(processor, [(e.medium, e.question, e.responses) for e in chunk], system, share_prefix, max_length)
+        groups = [(e.medium, e.question, e.responses) for e in chunk]
+        batch = encode_groups(processor, groups, system, share_prefix, max_length)
         lp, _ = response_logps(model, _to(batch, device))
         lp, k = lp.tolist(), 0
         for e in chunk: out.append(lp[k:k + len(e.responses)]); k += len(e.responses)
@@ -302,16 +356,18 @@ def _to(batch, device):
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 # %% ../nbs/12_dpo.ipynb #eb188dfd
-from transformers import Trainer, TrainingArguments
-
 class MMDPOTrainer(GlobalMeanTrainer, Trainer):
-    "A `Trainer` for MM-DPO on query groups, its loss the mean over every kept pair of the global batch."
+    "A `Trainer` for MM-DPO on query groups; the loss: a mean over the global batch's kept pairs."
     item_kinds = ("pairs",)
 
-    def __init__(self, *args, settings:MMDPOSettings|None=None, ref_model=None, **kw):
+    def __init__(self, *args,
+                 settings:DeltaPolicy|None=None, # the δ policy (default: the paper's)
+                 ref_model=None, # a reference model, for data without reference log-probabilities
+                 **kw):
         super().__init__(*args, **kw)
-        self.settings, self.ref_model = (settings or MMDPOSettings()).check(), ref_model
-        self._metrics, self._generator = defaultdict(list), torch.Generator().manual_seed(self.args.seed)
+        self.settings, self.ref_model = MMDPOSettings.of(settings or DeltaPolicy()), ref_model
+        self._metrics = defaultdict(list)
+        self._generator = torch.Generator().manual_seed(self.args.seed)
         if self.ref_model is not None: self.ref_model.eval().requires_grad_(False)
 
     def count_items(self, batch:dict) -> dict:
@@ -325,62 +381,81 @@ class MMDPOTrainer(GlobalMeanTrainer, Trainer):
             peft_model = self.accelerator.unwrap_model(model)
             if hasattr(peft_model, "disable_adapter"):
                 with peft_model.disable_adapter(): return response_logps(model, inputs)[0]
-        raise ValueError("no reference log-probabilities in the data and no reference model: run `mmrlhf ref-logps` first, "
-                         "train with LoRA, or pass ref_model")
+        raise ValueError("no reference log-probabilities in the data and no reference model: run "
+                         "`mmrlhf ref-logps` first, train with LoRA, or pass ref_model")
+
+    def _all_margins(self, logps, ref, pairs):
+        "Every process's log-ratio differences, for the implicit rule's batch-level β."
+        c, r = pairs[:, 0], pairs[:, 1]
+        h = ((logps[c] - ref[c]) - (logps[r] - ref[r])).detach()
+        h = self.accelerator.pad_across_processes(h, pad_index=float("nan"))
+        h = self.accelerator.gather(h)
+        return h[~torch.isnan(h)]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         pairs, delta, ref = inputs.pop("pairs"), inputs.pop("delta"), inputs.pop("ref_logps", None)
         logps, ntok = response_logps(model, inputs)
-        if ref is None or torch.isnan(ref).any(): ref = self._reference(model, inputs).to(logps.dtype)
+        if ref is None or torch.isnan(ref).any():
+            ref = self._reference(model, inputs).to(logps.dtype)
         implicit_h = None
         if self.settings.beta_mode == "implicit" and self.accelerator.num_processes > 1:
-            h = ((logps[pairs[:, 0]] - ref[pairs[:, 0]]) - (logps[pairs[:, 1]] - ref[pairs[:, 1]])).detach()
-            h = self.accelerator.pad_across_processes(h, pad_index=float("nan"))
-            implicit_h = self.accelerator.gather(h); implicit_h = implicit_h[~torch.isnan(implicit_h)]
+            implicit_h = self._all_margins(logps, ref, pairs)
         t = pair_terms(logps, ntok, ref, pairs, delta, self.settings, self._generator, implicit_h)
         n = int(t["keep"].sum())
         dpo = self.global_mean(t["dpo"].sum(), "pairs", num_items_in_batch, n)
         sft = self.global_mean(t["sft"].sum(), "pairs", num_items_in_batch, n)
-        loss = dpo + self.settings.gamma * sft + logps.sum() * 0  # a graph even for a micro-batch without kept pairs
+        loss = dpo + self.settings.gamma * sft + logps.sum() * 0  # a graph even without kept pairs
         if model.training:
             m = max(n, 1)
-            self._metrics["dpo"].append(float(t["dpo"].detach().sum()) / m); self._metrics["sft"].append(float(t["sft"].detach().sum()) / m)
+            self._metrics["dpo"].append(float(t["dpo"].detach().sum()) / m)
+            self._metrics["sft"].append(float(t["sft"].detach().sum()) / m)
             for k, v in pair_metrics(t).items(): self._metrics[k].append(float(v))
         return (loss, {"logps": logps}) if return_outputs else loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        "Resume full fine-tuning through `from_pretrained`, which maps the saved key names back (the Trainer's raw load does not, for LLaVA models)."
+        "Resume full fine-tuning through `from_pretrained`, which maps the saved key names back."
+        # (the Trainer's raw load does not map them, for LLaVA models)
         target = self.accelerator.unwrap_model(model or self.model)
-        if hasattr(target, "peft_config"): return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from transformers import AutoModelForImageTextToText
-        loaded = AutoModelForImageTextToText.from_pretrained(resume_from_checkpoint, local_files_only=True, dtype=next(target.parameters()).dtype)
+        if hasattr(target, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(target.parameters()).dtype
+        loaded = AutoModelForImageTextToText.from_pretrained(resume_from_checkpoint,
+                                                             local_files_only=True, dtype=dtype)
         target.load_state_dict(loaded.state_dict())
 
     def log(self, logs:dict, *args, **kw):
-        "Add the MM-DPO metrics gathered since the last log (β's min and max over the window, the rest averaged)."
+        "Add the MM-DPO metrics since the last log (β's min and max over it, the rest averaged)."
         if self._metrics and "loss" in logs:
-            agg = lambda k, v: min(v) if k.endswith("_min") else max(v) if k.endswith("_max") else sum(v) / len(v)
+            agg = lambda k, v: (min(v) if k.endswith("_min") else max(v) if k.endswith("_max")
+                                else sum(v) / len(v))
             logs = {**logs, **{f"mmdpo/{k}": agg(k, v) for k, v in self._metrics.items()}}
             self._metrics.clear()
         super().log(logs, *args, **kw)
 
 # %% ../nbs/12_dpo.ipynb #8b18a7ee
-def query_dpo_examples(path, image_root, require_ranking:bool=True) -> list[DPOExample]:
+def query_dpo_examples(path, # a schema JSONL file
+                       image_root, # the folder its image paths are relative to
+                       require_ranking:bool=True, # refuse queries that are not annotated
+                      ) -> list[DPOExample]:
     "Annotated (and possibly scored) queries from a schema file as `DPOExample`s."
     out = []
     for q in read_queries(path, image_root):
-        if require_ranking and not q.annotated: raise DataError(path, None, "ranking", f"query {q.id!r} is not annotated")
+        if require_ranking and not q.annotated:
+            raise DataError(path, None, "ranking", f"query {q.id!r} is not annotated")
         pairs = pair_indices(q) if q.annotated else []
         rw = [r.reward for r in q.responses]
         deltas = [None if rw[c] is None or rw[r] is None else rw[c] - rw[r] for c, r in pairs]
         refs = [r.ref_logp for r in q.responses]
-        out.append(DPOExample(query_medium(q, image_root), q.question, [r.text for r in q.responses], pairs, deltas,
-                              None if all(v is None for v in refs) else refs, q.id))
+        refs = None if all(v is None for v in refs) else refs
+        texts = [r.text for r in q.responses]
+        medium = query_medium(q, image_root)
+        out.append(DPOExample(medium, q.question, texts, pairs, deltas, refs, q.id))
     return out
 
 # %% ../nbs/12_dpo.ipynb #60be9981
-SHARD_KEYS = ("data", "model", "system", "max_length", "share_prefix", "bf16", "seed") # settings the shards depend on
+# the settings the shards depend on
+SHARD_KEYS = ("data", "model", "system", "max_length", "share_prefix", "bf16", "seed")
 
 def _read_shard(path:Path) -> list[dict]:
     "The complete records of a shard (a line a killed run left half-written is ignored)."
@@ -395,90 +470,111 @@ def _trim_shard(path:Path):
 def _check_finite(data, qid:str, lps:list):
     "Refuse a non-finite reference log-probability, naming the query."
     bad = [i for i, v in enumerate(lps) if not math.isfinite(v)]
-    if bad: raise DataError(data, None, f"responses.{bad[0]}.ref_logp", f"query {qid!r}: the reference log-probability of response "
-                            f"{bad[0]} is {lps[bad[0]]} ({len(bad)} of {len(lps)} not finite); check the model's weights and dtype")
+    if bad: raise DataError(data, None, f"responses.{bad[0]}.ref_logp",
+                            f"query {qid!r}: the reference log-probability of response {bad[0]} "
+                            f"is {lps[bad[0]]} ({len(bad)} of {len(lps)} not finite); "
+                            "check the model's weights and dtype")
 
 # %% ../nbs/12_dpo.ipynb #dcd25c01
 def run_ref_logps(cfg:RefLogpsConfig) -> Path:
-    "Compute every response's reference log-probability (resumable, one shard per process) and write them into the data."
-    from accelerate import PartialState
+    "Write each response's reference log-probability into the data (resumable, sharded)."
     data = Path(cfg.data)
     if not data.is_file(): raise DataError(data, None, None, "data file not found")
     root = Path(cfg.image_root) if cfg.image_root else data.parent
     out, state = Path(cfg.out), PartialState(cpu=not torch.cuda.is_available())
     shards = out / "ref-shards"
     settings = {k: getattr(cfg, k) for k in SHARD_KEYS}
-    old = json.loads((shards / "settings.json").read_text()) if (shards / "settings.json").is_file() else None
+    saved = shards / "settings.json"
+    old = json.loads(saved.read_text()) if saved.is_file() else None
     if old is not None and old != settings:  # every process refuses
-        raise ConfigError(f"{shards} holds log-probabilities computed with other settings ({old}); remove it or choose another out")
+        raise ConfigError(f"{shards} holds log-probabilities computed with other settings "
+                          f"({old}); remove it or choose another out")
     if state.is_main_process:
         clean_stale_temps(out); shards.mkdir(parents=True, exist_ok=True)
         write_text(shards / "settings.json", json.dumps(settings))
     state.wait_for_everyone()
     done = {rec["id"] for f in shards.glob("rank*.jsonl") for rec in _read_shard(f)}
     examples = query_dpo_examples(data, root, require_ranking=False)
-    mine = [e for i, e in enumerate(examples) if i % state.num_processes == state.process_index and e.id not in done]
+    rank, world = state.process_index, state.num_processes
+    mine = [e for i, e in enumerate(examples) if i % world == rank and e.id not in done]
     model, processor = load_base(cfg.model, cfg.seed, torch.bfloat16 if cfg.bf16 else None)
     model.to(state.device)
-    shard = shards / f"rank{state.process_index}.jsonl"; _trim_shard(shard)
+    shard = shards / f"rank{rank}.jsonl"; _trim_shard(shard)
     with open(shard, "a") as f, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*responses truncated to max_length")  # counted by the plan below
+        # the plan counts them
+        warnings.filterwarnings("ignore", message=".*responses truncated to max_length")
         for i in range(0, len(mine), cfg.batch_size):
             chunk = mine[i:i + cfg.batch_size]
-            plan = length_plan(processor, [(e.medium, e.question, e.responses) for e in chunk], cfg.max_length, cfg.system)
+            groups = [(e.medium, e.question, e.responses) for e in chunk]
+            plan = length_plan(processor, groups, cfg.max_length, cfg.system)
             kept = [e for j, e in enumerate(chunk) if j not in plan.dropped]
-            lps = iter(reference_logps(model, processor, kept, cfg.batch_size, cfg.system, cfg.share_prefix, cfg.max_length) if kept else [])
+            lps = iter(reference_logps(model, processor, kept, cfg.batch_size, cfg.system,
+                                       cfg.share_prefix, cfg.max_length) if kept else [])
             lines = []
             for j, e in enumerate(chunk):
-                if j in plan.dropped: lines.append({"id": e.id, "ref_logps": None, "dropped": f"prompt over max_length={cfg.max_length}"})
+                if j in plan.dropped:
+                    lines.append({"id": e.id, "ref_logps": None,
+                                  "dropped": f"prompt over max_length={cfg.max_length}"})
                 else:
                     lp = next(lps); _check_finite(data, e.id, lp)
                     lines.append({"id": e.id, "ref_logps": lp, "cut": plan.cut[j]})
             f.write("".join(json.dumps(r) + "\n" for r in lines)); f.flush()
     state.wait_for_everyone()
     if state.is_main_process:
-        got = {rec["id"]: rec for f in sorted(shards.glob("rank*.jsonl")) for rec in _read_shard(f)}
+        got = {rec["id"]: rec for f in sorted(shards.glob("rank*.jsonl"))
+               for rec in _read_shard(f)}
         queries = list(read_queries(data, root))
         for q in queries:
-            if q.id not in got: raise DataError(data, None, "id", f"query {q.id!r} has no reference log-probabilities in {shards}")
+            if q.id not in got:
+                raise DataError(data, None, "id",
+                                f"query {q.id!r} has no reference log-probabilities in {shards}")
             lps = got[q.id]["ref_logps"]
             if lps is None: continue  # dropped by the length rule: no ref_logp
             _check_finite(data, q.id, lps)
             for r, lp in zip(q.responses, lps, strict=True): r.ref_logp = lp
         recs = [got[q.id] for q in queries]
-        report = {"queries": len(queries), "responses": sum(len(q.responses) for q in queries), "max_length": cfg.max_length,
-                  "responses_cut": sum(r.get("cut", 0) for r in recs), "queries_dropped": [r["id"] for r in recs if r["ref_logps"] is None]}
+        report = {"queries": len(queries), "responses": sum(len(q.responses) for q in queries),
+                  "max_length": cfg.max_length,
+                  "responses_cut": sum(r.get("cut", 0) for r in recs),
+                  "queries_dropped": [r["id"] for r in recs if r["ref_logps"] is None]}
         write_queries(out / "queries.jsonl", queries)
         write_text(out / "ref-logps-report.json", json.dumps(report, indent=1))
         cfg.save(out / "ref-logps-config.yaml")
-        print(f"reference log-probabilities of {report['responses']} responses ({report['queries']} queries) in {out / 'queries.jsonl'}; "
-              f"max_length={cfg.max_length}: {report['responses_cut']} responses cut from their end, "
-              f"{len(report['queries_dropped'])} queries dropped (prompt alone over the limit; no ref_logp)")
+        print(f"reference log-probabilities of {report['responses']} responses "
+              f"({report['queries']} queries) in {out / 'queries.jsonl'}; "
+              f"max_length={cfg.max_length}: {report['responses_cut']} responses "
+              f"cut from their end, {len(report['queries_dropped'])} queries dropped "
+              "(prompt alone over the limit; no ref_logp)")
     state.wait_for_everyone()
     return out / "queries.jsonl"
 
 # %% ../nbs/12_dpo.ipynb #467ca596
-def _missing_delta_error(data, examples:list, summary:dict, settings:MMDPOSettings):
+def _missing_delta_error(data, examples:list, summary:dict, settings:DeltaPolicy):
     "Refuse pairs without a reward margin under the dynamic rule, unless a policy for them is set."
     missing = summary["pairs"] - summary["with_delta"]
     if settings.beta_mode != "dynamic" or settings.missing_delta != "error" or not missing: return
-    queries = sum(any(e.deltas is None or e.deltas[n] is None for n in range(len(e.pairs))) for e in examples)
-    raise DataError(data, None, "responses.reward", f"{missing} of {summary['pairs']} pairs ({queries} queries) have no reward margin δ "
-                    f"(responses without a reward): score them with `mmrlhf score --data {data} --model <reward model>`, or set "
-                    f"missing_delta=fixed to train them with β_ori={settings.beta} (standard DPO), or missing_delta=skip to leave them out")
+    queries = sum(any(e.deltas is None or e.deltas[n] is None for n in range(len(e.pairs)))
+                  for e in examples)
+    raise DataError(data, None, "responses.reward",
+                    f"{missing} of {summary['pairs']} pairs ({queries} queries) have no reward "
+                    f"margin δ (responses without a reward): score them with "
+                    f"`mmrlhf score --data {data} --model <reward model>`, or set "
+                    f"missing_delta=fixed to train them with β_ori={settings.beta} "
+                    "(standard DPO), or missing_delta=skip to leave them out")
 
 def _check_ref_settings(data:Path, cfg, longest:int):
-    "Refuse reference log-probabilities computed under another system message or a length limit that acts differently here."
+    "Refuse reference log-probabilities from another system message or another cutting limit."
     f = data.parent / "ref-logps-config.yaml"
     if not f.is_file(): return
-    import yaml
     ref = yaml.safe_load(f.read_text()) or {}
     if ref.get("system") != cfg.system:
-        raise ConfigError(f"system: the reference log-probabilities ({f}) were computed with system={ref.get('system')!r}, not {cfg.system!r}")
+        raise ConfigError(f"system: the reference log-probabilities ({f}) were computed with "
+                          f"system={ref.get('system')!r}, not {cfg.system!r}")
     a, b = ref.get("max_length"), cfg.max_length
     if a != b and longest > min(x if x is not None else math.inf for x in (a, b)):
-        raise ConfigError(f"max_length: the reference log-probabilities ({f}) were computed with max_length={a}, which cuts this data "
-                          f"differently from max_length={b}; train with max_length={a}")
+        raise ConfigError(f"max_length: the reference log-probabilities ({f}) were computed with "
+                          f"max_length={a}, which cuts this data differently from max_length={b}; "
+                          f"train with max_length={a}")
 
 # %% ../nbs/12_dpo.ipynb #5c97e7bb
 def run_train_dpo(cfg:TrainDPOConfig) -> Path:
@@ -486,52 +582,62 @@ def run_train_dpo(cfg:TrainDPOConfig) -> Path:
     data = Path(cfg.data)
     if not data.is_file(): raise DataError(data, None, None, "data file not found")
     root = Path(cfg.image_root) if cfg.image_root else data.parent
-    settings = MMDPOSettings(cfg.beta, cfg.w, cfg.k, cfg.beta_mode, cfg.gamma, cfg.negative_delta, cfg.missing_delta).check()
+    settings = MMDPOSettings.of(cfg)
     train = [e for e in query_dpo_examples(data, root) if e.pairs]
     if not train: raise DataError(data, None, "ranking", "no query has a rank-different pair")
     _missing_delta_error(data, train, pair_summary(train, settings), settings)
     torch.manual_seed(cfg.seed)
     policy, processor = load_base(cfg.base, cfg.seed)
-    plan = length_plan(processor, [(e.medium, e.question, e.responses) for e in train], cfg.max_length, cfg.system)
+    groups = [(e.medium, e.question, e.responses) for e in train]
+    plan = length_plan(processor, groups, cfg.max_length, cfg.system)
     if any(e.ref_logps is not None for e in train): _check_ref_settings(data, cfg, plan.longest)
     train = [e for i, e in enumerate(train) if i not in set(plan.dropped)]
-    if not train: raise DataError(data, None, "question", f"no query fits in max_length={cfg.max_length} tokens")
+    if not train:
+        raise DataError(data, None, "question",
+                        f"no query fits in max_length={cfg.max_length} tokens")
     if cfg.lora_r == 0 and any(e.ref_logps is None or None in e.ref_logps for e in train):
-        raise DataError(data, None, "responses.ref_logp", "missing: run `mmrlhf ref-logps` first (full fine-tuning holds no reference model)")
+        raise DataError(data, None, "responses.ref_logp", "missing: run `mmrlhf ref-logps` first "
+                        "(full fine-tuning holds no reference model)")
     summary = pair_summary(train, settings)
     if not cfg.train_vision: freeze_vision(policy)
     if cfg.lora_r: policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    args = TrainingArguments(output_dir=cfg.out, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-                             max_steps=cfg.steps, learning_rate=cfg.lr, warmup_steps=max(1, int(cfg.warmup_ratio * cfg.steps)),
-                             lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=cfg.logging_steps, save_strategy="steps",
-                             save_steps=cfg.save_steps, report_to="none", remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed,
-                             bf16=cfg.bf16, deepspeed=cfg.deepspeed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-    collator = DPOCollator(processor, cfg.system, cfg.share_prefix and not cfg.gradient_checkpointing, cfg.max_length)
-    trainer = MMDPOTrainer(model=policy, args=args, train_dataset=train, data_collator=collator, settings=settings, processing_class=processor)
+        kwargs = {"use_reentrant": False}
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    share = cfg.share_prefix and not cfg.gradient_checkpointing
+    collator = DPOCollator(processor, cfg.system, share, cfg.max_length)
+    trainer = MMDPOTrainer(model=policy, args=cfg.training_arguments(), train_dataset=train,
+                           data_collator=collator, settings=settings, processing_class=processor)
     out, final = Path(cfg.out), Path(cfg.out) / "final"
     checkpoint = last_complete_checkpoint(out) if cfg.resume else None
     if trainer.is_world_process_zero():
         clean_stale_temps(out)
         print(plan.summary()); print(describe_pairs(summary))
-        if cfg.resume: print(f"resuming from {checkpoint}" if checkpoint else f"resume: no complete checkpoint in {out}; starting from scratch")
+        if cfg.resume:
+            print(f"resuming from {checkpoint}" if checkpoint
+                  else f"resume: no complete checkpoint in {out}; starting from scratch")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*responses truncated to max_length")  # counted by the plan above
+        # the plan counts them
+        warnings.filterwarnings("ignore", message=".*responses truncated to max_length")
         trainer.train(resume_from_checkpoint=checkpoint)
-    from transformers.integrations import is_deepspeed_zero3_enabled
     main = trainer.args.should_save
-    if is_deepspeed_zero3_enabled():  # the weights are partitioned: every process takes part in the save
-        with (atomic_dir(final) if main else contextlib.nullcontext(final.parent / f".{final.name}.partial")) as staging:
-            trainer.accelerator.wait_for_everyone()   # the staging folder exists before anyone writes into it
+    # the weights are partitioned: every process takes part in the save
+    if is_deepspeed_zero3_enabled():
+        partial = final.parent / f".{final.name}.partial"
+        with (atomic_dir(final) if main else contextlib.nullcontext(partial)) as staging:
+            # the staging folder exists before anyone writes into it
+            trainer.accelerator.wait_for_everyone()
             trainer.save_model(str(staging))
             trainer.accelerator.wait_for_everyone()   # every shard is written before it is renamed
-        if main and cfg.lora_r: print(f"LoRA adapter saved in {final}; merge it into {cfg.base} with peft to get a plain model")
+        if main and cfg.lora_r:
+            print(f"LoRA adapter saved in {final}; "
+                  f"merge it into {cfg.base} with peft to get a plain model")
     elif main:
         model = trainer.accelerator.unwrap_model(trainer.model)
         with atomic_dir(final) as staging:  # `final/` appears only once whole
             save_vlm(model.merge_and_unload() if cfg.lora_r else model, processor, staging)
     if main:
         cfg.save(out / "train-dpo-config.yaml")
-        print(f"MM-DPO policy trained on {len(train)} queries ({sum(len(e.pairs) for e in train)} pairs) in {final}")
+        print(f"MM-DPO policy trained on {len(train)} queries "
+              f"({sum(len(e.pairs) for e in train)} pairs) in {final}")
     return final

@@ -8,10 +8,10 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['SUBSETS', 'RELEASE_FIELDS', 'PAIR_FORMATS', 'FORMATS', 'PATH_LAYOUTS', 'parse_ranking', 'ranking_string',
            'category_of', 'from_release', 'to_release', 'read_release', 'write_release', 'ls_factor', 'to_dpo_pairs',
-           'group_pairs', 'read_dpo_pairs', 'write_dpo_pairs', 'to_reward_bench', 'from_reward_bench',
-           'read_reward_bench', 'write_reward_bench', 'to_trl', 'from_trl', 'to_llamafactory', 'from_llamafactory',
-           'llamafactory_dataset_info', 'to_swift', 'from_swift', 'read_format', 'write_format', 'convert',
-           'export_images', 'run_pairs']
+           'group_pairs', 'read_pair_file', 'write_pair_file', 'read_dpo_pairs', 'write_dpo_pairs', 'to_reward_bench',
+           'from_reward_bench', 'read_reward_bench', 'write_reward_bench', 'to_trl', 'from_trl', 'to_llamafactory',
+           'from_llamafactory', 'llamafactory_dataset_info', 'to_swift', 'from_swift', 'read_format', 'write_format',
+           'convert', 'export_images', 'run_pairs']
 
 # %% ../nbs/03_formats.ipynb #0835d88a
 import hashlib, json, math, re, warnings
@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 # %% ../nbs/03_formats.ipynb #80e1d4e4
-from .core import (atomic_write, clean_stale_temps, Config, ConfigError, DataError,
-                         json_line, opt, plugin, read_jsonl, resolve_image_path, write_jsonl,
-                         write_text)
+from .core import (atomic_write, clean_stale_temps, ConfigError, DataError, json_line,
+                         plugin, read_jsonl, resolve_image_path, write_jsonl, write_text)
 from .configs import PairsConfig
-from .schema import (agreement, CATEGORIES, DataErrors, expand_pairs, identical_texts,
-                           joined_reasons, listed_pair, pair_indices, Query, query_record,
-                           query_stats, read_queries, ReadReport, refuse_identical_texts,
-                           Response, save_groups, write_queries)
+from .schema import (agreement, CATEGORIES, expand_pairs, identical_texts, joined_reasons,
+                           listed_pair, pair_indices, Query, query_record, query_stats,
+                           read_queries, ReadReport, refuse_identical_texts, Response,
+                           save_groups, write_queries)
 
 # %% ../nbs/03_formats.ipynb #2ac9bb38
 def _need(cond, file, line, fld, reason):
@@ -42,7 +41,8 @@ def _ranking_from_string(s:str, k:int, file, line, fld) -> list[int]:
         for tok in group.split("="):
             t = tok.strip()
             _need(t != "", file, line, fld, f"{s!r}: an empty place next to '>' or '='")
-            _need(t.isascii() and t.isdigit(), file, line, fld, f"{s!r}: {t!r} is not a response number")
+            _need(t.isascii() and t.isdigit(), file, line, fld,
+                  f"{s!r}: {t!r} is not a response number")
             n = int(t)
             _need(1 <= n <= k, file, line, fld, f"{s!r}: there is no response {n} (there are {k})")
             _need(n not in seen, file, line, fld, f"{s!r}: response {n} is ranked twice")
@@ -53,24 +53,29 @@ def _ranking_from_string(s:str, k:int, file, line, fld) -> list[int]:
 
 def parse_ranking(value, # a ranking: a list, or a string like "1>2=3>4"
                   k:int, # the number of responses
-                  ranking_as:str="ranks", # how to read a list: "ranks" (one per response) or "order" (response numbers, best first)
+                  ranking_as:str="ranks", # a list holds "ranks" or an "order" (best first)
                   file="<memory>", # where it came from, for errors
                   line:int|None=None, # its line number, for errors
                   fld:str="final_ranking", # its field name, for errors
                  ) -> list[int]:
-    "The rank of each response (lower is better, ties share a rank, gaps allowed) from any published form of a ranking."
-    if ranking_as not in ("ranks", "order"): raise ValueError(f"ranking_as must be 'ranks' or 'order', got {ranking_as!r}")
+    "Each response's rank (lower is better, ties share one, gaps allowed) from any form."
+    if ranking_as not in ("ranks", "order"): raise ValueError("ranking_as must be 'ranks' or "
+                                                              f"'order', got {ranking_as!r}")
     if isinstance(value, str): return _ranking_from_string(value, k, file, line, fld)
-    _need(isinstance(value, list), file, line, fld, f"must be a list or a string like '1>2=3>4', got {type(value).__name__}")
+    _need(isinstance(value, list), file, line, fld,
+          f"must be a list or a string like '1>2=3>4', got {type(value).__name__}")
     _need(len(value) == k, file, line, fld, f"has {len(value)} entries for {k} responses")
-    for i, v in enumerate(value): _need(_is_int(v) and v >= 1, file, line, f"{fld}.{i}", f"must be an integer >= 1, got {v!r}")
+    for i, v in enumerate(value): _need(_is_int(v) and v >= 1, file, line, f"{fld}.{i}",
+                                        f"must be an integer >= 1, got {v!r}")
     if ranking_as == "ranks": return list(value)
     _need(sorted(value) == list(range(1, k + 1)), file, line, fld,
-          f"read as an order (response numbers, best first) it must name each of 1..{k} once, got {value}; a list with ties holds ranks (ranking_as='ranks')")
+          f"read as an order (response numbers, best first) it must name each of 1..{k} once, got "
+          f"{value}; a list with ties holds ranks (ranking_as='ranks')")
     ranks = [0] * k
     for place, n in enumerate(value, 1): ranks[n - 1] = place
     return ranks
 
+# %% ../nbs/03_formats.ipynb #d4f3de24
 def ranking_string(ranks:list) -> str:
     "The paper's notation for ranks: response numbers, `>` better than, `=` tied."
     levels = sorted(set(ranks))
@@ -81,12 +86,13 @@ SUBSETS = ("mcq", "long", "short", "safety", "video")
 
 def category_of(path:str|None, # an image path, or a video path or folder
                 video:bool=False, # whether the record gave it as a video
-                substring:bool=False, # RewardBench's rule only: the first of `SUBSETS` found anywhere in the path
+                substring:bool=False, # RewardBench's rule: the first of `SUBSETS` in the path
                ) -> str|None:
     "The MM-RLHF subset a media path belongs to, or `None` if the path doesn't say."
     if not substring:
         if video: return "video"
-        if path and path.replace("\\", "/").split("/")[0] in CATEGORIES: return path.replace("\\", "/").split("/")[0]
+        top = path.replace("\\", "/").split("/")[0] if path else None
+        if top in CATEGORIES: return top
     hit = next((c for c in SUBSETS if path and c in path), None)
     return hit or ("video" if video else None)
 
@@ -94,27 +100,32 @@ def category_of(path:str|None, # an image path, or a video path or folder
 def _media(rec:dict, file, line) -> tuple[list, bool]:
     "The media paths of a record with an `image` or a `video` field, and whether they are a video."
     img, vid = rec.get("image"), rec.get("video")
-    _need(img is None or vid is None, file, line, "video", "a record has an image or a video, not both")
+    _need(img is None or vid is None, file, line, "video",
+          "a record has an image or a video, not both")
     key, val = ("video", vid) if vid is not None else ("image", img)
     if val is None: return [], False
     paths = [val] if isinstance(val, str) else val
-    _need(isinstance(paths, list) and paths and all(isinstance(p, str) and p for p in paths), file, line, key, "must be a path or a list of paths")
+    _need(isinstance(paths, list) and paths and all(isinstance(p, str) and p for p in paths), file,
+          line, key, "must be a path or a list of paths")
     return list(paths), key == "video"
 
 def _media_record(q:Query) -> dict:
     "The `image` or `video` field of a query: one path, or a list of them."
     if not q.images: return {}
-    return {"video" if q.category == "video" else "image": q.images[0] if len(q.images) == 1 else list(q.images)}
+    key = "video" if q.category == "video" else "image"
+    return {key: q.images[0] if len(q.images) == 1 else list(q.images)}
 
 def _category(images, video, substring, default_category, file, line, fld) -> str:
     cat = category_of(images[0] if images else None, video, substring) or default_category
     where = f"path {images[0]!r}" if images else "a record without media"
-    _need(cat is not None, file, line, fld, f"{where} names no category ({', '.join(SUBSETS)}); pass default_category")
+    _need(cat is not None, file, line, fld,
+          f"{where} names no category ({', '.join(SUBSETS)}); pass default_category")
     return cat
 
 def _check_default(default_category):
     if default_category is not None and default_category not in CATEGORIES:
-        raise ValueError(f"default_category must be one of {list(CATEGORIES)}, got {default_category!r}")
+        raise ValueError(f"default_category must be one of {list(CATEGORIES)}, got "
+                         f"{default_category!r}")
 
 _MEDIA_TOKEN = re.compile(r"<(?:image|video)>\n?")
 
@@ -127,23 +138,28 @@ def _critique(r:Response) -> str|None:
     return r.critique if r.critique is not None else joined_reasons(r)
 
 # %% ../nbs/03_formats.ipynb #836f832b
-RELEASE_FIELDS = ("id", "question", "answer", "image", "video", "models_output", "faithfulness", "helpfulness", "ethical",
+RELEASE_FIELDS = ("id", "question", "answer", "image", "video", "models_output", "faithfulness",
+                  "helpfulness", "ethical",
                   "final_ranking", "score_reasons", "ranking_reason")
-_RELEASE_SCORES = {"faithfulness": "faithfulness", "helpfulness": "helpfulness", "ethics": "ethical"}
+_RELEASE_SCORES = {"faithfulness": "faithfulness", "helpfulness": "helpfulness",
+                   "ethics": "ethical"}
 
 def _release_scores(rec, k, file, line) -> list:
     "One scores dict per response, or `None`s when the record has no scores."
     given = [f for f in _RELEASE_SCORES.values() if rec.get(f) is not None]
     if not given: return [None] * k
     missing = [f for f in _RELEASE_SCORES.values() if f not in given]
-    _need(not missing, file, line, missing[0] if missing else None, f"missing, while {given} are given (the three score lists come together)")
+    _need(not missing, file, line, missing[0] if missing else None,
+          f"missing, while {given} are given (the three score lists come together)")
     scores = [{} for _ in range(k)]
     for dim, f in _RELEASE_SCORES.items():
         vals = rec[f]
-        _need(isinstance(vals, list), file, line, f, f"must be a list of scores, one per response, got {type(vals).__name__}")
+        _need(isinstance(vals, list), file, line, f,
+              f"must be a list of scores, one per response, got {type(vals).__name__}")
         _need(len(vals) == k, file, line, f, f"has {len(vals)} scores for {k} responses")
         for i, v in enumerate(vals):
-            _need(_is_int(v) and 1 <= v <= 5, file, line, f"{f}.{i}", f"must be an integer score 1..5, got {v!r}")
+            _need(_is_int(v) and 1 <= v <= 5, file, line, f"{f}.{i}",
+                  f"must be an integer score 1..5, got {v!r}")
             scores[i][dim] = v
     return scores
 
@@ -156,29 +172,45 @@ def from_release(rec:dict, # one line of the release's `data.jsonl`
     "A release record as a `Query`; raise `DataError` naming the field and the reason."
     _check_default(default_category)
     unknown = set(rec) - set(RELEASE_FIELDS)
-    _need(not unknown, file, line, None, f"unknown field(s) {sorted(unknown)}; a release record has {list(RELEASE_FIELDS)}")
-    _need(isinstance(rec.get("id"), str) and rec["id"] != "", file, line, "id", "must be a non-empty string")
+    _need(not unknown, file, line, None,
+          f"unknown field(s) {sorted(unknown)}; a release record has {list(RELEASE_FIELDS)}")
+    _need(isinstance(rec.get("id"), str) and rec["id"] != "", file, line, "id",
+          "must be a non-empty string")
     q = rec.get("question")
-    _need(isinstance(q, str) and _question(q).strip() != "", file, line, "question", "must be a non-empty string")
+    _need(isinstance(q, str) and _question(q).strip() != "", file, line, "question",
+          "must be a non-empty string")
     outs = rec.get("models_output")
-    _need(isinstance(outs, list), file, line, "models_output", f"must be a list of response texts, got {type(outs).__name__}")
-    _need(len(outs) >= 2, file, line, "models_output", f"need at least 2 responses, got {len(outs)}")
-    for i, t in enumerate(outs): _need(isinstance(t, str) and t.strip() != "", file, line, f"models_output.{i}", "must be a non-empty string")
+    _need(isinstance(outs, list), file, line, "models_output",
+          f"must be a list of response texts, got {type(outs).__name__}")
+    _need(len(outs) >= 2, file, line, "models_output",
+          f"need at least 2 responses, got {len(outs)}")
+    for i, t in enumerate(outs): _need(isinstance(t, str) and t.strip() != "", file, line,
+                                       f"models_output.{i}", "must be a non-empty string")
     k = len(outs)
     images, video = _media(rec, file, line)
-    category = _category(images, video, False, default_category, file, line, "video" if video else "image")
+    category = _category(images, video, False, default_category, file, line,
+                         "video" if video else "image")
     scores = _release_scores(rec, k, file, line)
     reasons = rec.get("score_reasons")
     if reasons is not None:
-        _need(isinstance(reasons, list), file, line, "score_reasons", f"must be a list of texts, one per response, got {type(reasons).__name__}")
-        _need(len(reasons) == k, file, line, "score_reasons", f"has {len(reasons)} texts for {k} responses")
-        for i, t in enumerate(reasons): _need(t is None or isinstance(t, str), file, line, f"score_reasons.{i}", f"must be a string, got {t!r}")
-    ranking = None if rec.get("final_ranking") is None else parse_ranking(rec["final_ranking"], k, ranking_as, file, line)
-    for f in ("answer", "ranking_reason"): _need(rec.get(f) is None or isinstance(rec[f], str), file, line, f, "must be a string")
-    responses = [Response(t, scores=scores[i], critique=None if reasons is None else reasons[i]) for i, t in enumerate(outs)]
-    return Query(rec["id"], _question(q), category, images, responses, reference=rec.get("answer"), source="mm-rlhf",
+        _need(isinstance(reasons, list), file, line, "score_reasons",
+              f"must be a list of texts, one per response, got {type(reasons).__name__}")
+        _need(len(reasons) == k, file, line, "score_reasons",
+              f"has {len(reasons)} texts for {k} responses")
+        for i, t in enumerate(reasons): _need(t is None or isinstance(t, str), file, line,
+                                              f"score_reasons.{i}", f"must be a string, got {t!r}")
+    given = rec.get("final_ranking")
+    ranking = None if given is None else parse_ranking(given, k, ranking_as, file, line)
+    for f in ("answer", "ranking_reason"): _need(rec.get(f) is None or isinstance(rec[f], str),
+                                                 file, line, f, "must be a string")
+    responses = [Response(t, scores=scores[i],
+                          critique=None if reasons is None else reasons[i])
+                                       for i, t in enumerate(outs)]
+    return Query(rec["id"], _question(q), category, images, responses, reference=rec.get("answer"),
+                 source="mm-rlhf",
                  ranking=ranking, ranking_reason=rec.get("ranking_reason") or "")
 
+# %% ../nbs/03_formats.ipynb #952c3bd2
 def to_release(q:Query) -> dict:
     "The release record of a `Query`, `final_ranking` as a list of ranks."
     rec = {"id": q.id, "question": q.question}
@@ -197,7 +229,7 @@ def to_release(q:Query) -> dict:
 def read_release(path, # the release's `data.jsonl`
                  ranking_as:str="ranks", # how to read a list `final_ranking`: "ranks" or "order"
                  default_category:str|None=None, # the category when a media path names none
-                 check=None, # a function of each `Query` that raises `DataError` for one the caller refuses (file and line are filled in)
+                 check=None, # a function of each `Query`; a `DataError` refuses it
                 ) -> Iterator[Query]:
     "Stream the `Query`s of a release file; raise `DataError` at the first bad line."
     seen = set()
@@ -210,6 +242,7 @@ def read_release(path, # the release's `data.jsonl`
         seen.add(q.id)
         yield q
 
+# %% ../nbs/03_formats.ipynb #61376715
 def write_release(queries, # `Query`s
                   path, # the file to write
                  ) -> int:
@@ -238,7 +271,7 @@ def _short(text:str, n:int=40) -> str: return repr(text if len(text) <= n else t
 def _levels(texts:list, # the distinct responses
             edges:list, # (chosen index, rejected index, tied, line) per pair
             file, qid, fld) -> list[int]:
-    "Ranks (1 = best) that induce every strict pair and tie every tied pair; `DataError` on a cycle."
+    "Ranks (1 = best) inducing every strict pair, tying every tied one; a cycle is a `DataError`."
     n = len(texts)
     parent = list(range(n))
     def find(a):
@@ -250,7 +283,9 @@ def _levels(texts:list, # the distinct responses
     for a, b, tie, line in edges:
         if tie: continue
         ra, rb = find(a), find(b)
-        _need(ra != rb, file, line, fld, f"query {qid!r}: prefers {_short(texts[a])} to {_short(texts[b])}, which other lines mark as tied")
+        _need(ra != rb, file, line, fld,
+              f"query {qid!r}: prefers {_short(texts[a])} to {_short(texts[b])}, which other "
+              "lines mark as tied")
         if (ra, rb) not in line_of:
             line_of[ra, rb] = line; succ.setdefault(ra, []).append(rb); indeg[rb] += 1
     roots = sorted({find(i) for i in range(n)})
@@ -271,29 +306,36 @@ def _levels(texts:list, # the distinct responses
         cycle = path[seen[x]:][::-1]
         k = cycle.index(min(cycle)); cycle = cycle[k:] + cycle[:k]
         raise DataError(file, line_of[cycle[-1], cycle[0]], fld,
-                        f"pairs of query {qid!r} form a cycle: " + " > ".join(_short(texts[c]) for c in cycle + cycle[:1]))
+                        f"pairs of query {qid!r} form a cycle: "
+                        + " > ".join(_short(texts[c]) for c in cycle + cycle[:1]))
     return [level[find(i)] for i in range(n)]
 
 # %% ../nbs/03_formats.ipynb #057ae912
 def _content_id(question:str, images:list) -> str:
     "A stable query id for layouts without ids: a hash of the question and media."
-    return "q-" + hashlib.sha1(json.dumps([question, images], ensure_ascii=False).encode()).hexdigest()[:12]
+    return "q-" + hashlib.sha1(json.dumps([question, images],
+                                          ensure_ascii=False).encode()).hexdigest()[:12]
 
-def _regroup(rows:Iterable[_Pair], file, default_category, substring:bool, names:dict, extras:dict|None, pairs:dict|None,
+def _regroup(rows:Iterable[_Pair], file, default_category, substring:bool, names:dict,
+             extras:dict|None, pairs:dict|None,
              keep_pairs:bool=False, layout:str|None=None) -> list[Query]:
-    "Query groups from pair lines; `names` maps question, media, chosen, rejected to the layout's field names."
+    "Query groups from pair lines; `names` maps question, media, chosen, rejected to the layout's."
     _check_default(default_category)
     groups = {}
     for r in rows:
-        _need(r.chosen != r.rejected, file, r.line, names["rejected"], "is the same text as the chosen response")
-        groups.setdefault(r.qid if r.qid is not None else (r.question, tuple(r.images), r.video), []).append(r)
+        _need(r.chosen != r.rejected, file, r.line, names["rejected"],
+              "is the same text as the chosen response")
+        groups.setdefault(r.qid if r.qid is not None else (r.question, tuple(r.images), r.video),
+                          []).append(r)
     out, unkept = [], set()
     for rs in groups.values():
         first = rs[0]
         qid = first.qid if first.qid is not None else _content_id(first.question, first.images)
         for r in rs[1:]:
-            _need(r.question == first.question, file, r.line, names["question"], f"differs from line {first.line}, which has the same query id {qid!r}")
-            _need((r.images, r.video) == (first.images, first.video), file, r.line, names["media"], f"differs from line {first.line}, which has the same query id {qid!r}")
+            _need(r.question == first.question, file, r.line, names["question"],
+                  f"differs from line {first.line}, which has the same query id {qid!r}")
+            _need((r.images, r.video) == (first.images, first.video), file, r.line, names["media"],
+                  f"differs from line {first.line}, which has the same query id {qid!r}")
         index = {}
         for r in rs:
             for t in (r.chosen, r.rejected): index.setdefault(t, len(index))
@@ -302,15 +344,19 @@ def _regroup(rows:Iterable[_Pair], file, default_category, substring:bool, names
         for r in rs:
             for t, why in ((r.chosen, r.chosen_reason), (r.rejected, r.rejected_reason)):
                 if why and t not in critique: critique[t] = why
-        ranking = _levels(texts, [(index[r.chosen], index[r.rejected], r.tie, r.line) for r in rs], file, qid, names["chosen"])
-        category = _category(first.images, first.video, substring, default_category, file, first.line, names["media"])
-        q = Query(qid, first.question, category, list(first.images), [Response(t, critique=critique.get(t)) for t in texts], ranking=ranking)
+        ranking = _levels(texts, [(index[r.chosen], index[r.rejected], r.tie, r.line) for r in rs],
+                          file, qid, names["chosen"])
+        category = _category(first.images, first.video, substring, default_category, file,
+                             first.line, names["media"])
+        q = Query(qid, first.question, category, list(first.images),
+                  [Response(t, critique=critique.get(t)) for t in texts], ranking=ranking)
         out.append(q)
         if pairs is not None: pairs[qid] = [(index[r.chosen], index[r.rejected]) for r in rs]
         listed = []
         for r in rs:
             ex = dict(r.extras)
-            for side, t, why in (("chosen", r.chosen, r.chosen_reason), ("rejected", r.rejected, r.rejected_reason)):
+            for side, t, why in (("chosen", r.chosen, r.chosen_reason),
+                                 ("rejected", r.rejected, r.rejected_reason)):
                 if why is not None and why != (critique.get(t) or ""): ex[f"{side}_reason"] = why
             if keep_pairs:
                 if r.pid is not None: ex.pop("id", None)
@@ -319,95 +365,120 @@ def _regroup(rows:Iterable[_Pair], file, default_category, substring:bool, names
             if extras is not None: extras[qid, r.chosen, r.rejected] = ex
             elif not keep_pairs: unkept.update(ex)
         if keep_pairs: q.pairs, q.source = listed, layout
-    if unkept: warnings.warn(f"{file}: pair lines carry field(s) {sorted(unkept)} that a query doesn't hold; pass extras={{}} to keep them")
+    if unkept: warnings.warn(f"{file}: pair lines carry field(s) {sorted(unkept)} that a query "
+                             f"doesn't hold; pass extras={{}} to keep them")
     return out
 
 def _numbered(records, file) -> Iterator[tuple[int, dict]]:
     "(line, record) for records given as dicts or as `read_jsonl`'s (line, record) tuples."
     for n, item in enumerate(records, 1):
         line, rec = item if isinstance(item, tuple) else (n, item)
-        _need(isinstance(rec, dict), file, line, None, f"expected an object, got {type(rec).__name__}")
+        _need(isinstance(rec, dict), file, line, None,
+              f"expected an object, got {type(rec).__name__}")
         yield line, rec
 
 def _pairs_of(q:Query, pairs:dict|None) -> list:
-    "The (chosen, rejected) pairs to write for `q`: as given in `pairs`, else as `q` lists them, else every rank-different pair."
+    "The (chosen, rejected) pairs to write for `q`: from `pairs`, else as `q` lists, else all."
     return pairs[q.id] if pairs is not None and q.id in pairs else pair_indices(q)
 
-def _entries(q:Query, pairs:dict|None, layout:str) -> list[tuple[int, int, str|None, bool, dict|None]]:
-    "(chosen, rejected, id, tie, fields) per line to write: the given `pairs`, else the pairs `q` lists, else every rank-different pair."
-    if pairs is not None and q.id in pairs: return [(i, j, None, False, None) for i, j in pairs[q.id]]
+def _entries(q:Query, pairs:dict|None,
+             layout:str) -> list[tuple[int, int, str|None, bool, dict|None]]:
+    "(chosen, rejected, id, tie, fields) per line: from `pairs`, else as `q` lists, else all."
+    if pairs is not None and q.id in pairs: return [(i, j, None, False,
+                                                     None) for i, j in pairs[q.id]]
     if q.pairs is not None and q.ranking is not None:
-        own = q.source == layout  # a line's other fields go back only into the layout they came from
-        return [(p["chosen"], p["rejected"], p.get("id"), bool(p.get("tie")), p.get("fields") if own else None) for p in q.pairs]
+        own = q.source == layout  # a line's other fields go back only into their own layout
+        return [(p["chosen"], p["rejected"], p.get("id"), bool(p.get("tie")),
+                 p.get("fields") if own else None) for p in q.pairs]
     return [(i, j, None, False, None) for i, j in pair_indices(q)]
 
-def _with_extras(rec:dict, q:Query, c:Response, r:Response, extras:dict|None, fields:dict|None=None) -> dict:
+def _with_extras(rec:dict, q:Query, c:Response, r:Response, extras:dict|None,
+                 fields:dict|None=None) -> dict:
     if fields: rec.update(fields)
     if extras: rec.update(extras.get((q.id, c.text, r.text), {}))
     return rec
 
 # %% ../nbs/03_formats.ipynb #260f4cb1
-_PAIR_CORE = {"id", "image", "video", "prompt", "chosen", "rejected", "chosen_reason", "rejected_reason"}
-_NUMERIC = ("reference_chosen_logp", "reference_rejected_logp", "mix_reference_chosen_logp", "mix_reference_rejected_logp", "ls_factor", "margin")
+_PAIR_CORE = {"id", "image", "video", "prompt", "chosen", "rejected", "chosen_reason",
+              "rejected_reason"}
+_NUMERIC = ("reference_chosen_logp", "reference_rejected_logp", "mix_reference_chosen_logp",
+            "mix_reference_rejected_logp", "ls_factor", "margin")
 _ID_SUFFIX = re.compile(r"_\d+$")
 _PAIR_NAMES = {"question": "prompt", "media": "image", "chosen": "chosen", "rejected": "rejected"}
 
 def _pair_line(rec:dict, file, line, strip_suffix:bool) -> _Pair:
     "A `dpo_pairs` or RewardBench line as a `_Pair`."
-    _need(isinstance(rec.get("id"), str) and rec["id"] != "", file, line, "id", "must be a non-empty string")
+    _need(isinstance(rec.get("id"), str) and rec["id"] != "", file, line, "id",
+          "must be a non-empty string")
     qid = rec["id"]
     if strip_suffix:
         qid = _ID_SUFFIX.sub("", qid)
-        _need(qid != rec["id"] and qid != "", file, line, "id", f"{rec['id']!r} has no '_<number>' after the query id")
-    for f in ("prompt", "chosen", "rejected"): _need(isinstance(rec.get(f), str) and rec[f].strip() != "", file, line, f, "must be a non-empty string")
-    _need(_question(rec["prompt"]).strip() != "", file, line, "prompt", "has no text besides media tokens")
-    for f in ("chosen_reason", "rejected_reason"): _need(rec.get(f) is None or isinstance(rec[f], str), file, line, f, "must be a string")
+        _need(qid != rec["id"] and qid != "", file, line, "id",
+              f"{rec['id']!r} has no '_<number>' after the query id")
+    for f in ("prompt", "chosen",
+              "rejected"): _need(isinstance(rec.get(f), str) and rec[f].strip() != "", file, line,
+                                 f, "must be a non-empty string")
+    _need(_question(rec["prompt"]).strip() != "", file, line, "prompt",
+          "has no text besides media tokens")
+    for f in ("chosen_reason",
+              "rejected_reason"): _need(rec.get(f) is None or isinstance(rec[f], str), file, line,
+                                        f, "must be a string")
     for f in _NUMERIC:
         v = rec.get(f)
-        _need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), file, line, f, f"must be a number, got {v!r}")
-        _need(v is None or math.isfinite(v), file, line, f, f"{v!r} is not a number a trainer can use")
+        _need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), file, line,
+              f, f"must be a number, got {v!r}")
+        _need(v is None or math.isfinite(v), file, line, f,
+              f"{v!r} is not a number a trainer can use")
     tie = rec.get("is_tie", False)
     _need(isinstance(tie, bool), file, line, "is_tie", f"must be true or false, got {tie!r}")
     images, video = _media(rec, file, line)
-    return _Pair(line, qid, _question(rec["prompt"]), images, video, rec["chosen"], rec["rejected"],
-                 rec.get("chosen_reason"), rec.get("rejected_reason"), tie, {k: v for k, v in rec.items() if k not in _PAIR_CORE})
+    return _Pair(line, qid, _question(rec["prompt"]), images, video, rec["chosen"],
+                 rec["rejected"],
+                 rec.get("chosen_reason"), rec.get("rejected_reason"), tie,
+                 {k: v for k, v in rec.items() if k not in _PAIR_CORE})
 
+# %% ../nbs/03_formats.ipynb #ad3c8d11
 def ls_factor(delta:float, # the reward margin r(chosen) - r(rejected)
               k:float=0.5, # how fast β grows with the margin (the paper's k)
              ) -> float:
-    "The release's per-pair `ls_factor` that gives the paper's β(δ) = β(1 + w(1 - e^(-kδ))) with `--ls_factor_weight w`."
+    "The release's `ls_factor`: with `--ls_factor_weight w`, β(δ) = β(1 + w(1 - e^(-kδ)))."
     return 1.0 - math.exp(-k * delta)
 
 def _pair_numbers(c:Response, r:Response, k:float) -> dict:
-    "The reference log-probs and the reward margin of a pair, under the release's names, where the data has them."
+    "A pair's reference log-probs and reward margin, under the release's names, where known."
     out = {}
     if c.ref_logp is not None and r.ref_logp is not None:
-        out["reference_chosen_logp"], out["reference_rejected_logp"] = float(c.ref_logp), float(r.ref_logp)
+        out["reference_chosen_logp"] = float(c.ref_logp)
+        out["reference_rejected_logp"] = float(r.ref_logp)
     if c.reward is not None and r.reward is not None:
         out["margin"] = float(c.reward - r.reward); out["ls_factor"] = ls_factor(out["margin"], k)
     return out
 
+# %% ../nbs/03_formats.ipynb #12b0787b
 def to_dpo_pairs(q:Query, # an annotated query
-                 extras:dict|None=None, # (query id, chosen, rejected) -> more fields for that line, as filled by `group_pairs`
-                 pairs:dict|None=None, # query id -> (chosen, rejected) index pairs to write instead of every rank-different pair
+                 extras:dict|None=None, # (qid, chosen, rejected) -> fields, from `group_pairs`
+                 pairs:dict|None=None, # qid -> (chosen, rejected) pairs to write (default: all)
                  k:float=0.5, # the margin's k in `ls_factor`
                 ) -> list[dict]:
-    "The `dpo_pairs.jsonl` lines of a query (ids as listed, else `<query id>_<n>`), with reference log-probs and margins where known."
+    "A query's `dpo_pairs.jsonl` lines (ids as listed, else `<query id>_<n>`), with margins."
     out = []
     for n, (i, j, pid, tie, fields) in enumerate(_entries(q, pairs, "dpo_pairs")):
         c, r = q.responses[i], q.responses[j]
-        rec = {"id": pid if pid is not None else f"{q.id}_{n}", **_media_record(q), "prompt": q.question, "chosen": c.text, "rejected": r.text,
-               "chosen_reason": _critique(c) or "", "rejected_reason": _critique(r) or "", **_pair_numbers(c, r, k)}
+        rec = {"id": pid if pid is not None else f"{q.id}_{n}", **_media_record(q),
+               "prompt": q.question, "chosen": c.text, "rejected": r.text,
+               "chosen_reason": _critique(c) or "", "rejected_reason": _critique(r) or "",
+               **_pair_numbers(c, r, k)}
         if tie: rec["is_tie"] = True
         out.append(_with_extras(rec, q, c, r, extras, fields))
     return out
 
+# %% ../nbs/03_formats.ipynb #ba922086
 def group_pairs(records, # `dpo_pairs` lines: dicts, or (line, dict) as `read_jsonl` yields them
                 file="<memory>", # where they came from, for errors
-                extras:dict|None=None, # filled with (query id, chosen, rejected) -> the line's other fields
-                pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
+                extras:dict|None=None, # filled: (qid, chosen, rejected) -> other fields
+                pairs:dict|None=None, # filled: qid -> its (chosen, rejected) pairs as listed
                 default_category:str|None=None, # the category when a media path names none
-                keep_pairs:bool=False, # keep each line on its query (`Query.pairs`: ids, repeats, order, ties, other fields)
+                keep_pairs:bool=False, # keep each line on its query (`Query.pairs`)
                ) -> list[Query]:
     "Regroup `dpo_pairs` lines into queries whose ranking induces every given pair."
     rows, count = [], {}
@@ -417,93 +488,108 @@ def group_pairs(records, # `dpo_pairs` lines: dicts, or (line, dict) as `read_js
         if rec["id"] != f"{row.qid}_{n}": row.extras["id"] = rec["id"]
         row.pid = rec["id"]
         rows.append(row)
-    return _regroup(rows, file, default_category, False, _PAIR_NAMES, extras, pairs, keep_pairs, "dpo_pairs")
+    return _regroup(rows, file, default_category, False, _PAIR_NAMES, extras, pairs, keep_pairs,
+                    "dpo_pairs")
 
-# %% ../nbs/03_formats.ipynb #e214e79c
-def read_dpo_pairs(path, # a `dpo_pairs.jsonl` file
-                   extras:dict|None=None, # filled with (query id, chosen, rejected) -> the line's other fields
-                   pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
+# %% ../nbs/03_formats.ipynb #ec268b10
+def read_pair_file(path, # a pair layout's JSONL file
+                   group, # the layout's grouping of lines (`group_pairs`, `from_reward_bench`)
+                   extras:dict|None=None, # filled: (qid, chosen, rejected) -> other fields
+                   pairs:dict|None=None, # filled: qid -> its (chosen, rejected) pairs as listed
                    default_category:str|None=None, # the category when a media path names none
                    keep_pairs:bool=False, # keep each line on its query (`Query.pairs`)
                   ) -> list[Query]:
-    "The query groups of a `dpo_pairs.jsonl` file."
-    return group_pairs(read_jsonl(path), path, extras, pairs, default_category, keep_pairs)
+    "The query groups of a pair layout's file, its lines grouped by the layout's function."
+    return group(read_jsonl(path), path, extras, pairs, default_category, keep_pairs)
 
-def write_dpo_pairs(queries, # annotated `Query`s
+# %% ../nbs/03_formats.ipynb #d5cc5a5c
+def write_pair_file(queries, # annotated `Query`s
                     path, # the file to write
-                    extras:dict|None=None, # more fields per line, as filled by `read_dpo_pairs`
-                    pairs:dict|None=None, # the pairs to write per query id, as filled by `read_dpo_pairs`
+                    to_lines, # the layout's lines of one query (`to_dpo_pairs`, `to_reward_bench`)
+                    extras:dict|None=None, # more fields per line (from the layout's reader)
+                    pairs:dict|None=None, # the pairs per query id (from the layout's reader)
                    ) -> int:
-    "Write every pair of `queries` as `dpo_pairs.jsonl`, atomically; return the number of lines."
-    return write_jsonl(path, (rec for q in queries for rec in to_dpo_pairs(q, extras, pairs)))
+    "Write each query's lines in a pair layout to one file, atomically; return the number of lines."
+    return write_jsonl(path, (rec for q in queries for rec in to_lines(q, extras, pairs)))
+
+# %% ../nbs/03_formats.ipynb #e214e79c
+def read_dpo_pairs(path, extras=None, pairs=None, default_category=None, keep_pairs=False) -> list[Query]:
+    "The query groups of a `dpo_pairs.jsonl` file (the options: `read_pair_file`)"
+    return read_pair_file(path, group_pairs, extras, pairs, default_category, keep_pairs)
+
+# %% ../nbs/03_formats.ipynb #cd27e2aa
+def write_dpo_pairs(queries, path, extras=None, pairs=None) -> int:
+    "Write every pair of `queries` as `dpo_pairs.jsonl`, atomically; return the line count (the options: `write_pair_file`)"
+    return write_pair_file(queries, path, to_dpo_pairs, extras, pairs)
 
 # %% ../nbs/03_formats.ipynb #eaff94b5
 def to_reward_bench(q:Query, # an annotated query
-                    extras:dict|None=None, # (query id, chosen, rejected) -> more fields for that line
-                    pairs:dict|None=None, # query id -> (chosen, rejected) index pairs to write instead of every rank-different pair
+                    extras:dict|None=None, # (qid, chosen, rejected) -> more fields per line
+                    pairs:dict|None=None, # qid -> (chosen, rejected) pairs to write (default: all)
                    ) -> list[dict]:
     "The RewardBench lines of a query, all with the query's id."
     out = []
     for i, j, _, tie, fields in _entries(q, pairs, "reward_bench"):
         c, r = q.responses[i], q.responses[j]
-        rec = {"id": q.id, **_media_record(q), "prompt": q.question, "chosen": c.text, "rejected": r.text,
+        rec = {"id": q.id, **_media_record(q), "prompt": q.question, "chosen": c.text,
+               "rejected": r.text,
                "chosen_reason": _critique(c) or "", "rejected_reason": _critique(r) or ""}
         if tie: rec["is_tie"] = True
         out.append(_with_extras(rec, q, c, r, extras, fields))
     return out
 
-def from_reward_bench(records, # RewardBench lines: dicts, or (line, dict) as `read_jsonl` yields them
+# %% ../nbs/03_formats.ipynb #c3261cbe
+def from_reward_bench(records, # RewardBench lines: dicts, or `read_jsonl`'s (line, dict)
                       file="<memory>", # where they came from, for errors
-                      extras:dict|None=None, # filled with (query id, chosen, rejected) -> the line's other fields
-                      pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
-                      default_category:str|None=None, # the category when a media path names none
-                      keep_pairs:bool=False, # keep each line on its query (`Query.pairs`: repeats, order, ties, other fields)
-                     ) -> list[Query]:
-    "Group RewardBench lines by id into queries."
-    rows = [_pair_line(rec, file, line, False) for line, rec in _numbered(records, file)]
-    return _regroup(rows, file, default_category, True, _PAIR_NAMES, extras, pairs, keep_pairs, "reward_bench")
-
-def read_reward_bench(path, # an `mm_reward_bench.jsonl` file
-                      extras:dict|None=None, # filled with (query id, chosen, rejected) -> the line's other fields
-                      pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
+                      extras:dict|None=None, # filled: (qid, chosen, rejected) -> other fields
+                      pairs:dict|None=None, # filled: qid -> its (chosen, rejected) pairs as listed
                       default_category:str|None=None, # the category when a media path names none
                       keep_pairs:bool=False, # keep each line on its query (`Query.pairs`)
                      ) -> list[Query]:
-    "The query groups of a RewardBench file."
-    return from_reward_bench(read_jsonl(path), path, extras, pairs, default_category, keep_pairs)
+    "Group RewardBench lines by id into queries."
+    rows = [_pair_line(rec, file, line, False) for line, rec in _numbered(records, file)]
+    return _regroup(rows, file, default_category, True, _PAIR_NAMES, extras, pairs, keep_pairs,
+                    "reward_bench")
 
-def write_reward_bench(queries, # annotated `Query`s
-                       path, # the file to write
-                       extras:dict|None=None, # more fields per line, as filled by `read_reward_bench`
-                       pairs:dict|None=None, # the pairs to write per query id, as filled by `read_reward_bench`
-                      ) -> int:
-    "Write `queries` as a RewardBench file, atomically; return the number of lines."
-    return write_jsonl(path, (rec for q in queries for rec in to_reward_bench(q, extras, pairs)))
+# %% ../nbs/03_formats.ipynb #49bb9d25
+def read_reward_bench(path, extras=None, pairs=None, default_category=None, keep_pairs=False) -> list[Query]:
+    "The query groups of a RewardBench file (the options: `read_pair_file`)"
+    return read_pair_file(path, from_reward_bench, extras, pairs, default_category, keep_pairs)
+
+# %% ../nbs/03_formats.ipynb #e9f90dac
+def write_reward_bench(queries, path, extras=None, pairs=None) -> int:
+    "Write `queries` as a RewardBench file, atomically; return the line count (the options: `write_pair_file`)"
+    return write_pair_file(queries, path, to_reward_bench, extras, pairs)
 
 # %% ../nbs/03_formats.ipynb #9c57674d
 _TRL_CORE = {"images", "prompt", "chosen", "rejected"}
 
 def _turn(value, role:str, file, line, fld) -> tuple[str, int|None]:
-    "The text of a one-message turn (or a plain string) and its number of image placeholders (`None` for plain text)."
+    "The text of a one-message turn (or a string) and its image placeholders (None: a string)."
     if isinstance(value, str): return value, None
-    _need(isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict), file, line, fld,
-          f"must be a string or one {role} message (a single-turn list), got {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, list) else ""))
+    _need(isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict), file, line,
+          fld,
+          f"must be a string or one {role} message (a single-turn list), got "
+          f"{type(value).__name__}" + (f" of {len(value)}" if isinstance(value, list) else ""))
     m = value[0]
-    _need(m.get("role") == role, file, line, f"{fld}.0.role", f"must be {role!r}, got {m.get('role')!r}")
+    _need(m.get("role") == role, file, line, f"{fld}.0.role",
+          f"must be {role!r}, got {m.get('role')!r}")
     content = m.get("content")
     if isinstance(content, str): return content, None
-    _need(isinstance(content, list), file, line, f"{fld}.0.content", "must be a string or a list of parts")
+    _need(isinstance(content, list), file, line, f"{fld}.0.content",
+          "must be a string or a list of parts")
     texts, n_images = [], 0
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image": n_images += 1
         elif kind == "text" and isinstance(part.get("text"), str): texts.append(part["text"])
-        else: raise DataError(file, line, f"{fld}.0.content.{i}", "must be {'type': 'image'} or {'type': 'text', 'text': ...}")
+        else: raise DataError(file, line, f"{fld}.0.content.{i}",
+                              "must be {'type': 'image'} or {'type': 'text', 'text': ...}")
     return "\n".join(texts), n_images
 
 def to_trl(q:Query, # an annotated query
-           extras:dict|None=None, # (query id, chosen, rejected) -> more fields for that row
-           pairs:dict|None=None, # query id -> (chosen, rejected) index pairs to write instead of every rank-different pair
+           extras:dict|None=None, # (qid, chosen, rejected) -> more fields per line
+           pairs:dict|None=None, # qid -> (chosen, rejected) pairs to write (default: all)
           ) -> list[dict]:
     "TRL's conversational vision preference rows of a query, one per pair."
     def answer(t): return [{"role": "assistant", "content": [{"type": "text", "text": t}]}]
@@ -511,15 +597,22 @@ def to_trl(q:Query, # an annotated query
     for i, j, _, tie, fields in _entries(q, pairs, "trl"):
         if tie: continue  # TRL has no ties (`write_format` counts what it leaves out)
         c, r = q.responses[i], q.responses[j]
-        prompt = [{"role": "user", "content": [{"type": "image"} for _ in q.images] + [{"type": "text", "text": q.question}]}]
-        out.append(_with_extras({"images": list(q.images), "prompt": prompt, "chosen": answer(c.text), "rejected": answer(r.text)}, q, c, r, extras, fields))
+        prompt = [{"role": "user",
+                   "content": [{"type": "image"} for _ in q.images]
+                              + [{"type": "text", "text": q.question}]}]
+        out.append(_with_extras({"images": list(q.images), "prompt": prompt,
+                                 "chosen": answer(c.text), "rejected": answer(r.text)}, q, c, r,
+                                extras, fields))
     return out
 
+# %% ../nbs/03_formats.ipynb #af0c688c
 def _trl_row(rec:dict, file, line) -> _Pair:
     images = rec.get("images", [])
-    _need(isinstance(images, list) and all(isinstance(p, str) and p for p in images), file, line, "images", "must be a list of paths")
+    _need(isinstance(images, list) and all(isinstance(p, str) and p for p in images), file, line,
+          "images", "must be a list of paths")
     question, n = _turn(rec.get("prompt"), "user", file, line, "prompt")
-    _need(n is None or n == len(images), file, line, "prompt", f"has {n} image placeholder(s) for {len(images)} image(s)")
+    _need(n is None or n == len(images), file, line, "prompt",
+          f"has {n} image placeholder(s) for {len(images)} image(s)")
     question = _question(question)
     _need(question.strip() != "", file, line, "prompt", "has no text")
     texts = {}
@@ -527,103 +620,132 @@ def _trl_row(rec:dict, file, line) -> _Pair:
         texts[f], n = _turn(rec.get(f), "assistant", file, line, f)
         _need(not n, file, line, f, "an answer can't hold images")
         _need(texts[f].strip() != "", file, line, f, "has no text")
-    return _Pair(line, None, question, images, False, texts["chosen"], texts["rejected"], extras={k: v for k, v in rec.items() if k not in _TRL_CORE})
+    return _Pair(line, None, question, images, False, texts["chosen"], texts["rejected"],
+                 extras={k: v for k, v in rec.items() if k not in _TRL_CORE})
 
 def from_trl(rows, # TRL rows: dicts, or (line, dict) as `read_jsonl` yields them
              file="<memory>", # where they came from, for errors
-             extras:dict|None=None, # filled with (query id, chosen, rejected) -> the row's other fields
-             pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
+             extras:dict|None=None, # filled: (qid, chosen, rejected) -> other fields
+             pairs:dict|None=None, # filled: qid -> its (chosen, rejected) pairs as listed
              default_category:str|None=None, # the category when an image path names none
-             keep_pairs:bool=False, # keep each row on its query (`Query.pairs`: repeats, order, other fields)
+             keep_pairs:bool=False, # keep each row on its query (`Query.pairs`)
             ) -> list[Query]:
     "Regroup TRL preference rows by question and images into queries."
-    return _regroup([_trl_row(rec, file, line) for line, rec in _numbered(rows, file)], file, default_category, False,
-                    {"question": "prompt", "media": "images", "chosen": "chosen", "rejected": "rejected"}, extras, pairs, keep_pairs, "trl")
+    return _regroup([_trl_row(rec, file, line) for line, rec in _numbered(rows, file)], file,
+                    default_category, False,
+                    {"question": "prompt", "media": "images", "chosen": "chosen",
+                     "rejected": "rejected"}, extras, pairs, keep_pairs, "trl")
 
 # %% ../nbs/03_formats.ipynb #4d4ab0c4
 def _media_tokens(q:Query) -> tuple[str, str, str]:
     "The prompt (media tokens first), the media key and its token for the token-based layouts."
-    key, tok = ("videos", "<video>") if q.category == "video" and len(q.images) == 1 else ("images", "<image>")
+    clip = q.category == "video" and len(q.images) == 1
+    key, tok = ("videos", "<video>") if clip else ("images", "<image>")
     return tok * len(q.images) + q.question, key, tok
 
 def _token_media(rec:dict, text:str, file, line, fld) -> tuple[list, bool]:
     "The `images` or `videos` of a token-based record, checked against the tokens in `text`."
     imgs, vids = rec.get("images"), rec.get("videos")
-    _need(imgs is None or vids is None, file, line, "videos", "a record has images or videos, not both")
-    key, paths = ("videos", vids) if vids is not None else ("images", imgs if imgs is not None else [])
-    _need(isinstance(paths, list) and all(isinstance(p, str) and p for p in paths), file, line, key, "must be a list of paths")
+    _need(imgs is None or vids is None, file, line, "videos",
+          "a record has images or videos, not both")
+    key, paths = ("videos", vids) if vids is not None else ("images",
+                                                            imgs if imgs is not None else [])
+    _need(isinstance(paths, list) and all(isinstance(p, str) and p for p in paths), file, line,
+          key, "must be a list of paths")
     tok = "<video>" if key == "videos" else "<image>"
-    _need(text.count(tok) == len(paths), file, line, fld, f"has {text.count(tok)} {tok} token(s) for {len(paths)} {key[:-1]}(s)")
+    _need(text.count(tok) == len(paths), file, line, fld,
+          f"has {text.count(tok)} {tok} token(s) for {len(paths)} {key[:-1]}(s)")
     return list(paths), key == "videos"
 
+# %% ../nbs/03_formats.ipynb #23fd7726
 def to_llamafactory(q:Query, # an annotated query
-                    extras:dict|None=None, # (query id, chosen, rejected) -> more fields for that record
-                    pairs:dict|None=None, # query id -> (chosen, rejected) index pairs to write instead of every rank-different pair
+                    extras:dict|None=None, # (qid, chosen, rejected) -> more fields per line
+                    pairs:dict|None=None, # qid -> (chosen, rejected) pairs to write (default: all)
                    ) -> list[dict]:
     "LLaMA-Factory's sharegpt preference records of a query, one per pair."
     prompt, key, _ = _media_tokens(q)
     out = []
     for i, j, _, tie, fields in _entries(q, pairs, "llamafactory"):
-        if tie: continue  # a ranking dataset has no ties (`write_format` counts what it leaves out)
+        if tie: continue  # a ranking dataset has no ties (`write_format` counts those left out)
         c, r = q.responses[i], q.responses[j]
-        rec = {"conversations": [{"from": "human", "value": prompt}], "chosen": {"from": "gpt", "value": c.text},
-               "rejected": {"from": "gpt", "value": r.text}, **({key: list(q.images)} if q.images else {})}
+        rec = {"conversations": [{"from": "human", "value": prompt}],
+               "chosen": {"from": "gpt", "value": c.text},
+               "rejected": {"from": "gpt", "value": r.text},
+               **({key: list(q.images)} if q.images else {})}
         out.append(_with_extras(rec, q, c, r, extras, fields))
     return out
 
+# %% ../nbs/03_formats.ipynb #599d2eb2
 def _llamafactory_row(rec:dict, file, line) -> _Pair:
     conv = rec.get("conversations")
-    _need(isinstance(conv, list) and len(conv) == 1 and isinstance(conv[0], dict), file, line, "conversations", "must hold exactly one human turn")
-    _need(conv[0].get("from") == "human", file, line, "conversations.0.from", f"must be 'human', got {conv[0].get('from')!r}")
+    _need(isinstance(conv, list) and len(conv) == 1 and isinstance(conv[0], dict), file, line,
+          "conversations", "must hold exactly one human turn")
+    _need(conv[0].get("from") == "human", file, line, "conversations.0.from",
+          f"must be 'human', got {conv[0].get('from')!r}")
     text = conv[0].get("value")
-    _need(isinstance(text, str) and _question(text).strip() != "", file, line, "conversations.0.value", "must be a non-empty string")
+    _need(isinstance(text, str) and _question(text).strip() != "", file, line,
+          "conversations.0.value", "must be a non-empty string")
     images, video = _token_media(rec, text, file, line, "conversations.0.value")
     answers = {}
     for f in ("chosen", "rejected"):
         m = rec.get(f)
-        _need(isinstance(m, dict) and m.get("from") == "gpt", file, line, f, "must be a message from 'gpt'")
-        _need(isinstance(m.get("value"), str) and m["value"].strip() != "", file, line, f"{f}.value", "must be a non-empty string")
+        _need(isinstance(m, dict) and m.get("from") == "gpt", file, line, f,
+              "must be a message from 'gpt'")
+        _need(isinstance(m.get("value"), str) and m["value"].strip() != "", file, line,
+              f"{f}.value", "must be a non-empty string")
         answers[f] = m["value"]
-    return _Pair(line, None, _question(text), images, video, answers["chosen"], answers["rejected"],
-                 extras={k: v for k, v in rec.items() if k not in ("conversations", "chosen", "rejected", "images", "videos")})
+    return _Pair(line, None, _question(text), images, video, answers["chosen"],
+                 answers["rejected"],
+                 extras={k: v for k, v in rec.items() if k not in ("conversations", "chosen",
+                                                                   "rejected", "images",
+                                                                   "videos")})
 
-def from_llamafactory(rows, # LLaMA-Factory records: dicts, or (line, dict) as `read_jsonl` yields them
+def from_llamafactory(rows, # LLaMA-Factory records: dicts, or `read_jsonl`'s (line, dict)
                       file="<memory>", # where they came from, for errors
-                      extras:dict|None=None, # filled with (query id, chosen, rejected) -> the record's other fields
-                      pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
+                      extras:dict|None=None, # filled: (qid, chosen, rejected) -> other fields
+                      pairs:dict|None=None, # filled: qid -> its (chosen, rejected) pairs as listed
                       default_category:str|None=None, # the category when a media path names none
-                      keep_pairs:bool=False, # keep each record on its query (`Query.pairs`: repeats, order, other fields)
+                      keep_pairs:bool=False, # keep each record on its query (`Query.pairs`)
                      ) -> list[Query]:
     "Regroup LLaMA-Factory preference records by question and media into queries."
-    return _regroup([_llamafactory_row(rec, file, line) for line, rec in _numbered(rows, file)], file, default_category, False,
-                    {"question": "conversations.0.value", "media": "images", "chosen": "chosen", "rejected": "rejected"}, extras, pairs,
+    return _regroup([_llamafactory_row(rec, file, line) for line, rec in _numbered(rows, file)],
+                    file, default_category, False,
+                    {"question": "conversations.0.value", "media": "images", "chosen": "chosen",
+                     "rejected": "rejected"}, extras, pairs,
                     keep_pairs, "llamafactory")
 
 # %% ../nbs/03_formats.ipynb #515841f0
 def llamafactory_dataset_info(data_file, # a LLaMA-Factory export (JSONL)
-                              media=("images",), # the media columns the file has: "images" and/or "videos"
-                              name:str|None=None, # the dataset's name (default: the file name without .jsonl)
+                              media=("images",), # the file's media columns: images and/or "videos"
+                              name:str|None=None, # the dataset's name (default: the file name)
                              ) -> dict:
-    "Add the export's entry to the `dataset_info.json` beside it (kept, or created), atomically; return the entry."
+    "Add the export's entry to the `dataset_info.json` beside it (kept or created); return it."
     data_file = Path(data_file); info = data_file.parent / "dataset_info.json"
     name = name or data_file.name.removesuffix(".jsonl")
-    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", **{m: m for m in ("images", "videos") if m in media}}
-    entry = {"file_name": data_file.name, "formatting": "sharegpt", "ranking": True, "columns": columns,
-             "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}}
+    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
+               **{m: m for m in ("images", "videos") if m in media}}
+    entry = {"file_name": data_file.name, "formatting": "sharegpt", "ranking": True,
+             "columns": columns,
+             "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
+                      "assistant_tag": "gpt"}}
     known = {}
     if info.exists():
         try: known = json.loads(info.read_bytes().decode("utf-8") or "{}")
         except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(info, None, None, f"is not valid JSON ({e}); fix or remove it: the export's entry goes into it") from None
-        if not isinstance(known, dict): raise DataError(info, None, None, f"must be an object of dataset name -> entry, got {type(known).__name__}")
+            raise DataError(info, None, None,
+                            f"is not valid JSON ({e}); fix or remove it: the export's entry goes "
+                            "into it") from None
+        if not isinstance(known, dict): raise DataError(info, None, None,
+                                                        "must be an object of dataset name -> "
+                                                        f"entry, got {type(known).__name__}")
     known[name] = entry
     write_text(info, json.dumps(known, indent=2, ensure_ascii=False) + "\n")
     return entry
 
 # %% ../nbs/03_formats.ipynb #2910bfe3
 def to_swift(q:Query, # an annotated query
-             extras:dict|None=None, # (query id, chosen, rejected) -> more fields for that record
-             pairs:dict|None=None, # query id -> (chosen, rejected) index pairs to write instead of every rank-different pair
+             extras:dict|None=None, # (qid, chosen, rejected) -> more fields per line
+             pairs:dict|None=None, # qid -> (chosen, rejected) pairs to write (default: all)
             ) -> list[dict]:
     "ms-swift's preference records of a query, one per pair."
     prompt, key, _ = _media_tokens(q)
@@ -631,39 +753,53 @@ def to_swift(q:Query, # an annotated query
     for i, j, _, tie, fields in _entries(q, pairs, "swift"):
         if tie: continue  # ms-swift's DPO has no ties (`write_format` counts what it leaves out)
         c, r = q.responses[i], q.responses[j]
-        rec = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": c.text}],
+        rec = {"messages": [{"role": "user", "content": prompt},
+                            {"role": "assistant", "content": c.text}],
                "rejected_response": r.text, **({key: list(q.images)} if q.images else {})}
         out.append(_with_extras(rec, q, c, r, extras, fields))
     return out
 
+# %% ../nbs/03_formats.ipynb #decfefda
 def _swift_row(rec:dict, file, line) -> _Pair:
     msgs = rec.get("messages")
-    _need(isinstance(msgs, list) and len(msgs) == 2 and all(isinstance(m, dict) for m in msgs), file, line, "messages",
+    _need(isinstance(msgs, list) and len(msgs) == 2 and all(isinstance(m, dict) for m in msgs),
+          file, line, "messages",
           "must hold one user turn and the chosen assistant turn")
     for i, role in enumerate(("user", "assistant")):
-        _need(msgs[i].get("role") == role, file, line, f"messages.{i}.role", f"must be {role!r}, got {msgs[i].get('role')!r}")
-        _need(isinstance(msgs[i].get("content"), str) and _question(msgs[i]["content"]).strip() != "", file, line, f"messages.{i}.content", "must be a non-empty string")
+        _need(msgs[i].get("role") == role, file, line, f"messages.{i}.role",
+              f"must be {role!r}, got {msgs[i].get('role')!r}")
+        _need(isinstance(msgs[i].get("content"),
+                         str) and _question(msgs[i]["content"]).strip() != "", file, line,
+              f"messages.{i}.content", "must be a non-empty string")
     rejected = rec.get("rejected_response")
-    _need(isinstance(rejected, str) and rejected.strip() != "", file, line, "rejected_response", "must be a non-empty string")
+    _need(isinstance(rejected, str) and rejected.strip() != "", file, line, "rejected_response",
+          "must be a non-empty string")
     images, video = _token_media(rec, msgs[0]["content"], file, line, "messages.0.content")
-    return _Pair(line, None, _question(msgs[0]["content"]), images, video, msgs[1]["content"], rejected,
-                 extras={k: v for k, v in rec.items() if k not in ("messages", "rejected_response", "images", "videos")})
+    return _Pair(line, None, _question(msgs[0]["content"]), images, video, msgs[1]["content"],
+                 rejected,
+                 extras={k: v for k, v in rec.items() if k not in ("messages", "rejected_response",
+                                                                   "images", "videos")})
 
 def from_swift(rows, # ms-swift records: dicts, or (line, dict) as `read_jsonl` yields them
                file="<memory>", # where they came from, for errors
-               extras:dict|None=None, # filled with (query id, chosen, rejected) -> the record's other fields
-               pairs:dict|None=None, # filled with query id -> the (chosen, rejected) index pairs as listed
+               extras:dict|None=None, # filled: (qid, chosen, rejected) -> other fields
+               pairs:dict|None=None, # filled: qid -> its (chosen, rejected) pairs as listed
                default_category:str|None=None, # the category when a media path names none
-               keep_pairs:bool=False, # keep each record on its query (`Query.pairs`: repeats, order, other fields)
+               keep_pairs:bool=False, # keep each record on its query (`Query.pairs`)
               ) -> list[Query]:
     "Regroup ms-swift preference records by question and media into queries."
-    return _regroup([_swift_row(rec, file, line) for line, rec in _numbered(rows, file)], file, default_category, False,
-                    {"question": "messages.0.content", "media": "images", "chosen": "messages.1.content", "rejected": "rejected_response"}, extras, pairs,
+    return _regroup([_swift_row(rec, file, line) for line, rec in _numbered(rows, file)], file,
+                    default_category, False,
+                    {"question": "messages.0.content", "media": "images",
+                     "chosen": "messages.1.content", "rejected": "rejected_response"}, extras,
+                    pairs,
                     keep_pairs, "swift")
 
 # %% ../nbs/03_formats.ipynb #9fd3d0dd
-PAIR_FORMATS = {"dpo_pairs": (group_pairs, to_dpo_pairs), "reward_bench": (from_reward_bench, to_reward_bench),
-                "trl": (from_trl, to_trl), "llamafactory": (from_llamafactory, to_llamafactory), "swift": (from_swift, to_swift)}
+PAIR_FORMATS = {"dpo_pairs": (group_pairs, to_dpo_pairs),
+                "reward_bench": (from_reward_bench, to_reward_bench),
+                "trl": (from_trl, to_trl), "llamafactory": (from_llamafactory, to_llamafactory),
+                "swift": (from_swift, to_swift)}
 FORMATS = ("mmrlhf", "release", *PAIR_FORMATS)
 
 def _check_format(fmt):
@@ -681,18 +817,20 @@ def read_format(path, # a JSONL file
     _check_format(fmt)
     if fmt == "mmrlhf": return list(read_queries(path))
     if fmt == "release": return list(read_release(path, ranking_as, default_category))
-    return PAIR_FORMATS[fmt][0](read_jsonl(path), path, extras, pairs, default_category, keep_pairs=keep_pairs)
+    return PAIR_FORMATS[fmt][0](read_jsonl(path), path, extras, pairs, default_category,
+                                keep_pairs=keep_pairs)
 
 _TIED_LAYOUTS = ("dpo_pairs", "reward_bench")  # the layouts that can say `is_tie`
 
+# %% ../nbs/03_formats.ipynb #92f72a58
 def write_format(queries, # `Query`s
                  path, # the file to write (atomically)
                  fmt:str, # the layout, one of `FORMATS`
-                 extras:dict|None=None, # pair layouts: more fields per line, as filled by `read_format`
+                 extras:dict|None=None, # pair layouts: more fields per line, (from `read_format`)
                  pairs:dict|None=None, # pair layouts: the pairs to write per query id
-                 dataset_info:bool=True, # llamafactory: also add the file's entry to `dataset_info.json` beside it
+                 dataset_info:bool=True, # llamafactory: also register it in `dataset_info.json`
                 ) -> int:
-    "Write `queries` to `path` in layout `fmt`; return the number of lines (what a layout can't hold is counted in a warning)."
+    "Write `queries` to `path` in layout `fmt`; return the line count (omissions: a warning)."
     _check_format(fmt)
     if fmt == "mmrlhf": return write_queries(path, queries)
     if fmt == "release": return write_release(queries, path)
@@ -703,53 +841,63 @@ def write_format(queries, # `Query`s
             if q.pairs is not None and not (pairs is not None and q.id in pairs):
                 if fmt not in _TIED_LAYOUTS: ties += sum(bool(p.get("tie")) for p in q.pairs)
                 if q.source != fmt:
-                    fields += sum(bool(p.get("fields")) for p in q.pairs); names.update(k for p in q.pairs for k in p.get("fields") or {})
+                    fields += sum(bool(p.get("fields")) for p in q.pairs)
+                    names.update(k for p in q.pairs for k in p.get("fields") or {})
             for rec in to(q, extras, pairs):
                 media.update(k for k in ("images", "videos") if k in rec)
                 yield rec
     n = write_jsonl(path, lines())
     if ties: warnings.warn(f"{path}: {ties} tied pair(s) are not written: {fmt} has no ties")
-    if fields: warnings.warn(f"{path}: {fields} pair line(s) carry field(s) {sorted(names)} of their own layout that {fmt} has no place for; "
+    if fields: warnings.warn(f"{path}: {fields} pair line(s) carry field(s) {sorted(names)} of "
+                             f"their own layout that {fmt} has no place for; "
                              "they are not written")
     if fmt == "llamafactory" and dataset_info: llamafactory_dataset_info(path, media)
     return n
 
+# %% ../nbs/03_formats.ipynb #e2006d43
 def convert(input, # the JSONL file to read
             output, # the JSONL file to write (atomically)
             src_format:str, # the input's layout, one of `FORMATS`
             dst_format:str, # the output's layout, one of `FORMATS`
             default_category:str|None=None, # the category of queries whose media paths name none
-            ranking_as:str="ranks", # release input: how to read a list `final_ranking`, "ranks" or "order"
+            ranking_as:str="ranks", # release input: a list `final_ranking` is "ranks" or "order"
            ) -> dict:
-    "Convert a file between any two layouts; return counts of what was read, written and left behind."
+    "Convert a file between any two layouts; return counts of what was read, written and left out."
     _check_format(src_format); _check_format(dst_format)
-    pair_file = src_format in PAIR_FORMATS  # its lines stay on their queries: ids, repeats, order, ties, other fields
-    queries = read_format(input, src_format, default_category=default_category, ranking_as=ranking_as, keep_pairs=pair_file)
+    pair_file = src_format in PAIR_FORMATS  # its lines stay on their queries (`Query.pairs`)
+    queries = read_format(input, src_format, default_category=default_category,
+                          ranking_as=ranking_as, keep_pairs=pair_file)
     n = write_format(queries, output, dst_format)
-    left = 0 if src_format == dst_format or not pair_file else sum(bool(p.get("fields")) for q in queries for p in q.pairs)
+    left = 0 if src_format == dst_format or not pair_file else sum(
+        bool(p.get("fields")) for q in queries for p in q.pairs)
     no_pairs = sum(not pair_indices(q) for q in queries) if dst_format in PAIR_FORMATS else 0
-    return {"queries": len(queries), "lines": n, "extras_left_behind": left, "queries_without_pairs": no_pairs}
+    return {"queries": len(queries), "lines": n, "extras_left_behind": left,
+            "queries_without_pairs": no_pairs}
 
 # %% ../nbs/03_formats.ipynb #7e7391ce
-PATH_LAYOUTS = ("trl", "llamafactory", "swift")  # layouts whose trainers open image paths from the working directory
+# layouts whose trainers open image paths from the working directory
+PATH_LAYOUTS = ("trl", "llamafactory", "swift")
 
 def export_images(queries, # `Query`s about to be exported
                   image_root, # the folder their image paths are relative to
                   absolute:bool=True, # rewrite each path as an absolute path inside `image_root`
                   check:bool=True, # every image (or clip folder) must exist
-                  file="<queries>", # where the queries came from, for errors (their line is the query's number)
+                  file="<queries>", # where the queries came from (line: the query's number)
                  ) -> Iterator[Query]:
-    "The queries with their image paths checked and, if asked, made absolute; a missing image raises `DataError`."
+    "The queries, image paths checked and, if asked, made absolute (a missing one: `DataError`)."
     for n, q in enumerate(queries, 1):
         paths = []
         for i, p in enumerate(q.images):
             if Path(p).is_absolute(): full = Path(p)
             else:
                 try: full = resolve_image_path(image_root, p)
-                except ValueError as e: raise DataError(file, n, f"images.{i}", f"query {q.id!r}: {e}") from None
+                except ValueError as e: raise DataError(file, n, f"images.{i}",
+                                                        f"query {q.id!r}: {e}") from None
             if check and not full.exists():
-                raise DataError(file, n, f"images.{i}", f"query {q.id!r}: image {p!r} not found under {image_root}; "
-                                                       "an export pointing at it would fail only once training reaches it")
+                raise DataError(file, n, f"images.{i}",
+                                f"query {q.id!r}: image {p!r} not found under {image_root}; "
+                                                       "an export pointing at it would fail only "
+                                                       "once training reaches it")
             paths.append(str(full) if absolute else p)
         q.images = paths
         yield q
@@ -757,7 +905,8 @@ def export_images(queries, # `Query`s about to be exported
 # %% ../nbs/03_formats.ipynb #011a3b6c
 def _scores_only(q:Query) -> Query:
     "A copy of `q` with just what agreement needs (no texts), to keep memory small."
-    return Query(q.id, "", q.category, [], [Response("", scores=r.scores) for r in q.responses], ranking=q.ranking, annotators=q.annotators)
+    return Query(q.id, "", q.category, [], [Response("", scores=r.scores) for r in q.responses],
+                 ranking=q.ranking, annotators=q.annotators)
 
 def _finite(obj):
     "`obj` with NaN and infinities as None (JSON has no such numbers)."
@@ -776,14 +925,17 @@ def _repeats(q:Query) -> int:
 def _oracle():
     "The shapes world's oracle annotator, found by name (`mmrlhf.oracles` entry point `shapes`)."
     found = plugin("mmrlhf.oracles", "shapes")
-    if found is None: raise ConfigError("oracle: no `shapes` oracle is installed (an `mmrlhf.oracles` entry point)")
+    if found is None: raise ConfigError("oracle: no `shapes` oracle is installed (an "
+                                        "`mmrlhf.oracles` entry point)")
     return found
 
 def _check_pairs_config(cfg:PairsConfig):
     for name, fmts in (("input_format", [cfg.input_format]), ("export", cfg.export)):
         bad = [f for f in fmts if f not in FORMATS]
         if bad: raise ConfigError(f"{name}: unknown layout(s) {bad}; known: {', '.join(FORMATS)}")
-    if cfg.identical_texts not in ("warn", "reject"): raise ConfigError(f"identical_texts: must be warn or reject, got {cfg.identical_texts!r}")
+    if cfg.identical_texts not in ("warn", "reject"): raise ConfigError("identical_texts: must "
+                                                                        "be warn or reject, got "
+                                                                        f"{cfg.identical_texts!r}")
 
 # %% ../nbs/03_formats.ipynb #ddb889bf
 def _source(cfg:PairsConfig, src:Path, root, rejects, report:ReadReport):
@@ -792,21 +944,25 @@ def _source(cfg:PairsConfig, src:Path, root, rejects, report:ReadReport):
         if cfg.oracle: _oracle()(q)
         if cfg.identical_texts == "reject": refuse_identical_texts(q)
     if cfg.input_format == "mmrlhf":
-        check = prepare if cfg.identical_texts == "reject" else None  # refused inside the reader: named by line, or moved to rejects
+        # refused inside the reader: named by line, or moved to rejects
+        check = prepare if cfg.identical_texts == "reject" else None
         for q in read_queries(src, root, rejects, report, check=check):
             if check is None and cfg.oracle: _oracle()(q)
             yield q
         return
     if cfg.input_format == "release":
-        for q in read_release(src, default_category=cfg.default_category, check=prepare): report.read += 1; yield q
+        for q in read_release(src, default_category=cfg.default_category,
+                              check=prepare): report.read += 1; yield q
         return
-    for q in read_format(src, cfg.input_format, default_category=cfg.default_category, keep_pairs=True):
+    for q in read_format(src, cfg.input_format, default_category=cfg.default_category,
+                         keep_pairs=True):
         report.read += len(q.pairs); report.listed_ties += sum(bool(p.get("tie")) for p in q.pairs)
         report.repeated_pairs += _repeats(q)
         if cfg.derive_pairs: q.pairs = None
         prepare(q)
         yield q
 
+# %% ../nbs/03_formats.ipynb #c5ee10bb
 def run_pairs(cfg:PairsConfig) -> dict:
     "Validate, (annotate,) expand and summarise `cfg.input`; return the statistics."
     src, out = Path(cfg.input), Path(cfg.out)
@@ -819,11 +975,16 @@ def run_pairs(cfg:PairsConfig) -> dict:
     pair_file = cfg.input_format in PAIR_FORMATS
     with atomic_write(out / "queries.jsonl") as fq, atomic_write(out / "pairs.jsonl") as fp:
         def annotated():
-            rejects = out / "rejects.jsonl" if cfg.rejects and cfg.input_format == "mmrlhf" else None
-            for q in _source(cfg, src, root if cfg.input_format == "mmrlhf" else None, rejects, report):
+            own_layout = cfg.input_format == "mmrlhf"
+            rejects = out / "rejects.jsonl" if cfg.rejects and own_layout else None
+            for q in _source(cfg, src, root if cfg.input_format == "mmrlhf" else None, rejects,
+                             report):
                 if identical_texts(q): twins.append(q.id)
-                counts["queries"] += 1; fq.write(json_line(query_record(q), out / "queries.jsonl", counts["queries"]))
-                for p in expand_pairs(q): counts["lines"] += 1; fp.write(json_line(p, out / "pairs.jsonl", counts["lines"]))
+                counts["queries"] += 1; fq.write(json_line(query_record(q), out / "queries.jsonl",
+                                                           counts["queries"]))
+                for p in expand_pairs(q):
+                    counts["lines"] += 1
+                    fp.write(json_line(p, out / "pairs.jsonl", counts["lines"]))
                 if q.annotated: light.append(_scores_only(q))
                 yield q
         stats = query_stats(annotated())
@@ -832,23 +993,31 @@ def run_pairs(cfg:PairsConfig) -> dict:
     stats["pair_lines"] = counts["lines"]
     stats["identical_text_queries"] = len(twins)
     if pair_file:
-        stats["input"] = {"pair_lines": report.read, "tied_lines": report.listed_ties, "repeated_pairs": report.repeated_pairs,
+        stats["input"] = {"pair_lines": report.read, "tied_lines": report.listed_ties,
+                          "repeated_pairs": report.repeated_pairs,
                           "pairs": "derived from the ranking" if cfg.derive_pairs else "as listed"}
     if twins:
-        warnings.warn(f"{len(twins)} quer{'y has' if len(twins) == 1 else 'ies have'} responses with one text at different ranks "
-                      f"(pairs of a text with itself dilute the gradient), e.g. {twins[:5]}; set identical_texts=reject to refuse them")
+        warnings.warn(f"{len(twins)} quer{'y has' if len(twins) == 1 else 'ies have'} responses "
+                      "with one text at different ranks "
+                      f"(pairs of a text with itself dilute the gradient), e.g. {twins[:5]}; set "
+                      "identical_texts=reject to refuse them")
     if cfg.groups:
-        import datasets; datasets.disable_progress_bars()
+        import datasets  # slow to import; only this export needs it
+        datasets.disable_progress_bars()
         save_groups(out / "queries.jsonl", out / "groups")
     for fmt in cfg.export:
-        queries = export_images(read_queries(out / "queries.jsonl"), root_dir, cfg.absolute_images and fmt in PATH_LAYOUTS,
+        queries = export_images(read_queries(out / "queries.jsonl"), root_dir,
+                                cfg.absolute_images and fmt in PATH_LAYOUTS,
                                 cfg.check_images, out / "queries.jsonl")
         write_format(queries, out / f"export.{fmt}.jsonl", fmt)
     write_text(out / "stats.json", json.dumps(_finite(stats), indent=1, allow_nan=False))
     cfg.save(out / "pairs-config.yaml")
     if pair_file:
-        print(f"{report.read} pair lines ({report.listed_ties} tied, {report.repeated_pairs} repeating a pair of identical-text responses, "
-              f"merged into one response each) -> {stats['queries']} queries, {counts['lines']} lines in {out / 'pairs.jsonl'}"
+        print(f"{report.read} pair lines ({report.listed_ties} tied, {report.repeated_pairs} "
+              "repeating a pair of identical-text responses, "
+              f"merged into one response each) -> {stats['queries']} queries, {counts['lines']} "
+              f"lines in {out / 'pairs.jsonl'}"
               + (" (pairs derived from the implied ranking)" if cfg.derive_pairs else ""))
-    else: print(f"{stats['queries']} queries ({report.rejected} rejected) -> {stats['pairs']} pairs in {out}")
+    else: print(f"{stats['queries']} queries ({report.rejected} rejected) -> {stats['pairs']} "
+                f"pairs in {out}")
     return stats

@@ -5,20 +5,21 @@
 # %% auto #0
 __all__ = ['drop_torn_line', 'read_reply_cache', 'JudgeError', 'JudgeClient', 'StandInServer', 'parse_yes_no']
 
-# %% ../nbs/05_judge.ipynb #68a4f3e0
-import hashlib, http.client, http.server, json, os, threading, time, urllib.error, urllib.request, warnings
+# %% ../nbs/05_judge.ipynb #ba06247e
+import hashlib, http.client, http.server, json, os, re, threading, time, warnings
+import urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from .core import atomic_write, DataError, read_jsonl
-from .core import write_bytes
-import re
 from typing import Callable, Sequence
 
-# %% ../nbs/05_judge.ipynb #41aa74e3
+# %% ../nbs/05_judge.ipynb #e2dab642
+from .core import DataError, read_jsonl, write_bytes
+
+# %% ../nbs/05_judge.ipynb #d0cb22cb
 def drop_torn_line(path, # an append-only JSONL file (missing: nothing to do)
                    what:str="line", # what a line holds, for the warning
                   ) -> bool:
-    "Cut a last line a killed writer left unfinished (warning); add a lost final newline. True if a line was cut."
+    "Cut a last line a killed writer left unfinished (warning); add a lost final newline."
     path = Path(path)
     if not path.is_file(): return False
     data = path.read_bytes()
@@ -32,10 +33,10 @@ def drop_torn_line(path, # an append-only JSONL file (missing: nothing to do)
     write_bytes(path, keep)
     return True
 
-# %% ../nbs/05_judge.ipynb #4fdf8e12
+# %% ../nbs/05_judge.ipynb #a58975f8
 def read_reply_cache(path, # a JSONL reply cache: one {"key", "reply", ...} object per line
                     ) -> dict:
-    "key -> reply from a reply cache (missing: empty); a torn last line is dropped from the file with a warning."
+    "key -> reply from a reply cache (missing: empty); a torn last line is cut with a warning."
     path = Path(path)
     if not path.is_file(): return {}
     drop_torn_line(path, "line of the reply cache; its request is made again")
@@ -46,15 +47,16 @@ def read_reply_cache(path, # a JSONL reply cache: one {"key", "reply", ...} obje
         cache[rec["key"]] = rec["reply"]
     return cache
 
-# %% ../nbs/05_judge.ipynb #8262c98e
+# %% ../nbs/05_judge.ipynb #e806073a
 class JudgeError(RuntimeError):
-    "The judge could not be reached, refused the request, or replied with something that is not a chat completion."
+    "The judge could not be reached, refused the request, or replied with no chat completion."
 
+# %% ../nbs/05_judge.ipynb #f2712598
 class JudgeClient:
-    "A chat model behind an OpenAI-compatible `/chat/completions` endpoint, called at temperature 0 with a request cache."
-    def __init__(self, base_url:str, # e.g. "https://api.openai.com/v1" or "http://localhost:8000/v1"
+    "A chat model behind an OpenAI-compatible endpoint, at temperature 0, with a reply cache."
+    def __init__(self, base_url:str, # e.g. "https://api.openai.com/v1", "http://localhost:8000/v1"
                  model:str, # the model name the server knows, e.g. "gpt-4o"
-                 api_key_env:str="OPENAI_API_KEY", # environment variable holding the key (unset: no key sent)
+                 api_key_env:str="OPENAI_API_KEY", # variable holding the key (unset: none sent)
                  cache_path:str|Path|None=None, # JSONL file of cached replies (None: no cache)
                  timeout:float=60, # seconds per request
                  max_retries:int=3, # retries after a failed attempt (429, 5xx, connection errors)
@@ -62,24 +64,31 @@ class JudgeClient:
                  max_tokens:int|None=None, # cap on the reply's length (None: the server's default)
                 ):
         base = str(base_url).rstrip("/")
-        if not re.match(r"https?://[^/]", base): raise ValueError(f"JudgeClient: base_url must start with http:// or https://, got {base_url!r}")
+        if not re.match(r"https?://[^/]", base):
+            raise ValueError("JudgeClient: base_url must start with http:// or https://, "
+                             f"got {base_url!r}")
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        self.model, self.api_key_env, self.timeout, self.max_retries, self.backoff, self.max_tokens = model, api_key_env, timeout, max_retries, backoff, max_tokens
+        self.model, self.api_key_env, self.timeout = model, api_key_env, timeout
+        self.max_retries, self.backoff, self.max_tokens = max_retries, backoff, max_tokens
         self.cache_path = Path(cache_path) if cache_path else None
         self.n_requests = self.n_cached = 0  # HTTP attempts made; replies served from the cache
-        self._lock, self._cache = threading.Lock(), read_reply_cache(self.cache_path) if self.cache_path else {}
+        self._lock = threading.Lock()
+        self._cache = read_reply_cache(self.cache_path) if self.cache_path else {}
 
-    def __repr__(self): return f"JudgeClient({self.url!r}, {self.model!r}, cached={len(self._cache)})"
+    def __repr__(self):
+        return f"JudgeClient({self.url!r}, {self.model!r}, cached={len(self._cache)})"
 
     def key(self, messages:list, params:dict) -> str:
         "The cache key of a request: SHA-256 of the model, messages and sampling parameters."
-        blob = json.dumps({"model": self.model, "messages": messages, "params": params}, sort_keys=True, ensure_ascii=False)
+        blob = json.dumps({"model": self.model, "messages": messages, "params": params},
+                          sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def chat(self, messages:list, # OpenAI chat messages: [{"role": "user", "content": "..."}]
              **params) -> str:
         "The assistant's reply to `messages` (from the cache if this request was made before)."
-        params = {"temperature": 0, **({"max_tokens": self.max_tokens} if self.max_tokens else {}), **params}
+        params = {"temperature": 0, **({"max_tokens": self.max_tokens} if self.max_tokens else {}),
+                  **params}
         k = self.key(messages, params)
         with self._lock:
             if k in self._cache: self.n_cached += 1; return self._cache[k]
@@ -88,32 +97,37 @@ class JudgeClient:
             self._cache[k] = reply
             if self.cache_path:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                rec = {"key": k, "model": self.model, "reply": reply}
                 with open(self.cache_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": k, "model": self.model, "reply": reply}, ensure_ascii=False) + "\n"); f.flush()
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n"); f.flush()
         return reply
 
     def ask(self, prompt:str, # the user message
             system:str|None=None, # an optional system message
             **params) -> str:
         "The reply to one user message."
-        return self.chat(([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}], **params)
+        head = [{"role": "system", "content": system}] if system else []
+        return self.chat(head + [{"role": "user", "content": prompt}], **params)
 
     def ask_many(self, prompts:Sequence[str], # user messages
                  workers:int=4, # requests in flight at once
                  **params) -> list[str]:
         "Replies to many user messages, in order, several requests at a time."
-        with ThreadPoolExecutor(max(1, workers)) as ex: return list(ex.map(lambda p: self.ask(p, **params), prompts))
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            return list(ex.map(lambda p: self.ask(p, **params), prompts))
 
     def _post(self, body:dict) -> bytes:
         data, last, delay = json.dumps(body).encode(), None, 0.0
         headers = {"Content-Type": "application/json"}
-        if os.environ.get(self.api_key_env): headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
+        if os.environ.get(self.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
         for attempt in range(self.max_retries + 1):
             if attempt: time.sleep(delay)
             with self._lock: self.n_requests += 1
             delay = self.backoff * 2 ** attempt
             try:
-                with urllib.request.urlopen(urllib.request.Request(self.url, data, headers, method="POST"), timeout=self.timeout) as r: return r.read()
+                req = urllib.request.Request(self.url, data, headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as r: return r.read()
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode("utf-8", "replace")
                 if e.code == 429 or e.code >= 500:
@@ -122,26 +136,40 @@ class JudgeClient:
                     except (TypeError, ValueError): pass
                     continue
                 hint = f" (check ${self.api_key_env})" if e.code in (401, 403) else ""
-                raise JudgeError(f"judge at {self.url} refused the request: HTTP {e.code}: {detail}{hint}") from None
+                raise JudgeError(f"judge at {self.url} refused the request: "
+                                 f"HTTP {e.code}: {detail}{hint}") from None
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        raise JudgeError(f"judge at {self.url} unreachable after {self.max_retries + 1} attempt(s): {last}")
+        raise JudgeError(f"judge at {self.url} unreachable after {self.max_retries + 1} "
+                         f"attempt(s): {last}")
 
     def _parse(self, raw:bytes) -> str:
         try:
             data = json.loads(raw)
-            if isinstance(data, dict) and "error" in data: raise JudgeError(f"judge at {self.url} returned an error: {str(data['error'])[:300]}")
+            if isinstance(data, dict) and "error" in data:
+                error = str(data['error'])[:300]
+                raise JudgeError(f"judge at {self.url} returned an error: {error}")
             content = data["choices"][0]["message"]["content"]
-            if not isinstance(content, str): raise TypeError(f"content is {type(content).__name__}")
+            if not isinstance(content, str):
+                raise TypeError(f"content is {type(content).__name__}")
             return content
         except JudgeError: raise
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise JudgeError(f"malformed reply from judge at {self.url} ({type(e).__name__}: {e}); body starts {raw[:200]!r}") from None
+            raise JudgeError(f"malformed reply from judge at {self.url} "
+                             f"({type(e).__name__}: {e}); body starts {raw[:200]!r}") from None
 
-# %% ../nbs/05_judge.ipynb #517189fa
+# %% ../nbs/05_judge.ipynb #2557833d
+def _completion(n, model, text):
+    "A chat-completion body, the `n`th of the server, whose one choice says `text`."
+    return json.dumps({"id": f"stand-in-{n}", "object": "chat.completion", "model": model,
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": text}}]})
+
+# %% ../nbs/05_judge.ipynb #e7e48ebc
 class StandInServer:
-    "An OpenAI-compatible chat endpoint on loopback answering with `reply(body)`; use it as a context manager."
-    def __init__(self, reply:Callable=lambda body: "OK", # request body -> reply text, or (status, raw body)
+    "An OpenAI-compatible chat endpoint on loopback, replying `reply(body)`; a context manager."
+    def __init__(self, reply:Callable=lambda body: "OK", # body -> reply text or (status, raw body)
+
                 ):
         self.reply, self.requests, self.headers = reply, [], []
         outer = self
@@ -150,27 +178,31 @@ class StandInServer:
             def _send(self, status, body):
                 body = body if isinstance(body, bytes) else str(body).encode()
                 self.send_response(status); self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+                self.send_header("Content-Length", str(len(body))); self.end_headers()
+                self.wfile.write(body)
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if not self.path.endswith("/chat/completions"): return self._send(404, json.dumps({"error": f"no route {self.path}"}))
+                if not self.path.endswith("/chat/completions"):
+                    return self._send(404, json.dumps({"error": f"no route {self.path}"}))
                 try: body = json.loads(raw)
-                except json.JSONDecodeError: return self._send(400, json.dumps({"error": "body is not JSON"}))
+                except json.JSONDecodeError:
+                    return self._send(400, json.dumps({"error": "body is not JSON"}))
                 outer.requests.append(body); outer.headers.append(dict(self.headers))
                 out = outer.reply(body)
                 if isinstance(out, tuple): return self._send(*out)
-                self._send(200, json.dumps({"id": f"stand-in-{len(outer.requests)}", "object": "chat.completion", "model": body.get("model"),
-                                            "choices": [{"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": "stop"}]}))
+                self._send(200, _completion(len(outer.requests), body.get("model"), out))
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
     def __enter__(self):
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True); self._thread.start()
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
         return self
     def __exit__(self, *exc):
         self._server.shutdown(); self._server.server_close(); self._thread.join()
 
-# %% ../nbs/05_judge.ipynb #27eabd66
+# %% ../nbs/05_judge.ipynb #51370d84
 def parse_yes_no(reply:str) -> bool|None:
     "True for a reply starting with yes, False for no, None otherwise."
     m = re.match(r"[\s\W]*(yes|no)\b", reply or "", re.I)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 # %% ../nbs/10_logprobs.ipynb #34a76198
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 # %% ../nbs/10_logprobs.ipynb #643f25c2
 from .configs import MAX_LENGTH
@@ -30,7 +31,8 @@ class _TokenLogps(torch.autograd.Function):
         out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
         for s in range(0, logits.shape[0], chunk):
             block = logits[s:s + chunk].float()
-            out[s:s + chunk] = block.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - torch.logsumexp(block, -1)
+            picked = block.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
+            out[s:s + chunk] = picked - torch.logsumexp(block, -1)
         ctx.save_for_backward(logits, targets); ctx.chunk = chunk
         return out
 
@@ -52,7 +54,7 @@ def token_logps(logits:torch.Tensor, # [tokens, vocab], any float dtype
     "Float32 log-probability of each target token under its row of logits."
     return _TokenLogps.apply(logits, targets, chunk)
 
-# %% ../nbs/10_logprobs.ipynb #947c7d7b
+# %% ../nbs/10_logprobs.ipynb #a6bade5a
 def _label_spans(labels:torch.Tensor) -> list:
     "(start, end) of the labelled tokens of each row."
     spans = []
@@ -62,31 +64,41 @@ def _label_spans(labels:torch.Tensor) -> list:
         spans.append((int(idx[0]), int(idx[-1]) + 1))
     return spans
 
+# %% ../nbs/10_logprobs.ipynb #947c7d7b
 def encode_groups(processor,
                   groups:list, # per query: (medium, prompt, responses)
                   system:str|None=None, # a system message before every conversation
-                  share_prefix:bool=True, # prefix-shared layout (else one full sequence per response)
-                  max_length:int|None=None, # longest prompt + response, in tokens; longer responses are cut from their end
+                  share_prefix:bool=True, # prefix-shared layout (else one sequence per response)
+                  max_length:int|None=None, # longest prompt + response, in tokens; longer
+                                            # responses are cut from their end
                  ) -> dict:
     "Model inputs for the K responses of each query, full or prefix-shared."
     media, prompts, responses, query_index = [], [], [], []
     for q, (medium, prompt, resps) in enumerate(groups):
         if not resps: raise ValueError(f"query {q} has no responses")
-        for r in resps: media.append(medium); prompts.append(prompt); responses.append(r); query_index.append(q)
-    full = dict(chat_batch(processor, media, prompts, responses, padding_side="right", system=system))
+        for r in resps:
+            media.append(medium); prompts.append(prompt)
+            responses.append(r); query_index.append(q)
+    full = dict(chat_batch(processor, media, prompts, responses, padding_side="right",
+                           system=system))
     spans, ids = _label_spans(full["labels"]), full["input_ids"]
     cut = 0
     if max_length is not None:
         for i, (s, e) in enumerate(spans):
             if e > max_length:
-                if s >= max_length: raise ValueError(f"query {query_index[i]}: the prompt alone has {s} tokens, more than max_length={max_length}")
+                if s >= max_length:
+                    raise ValueError(f"query {query_index[i]}: the prompt alone has {s} tokens, "
+                                     f"more than max_length={max_length}")
                 spans[i] = (s, max_length); cut += 1
-        if cut: warnings.warn(f"{cut} of {len(spans)} responses truncated to max_length={max_length} tokens")
+        if cut:
+            warnings.warn(f"{cut} of {len(spans)} responses truncated to "
+                          f"max_length={max_length} tokens")
     qi = torch.tensor(query_index)
     if not share_prefix:
         if cut:
             L = max(e for _, e in spans)
-            for i, (s, e) in enumerate(spans): full["labels"][i, e:] = -100; full["attention_mask"][i, e:] = 0
+            for i, (s, e) in enumerate(spans):
+                full["labels"][i, e:] = -100; full["attention_mask"][i, e:] = 0
             for k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
                 if k in full: full[k] = full[k][:, :L]
         return {"full": full, "query_index": qi}
@@ -94,35 +106,39 @@ def encode_groups(processor,
     for i, (s, e) in enumerate(spans):
         q = query_index[i]
         if q not in first: first[q] = ids[i, :s]
-        elif not torch.equal(first[q], ids[i, :s]): raise ValueError(f"query {q}: the prompt tokenizes differently before different responses")
-    prefix = dict(chat_batch(processor, [g[0] for g in groups], [g[1] for g in groups], None, padding_side="left", system=system))
+        elif not torch.equal(first[q], ids[i, :s]):
+            raise ValueError(f"query {q}: the prompt tokenizes differently "
+                             "before different responses")
+    prefix = dict(chat_batch(processor, [g[0] for g in groups], [g[1] for g in groups], None,
+                             padding_side="left", system=system))
     for q in range(len(groups)):
         real = prefix["input_ids"][q][prefix["attention_mask"][q].bool()]
         if not torch.equal(real, first[q]):
-            raise ValueError("the chat template's generation prompt differs from the prompt part of a full conversation; use share_prefix=False")
+            raise ValueError("the chat template's generation prompt differs from the prompt part "
+                             "of a full conversation; use share_prefix=False")
     Lr = max(e - s for s, e in spans)
-    resp = torch.full((len(spans), Lr), processor.tokenizer.pad_token_id or 0, dtype=torch.long); rmask = torch.zeros_like(resp)
+    pad = processor.tokenizer.pad_token_id or 0
+    resp = torch.full((len(spans), Lr), pad, dtype=torch.long); rmask = torch.zeros_like(resp)
     for i, (s, e) in enumerate(spans): resp[i, :e - s] = ids[i, s:e]; rmask[i, :e - s] = 1
     return {"prefix": prefix, "response_ids": resp, "response_mask": rmask, "query_index": qi}
 
-# %% ../nbs/10_logprobs.ipynb #89ca6857
+# %% ../nbs/10_logprobs.ipynb #cd908726
 def unwrap(model):
     "The transformers model inside DDP / DeepSpeed / peft wrappers."
     while hasattr(model, "module"): model = model.module
     if hasattr(model, "get_base_model"): model = model.get_base_model()
     return model
 
+# %% ../nbs/10_logprobs.ipynb #3e23d5e6
 def freeze_vision(vlm) -> int:
-    "Stop gradients to the vision tower (the paper trains the projector and the language model); returns the number of frozen tensors."
+    "Stop gradients to the vision tower; returns the number of frozen tensors."
     n = 0
     for name, p in vlm.named_parameters():
-        if "vision_tower" in name or ".visual." in name or name.startswith("visual."): p.requires_grad_(False); n += 1
+        if "vision_tower" in name or ".visual." in name or name.startswith("visual."):
+            p.requires_grad_(False); n += 1
     return n
 
-def _cache_kwarg(vlm) -> str:
-    "The name under which this transformers version's forward takes a KV cache."
-    return "cache" if "cache" in inspect.signature(vlm.forward).parameters else "past_key_values"
-
+# %% ../nbs/10_logprobs.ipynb #426fe675
 def _rope_owner(vlm):
     "The submodule with Qwen-style `get_rope_index` (multimodal rotary positions), or None."
     for m in (vlm, getattr(vlm, "model", None)):
@@ -136,19 +152,14 @@ def _prefix_positions(vlm, prefix:dict):
     if owner is None:
         return (mask.long().cumsum(1) - 1).clamp(min=0), mask.sum(1)
     params = inspect.signature(owner.get_rope_index).parameters
-    kw = {k: prefix[k] for k in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in prefix and k in params}
+    keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    kw = {k: prefix[k] for k in keys if k in prefix and k in params}
     pos, deltas = owner.get_rope_index(prefix["input_ids"], attention_mask=mask, **kw)
     return pos, mask.sum(1) + deltas.reshape(-1).to(mask.device)
 
-def _expand_cache(cache, index:torch.Tensor):
-    "A new DynamicCache holding each query's keys and values once per response."
-    from transformers import DynamicCache
-    out = DynamicCache()
-    for layer_idx, layer in enumerate(cache.layers):
-        out.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
-    return out
-
+# %% ../nbs/10_logprobs.ipynb #2f361194
 def _full_logps(model, full:dict):
+    "Per response of the full layout: summed log-probability and token count."
     full = dict(full); labels = full.pop("labels")
     target = labels[:, 1:]; keep = target != -100
     out = model(**full, logits_to_keep=F.pad(keep, (0, 1)), use_cache=False)
@@ -156,7 +167,21 @@ def _full_logps(model, full:dict):
     rows = keep.nonzero()[:, 0]
     return torch.zeros(labels.shape[0], device=lp.device).index_add(0, rows, lp), keep.sum(1)
 
+# %% ../nbs/10_logprobs.ipynb #a1dfa7e0
+def _cache_kwarg(vlm) -> str:
+    "The name under which this transformers version's forward takes a KV cache."
+    return "cache" if "cache" in inspect.signature(vlm.forward).parameters else "past_key_values"
+
+def _expand_cache(cache, index:torch.Tensor):
+    "A new DynamicCache holding each query's keys and values once per response."
+    out = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        keys, values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        out.update(keys, values, layer_idx)
+    return out
+
 def _shared_logps(model, batch:dict):
+    "Per response of the prefix-shared layout: summed log-probability and token count."
     vlm, prefix = unwrap(model), batch["prefix"]
     resp, rmask, qi = batch["response_ids"], batch["response_mask"], batch["query_index"]
     pos, nxt = _prefix_positions(vlm, prefix)
@@ -167,20 +192,23 @@ def _shared_logps(model, batch:dict):
     if pos.ndim == 3: rpos = rpos[None].expand(pos.shape[0], -1, -1)
     keep = F.pad(rmask[:, 1:].bool(), (0, 1))
     mask = torch.cat([prefix["attention_mask"][qi], rmask], 1)
-    out2 = model(input_ids=resp, attention_mask=mask, position_ids=rpos, use_cache=True, logits_to_keep=keep,
-                 **{_cache_kwarg(vlm): cache})
+    out2 = model(input_ids=resp, attention_mask=mask, position_ids=rpos, use_cache=True,
+                 logits_to_keep=keep, **{_cache_kwarg(vlm): cache})
     first = token_logps(out.logits[:, -1][qi], resp[:, 0])
     rest = token_logps(out2.logits, resp[:, 1:][rmask[:, 1:].bool()])
     rows = keep.nonzero()[:, 0]
     return first + torch.zeros_like(first).index_add(0, rows, rest), rmask.sum(1)
 
+# %% ../nbs/10_logprobs.ipynb #d3249169
 def response_logps(model, batch:dict) -> tuple[torch.Tensor, torch.Tensor]:
     "Per response: the sum of its tokens' log-probabilities (float32) and its number of tokens."
     if "full" in batch: return _full_logps(model, batch["full"])
     vlm = unwrap(model)
-    checkpointing = vlm.is_activation_checkpointing if hasattr(vlm, "is_activation_checkpointing") else getattr(vlm, "is_gradient_checkpointing", False)
+    checkpointing = (vlm.is_activation_checkpointing if hasattr(vlm, "is_activation_checkpointing")
+                     else getattr(vlm, "is_gradient_checkpointing", False))
     if checkpointing and torch.is_grad_enabled():
-        raise ValueError("gradient checkpointing cannot keep the prefix's cache: encode the batch with share_prefix=False")
+        raise ValueError("gradient checkpointing cannot keep the prefix's cache: "
+                         "encode the batch with share_prefix=False")
     return _shared_logps(model, batch)
 
 # %% ../nbs/10_logprobs.ipynb #5e83bada
@@ -189,7 +217,8 @@ def logps_and_grads(model, batch:dict, weights:torch.Tensor) -> tuple[torch.Tens
     model.zero_grad()
     lp, _ = response_logps(model, batch)
     (lp * weights).sum().backward()
-    return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return lp.detach(), grads
 
 # %% ../nbs/10_logprobs.ipynb #5c6f4298
 def prompt_length(processor,
@@ -197,12 +226,14 @@ def prompt_length(processor,
                   prompt:str, # the user's text
                   system:str|None=None, # a system message before the conversation
                  ) -> int:
-    "Tokens of the rendered prompt (image tokens and generation prompt included) that precede a response."
-    return int(chat_batch(processor, [medium], [prompt], None, system=system)["attention_mask"].sum())
+    "Tokens of the rendered prompt (image and generation prompt included) before a response."
+    batch = chat_batch(processor, [medium], [prompt], None, system=system)
+    return int(batch["attention_mask"].sum())
 
+# %% ../nbs/10_logprobs.ipynb #d2ae179f
 @dataclass
 class LengthPlan:
-    "What `max_length` does to a list of query groups: which queries are dropped, how many responses are cut."
+    "What `max_length` does to query groups: which queries are dropped, how many responses cut."
     max_length: int|None # the limit (None: no limit)
     queries: int # query groups seen
     responses: int # responses seen
@@ -212,22 +243,28 @@ class LengthPlan:
 
     def summary(self) -> str:
         "One line for a run's output."
-        if self.max_length is None: return f"max_length: none (longest sequence {self.longest} tokens)"
-        return (f"max_length={self.max_length}: {sum(self.cut)} of {self.responses} responses cut from their end, "
-                f"{len(self.dropped)} of {self.queries} queries dropped (prompt alone over the limit); longest sequence {self.longest} tokens")
+        if self.max_length is None:
+            return f"max_length: none (longest sequence {self.longest} tokens)"
+        return (f"max_length={self.max_length}: {sum(self.cut)} of {self.responses} responses "
+                f"cut from their end, {len(self.dropped)} of {self.queries} queries dropped "
+                f"(prompt alone over the limit); longest sequence {self.longest} tokens")
 
+# %% ../nbs/10_logprobs.ipynb #59ac7827
 def length_plan(processor,
                 groups:list, # per query: (medium, prompt, responses)
-                max_length:int|None=MAX_LENGTH, # longest prompt + response in tokens; None: no limit
+                max_length:int|None=MAX_LENGTH, # longest prompt + response in tokens, or None
                 system:str|None=None, # a system message before every conversation
                ) -> LengthPlan:
-    "Apply the length rule (cut responses from their end, drop queries whose prompt alone does not fit) before any forward."
+    "Apply the length rule (cut long responses, drop unfitting queries) before any forward."
     dropped, cut, longest, n = [], [], 0, 0
     for q, (medium, prompt, resps) in enumerate(groups):
         p = prompt_length(processor, medium, prompt, system)
-        spans = _label_spans(chat_batch(processor, [None] * len(resps), [""] * len(resps), list(resps))["labels"]) if resps else []
+        k = len(resps)
+        labels = chat_batch(processor, [None] * k, [""] * k, list(resps))["labels"] if k else None
+        spans = _label_spans(labels) if k else []
         lengths = [p + e - s for s, e in spans]
         n += len(lengths); longest = max([longest, p, *lengths])
-        if max_length is not None and p >= max_length: dropped.append(q)
-        cut.append(0 if max_length is None or p >= max_length else sum(l > max_length for l in lengths))
+        over = max_length is not None and p >= max_length
+        if over: dropped.append(q)
+        cut.append(0 if max_length is None or over else sum(l > max_length for l in lengths))
     return LengthPlan(max_length, len(groups), n, dropped, cut, longest)

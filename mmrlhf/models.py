@@ -6,31 +6,31 @@
 __all__ = ['save_vlm', 'load_vlm', 'load_base', 'load_policy', 'apply_lora', 'chat_batch', 'bare_generation_config', 'row_seed',
            'row_sampler', 'generate_rows', 'generate_text']
 
-# %% ../nbs/04_models.ipynb #c0f3a0af
-import hashlib, json
+# %% ../nbs/04_models.ipynb #3eb96502
+import hashlib, json, warnings
 from pathlib import Path
 from contextlib import contextmanager
 
-# %% ../nbs/04_models.ipynb #44a70790
+# %% ../nbs/04_models.ipynb #a8c70527
 import torch
-from transformers import (AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor,
-                          LogitsProcessorList, TopPLogitsWarper)
+from transformers import (AutoModelForImageTextToText, AutoProcessor, GenerationConfig,
+                          LogitsProcessor, LogitsProcessorList, TopPLogitsWarper)
 
-# %% ../nbs/04_models.ipynb #2cc309f4
+# %% ../nbs/04_models.ipynb #7f5749f6
 from .core import DataError, plugin
 from .configs import LORA_TARGETS
 
-# %% ../nbs/04_models.ipynb #bb299a38
+# %% ../nbs/04_models.ipynb #c98c2f2c
 def save_vlm(model, # model from `build_tiny_vlm` or `load_vlm`
              processor, # its processor
              path, # output folder (created)
             ):
-    "Save model (safetensors) and processor to `path` so `load_vlm` / `from_pretrained` can read them back."
+    "Save model (safetensors) and processor to `path` for `load_vlm` / `from_pretrained`."
     Path(path).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
 
-# %% ../nbs/04_models.ipynb #13d027e7
+# %% ../nbs/04_models.ipynb #d1d59b35
 def load_vlm(path, # local folder written by `save_vlm` or a real checkpoint folder
              dtype=None, # e.g. torch.bfloat16; None: from_pretrained's default
              trust_remote_code:bool=False, # passed to from_pretrained
@@ -39,20 +39,22 @@ def load_vlm(path, # local folder written by `save_vlm` or a real checkpoint fol
     path = Path(path)
     if not path.is_dir(): raise FileNotFoundError(f'load_vlm: no local model folder at {path!s}')
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(path, **kw, **({} if dtype is None else dict(dtype=dtype)))
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, **kw, **({} if dtype is None else dict(dtype=dtype)))
     return model.eval(), AutoProcessor.from_pretrained(path, **kw)
 
-# %% ../nbs/04_models.ipynb #6f5d0775
+# %% ../nbs/04_models.ipynb #01dcdfea
 def load_base(base:str, # a local model folder, or <source>:<name> (e.g. tiny:qwen2_vl)
               seed:int=0, # seed of a built model's weights
               dtype=None, # e.g. torch.bfloat16, for a folder
              ):
     "`(model, processor)` from a local folder or a named model source."
     head, sep, name = base.partition(":")
-    if sep and not Path(base).exists() and (build := plugin("mmrlhf.model_sources", head)) is not None: return build(name, seed=seed)
+    build = plugin("mmrlhf.model_sources", head) if sep and not Path(base).exists() else None
+    if build is not None: return build(name, seed=seed)
     return load_vlm(base, dtype=dtype)
 
-# %% ../nbs/04_models.ipynb #bcdfcdb3
+# %% ../nbs/04_models.ipynb #ef2b7483
 def load_policy(spec:str, # a model folder, a LoRA adapter folder, or <source>:<name>
                 seed:int=0, # seed of a built model's weights
                 dtype=None, # e.g. torch.bfloat16
@@ -60,63 +62,72 @@ def load_policy(spec:str, # a model folder, a LoRA adapter folder, or <source>:<
     "`(model, processor)` ready to generate, from any model spec the commands accept."
     p = Path(spec)
     if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
-        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-        if not Path(base).is_dir(): raise DataError(p / "adapter_config.json", None, "base_model_name_or_path", f"the adapter's base {base!r} is not a local folder")
+        from peft import PeftModel  # imported only for an adapter: peft is slow to import
+        adapter = json.loads((p / "adapter_config.json").read_text())
+        base = adapter.get("base_model_name_or_path") or ""
+        if not Path(base).is_dir():
+            raise DataError(p / "adapter_config.json", None, "base_model_name_or_path",
+                            f"the adapter's base {base!r} is not a local folder")
         model, processor = load_vlm(base, dtype=dtype)
         return PeftModel.from_pretrained(model, p).merge_and_unload().eval(), processor
     if p.is_dir() and not (p / "config.json").is_file():
-        raise DataError(p, None, None, "not a model folder (no config.json, no adapter_config.json); a training run keeps its model in final/")
+        raise DataError(p, None, None, "not a model folder (no config.json, no "
+                        "adapter_config.json); a training run keeps its model in final/")
     return load_base(spec, seed, dtype)
 
-# %% ../nbs/04_models.ipynb #230e35f5
+# %% ../nbs/04_models.ipynb #0c6c11ac
 def apply_lora(vlm, # a vision-language model from transformers
                r:int=16, # adapter rank
                alpha:int=0, # scale numerator (the update is alpha/r * BA); 0: 2r
                dropout:float=0.05, # dropout on the adapters' input
-               targets:str=LORA_TARGETS, # regex over module names (full match) of the layers to adapt
+               targets:str=LORA_TARGETS, # regex over module names (full match) of layers to adapt
               ):
-    "`vlm` with LoRA adapters on the language model's projections (a peft model); only the adapters train."
-    import warnings
-    from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=targets, bias="none")
+    "`vlm` with LoRA adapters on the language model's projections (a peft model); only they train."
+    from peft import LoraConfig, get_peft_model  # imported only to train: peft is slow to import
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=targets,
+                     bias="none")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft asks transformers' deprecated name
+        # peft asks transformers' deprecated name
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         return get_peft_model(vlm, cfg)
 
-# %% ../nbs/04_models.ipynb #0d0b0c03
+# %% ../nbs/04_models.ipynb #8c8fb5e3
 def _is_video(m): return isinstance(m, (list, tuple))
 
-
 def chat_batch(processor, # a VLM processor with a ChatML chat template
-               images:list, # per example: a PIL image, a list of PIL frames (video), or None (text only)
+               images:list, # per example: a PIL image, a list of PIL frames (video), or None
                prompts:list, # per example: the user text
                responses:list=None, # per example: the assistant text; adds `labels` when given
-               padding_side:str=None, # default: 'right' with responses (training), 'left' without (generation)
+               padding_side:str=None, # default: 'right' with responses (training), 'left' without
                system:str|None=None, # a system message before every conversation
               ):
-    "Build a padded model-input batch from one user turn (media + text) and optional assistant reply per example."
-    convs = []
+    "A padded model-input batch from one user turn (media + text) and optional reply per example."
+    text, convs = lambda t: [{'type': 'text', 'text': t}], []
+    head = [{'role': 'system', 'content': text(system)}] if system else []
     for i, (m, p) in enumerate(zip(images, prompts, strict=True)):
         media = [] if m is None else [{'type': 'video' if _is_video(m) else 'image'}]
-        head = [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}] if system else []
-        convs.append(head + [{'role': 'user', 'content': media + [{'type': 'text', 'text': p}]}])
-        if responses is not None: convs[-1].append({'role': 'assistant', 'content': [{'type': 'text', 'text': responses[i]}]})
-    texts = processor.apply_chat_template(convs, tokenize=False, add_generation_prompt=responses is None)
+        convs.append(head + [{'role': 'user', 'content': media + text(p)}])
+        if responses is not None:
+            convs[-1].append({'role': 'assistant', 'content': text(responses[i])})
+    texts = processor.apply_chat_template(convs, tokenize=False,
+                                          add_generation_prompt=responses is None)
     kw = {}
     if any(m is not None and not _is_video(m) for m in images):
         kw['images'] = [[] if m is None or _is_video(m) else [m] for m in images]
     if any(_is_video(m) for m in images): kw['videos'] = [list(m) for m in images if _is_video(m)]
     side = padding_side or ('left' if responses is None else 'right')
     enc = processor(text=texts, padding=True, padding_side=side, return_tensors='pt', **kw)
-    if responses is not None: enc['labels'] = _response_labels(processor.tokenizer, enc['input_ids'], enc['attention_mask'])
+    if responses is not None:
+        enc['labels'] = _response_labels(processor.tokenizer, enc['input_ids'],
+                                         enc['attention_mask'])
     return enc
 
-
+# %% ../nbs/04_models.ipynb #b199621a
 def _response_labels(tok, ids, mask):
-    "Copy `ids` into labels, -100 everywhere but the last assistant turn's tokens (its closing <|im_end|> included)."
+    "`ids` as labels: -100 but on the last assistant turn (its closing <|im_end|> included)."
     head = torch.tensor(tok.encode('<|im_start|>assistant\n', add_special_tokens=False))
-    hit = (ids.unfold(1, len(head), 1) == head).all(-1) & mask[:, :ids.shape[1] - len(head) + 1].bool()
+    starts = mask[:, :ids.shape[1] - len(head) + 1].bool()
+    hit = (ids.unfold(1, len(head), 1) == head).all(-1) & starts
     labels, pos = torch.full_like(ids, -100), torch.arange(ids.shape[1])
     for r in range(ids.shape[0]):
         if not hit[r].any(): raise ValueError(f'chat_batch: no assistant header in example {r}')
@@ -126,51 +137,57 @@ def _response_labels(tok, ids, mask):
         labels[r, b:e] = ids[r, b:e]
     return labels
 
-# %% ../nbs/04_models.ipynb #17153ee8
+# %% ../nbs/04_models.ipynb #1b8fd2e4
 def bare_generation_config(model, # a model with a `generation_config`
                           ) -> GenerationConfig:
-    "A generation config with only `model`'s token ids: none of its checkpoint's decoding defaults."
+    "A generation config with only `model`'s token ids: none of its checkpoint's defaults."
     gc = model.generation_config
     ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
     return GenerationConfig(**{k: getattr(gc, k) for k in ids if getattr(gc, k, None) is not None})
 
+# %% ../nbs/04_models.ipynb #33181839
 @contextmanager
 def _bare_decoding(model):
-    "Generate with `bare_generation_config` (a peft wrapper's base model is the one whose config is read)."
+    "Generate with `bare_generation_config` (on a peft wrapper, that of its base model)."
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     saved = target.generation_config
     target.generation_config = bare_generation_config(target)
     try: yield
     finally: target.generation_config = saved
 
-# %% ../nbs/04_models.ipynb #c8dfda7c
+# %% ../nbs/04_models.ipynb #8f4d8d64
 def row_seed(seed:int, # the run's seed
              row:int, # the row's position in the whole list of prompts
             ) -> int:
-    "A 63-bit seed for one row's sampling: a SHA-256 of the two, the same in every process and run."
+    "A 63-bit seed for one row's sampling: a SHA-256 of the two, the same in every run."
     blob = json.dumps([int(seed), int(row)]).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
 
+# %% ../nbs/04_models.ipynb #52dc5ffb
 def row_sampler(seeds:list, # one seed per row of the batch
                 temperature:float, # above 0
                 top_p:float=1.0, # nucleus sampling's probability mass
                ) -> LogitsProcessor:
-    "A logits processor that makes greedy decoding sample, each row from one uniform number of its own generator a step."
-    if not temperature > 0: raise ValueError(f"row_sampler: temperature must be above 0, got {temperature}")
+    "A logits processor that makes greedy decoding sample, each row from its own generator."
+    if not temperature > 0:
+        raise ValueError(f"row_sampler: temperature must be above 0, got {temperature}")
     nucleus = TopPLogitsWarper(top_p) if top_p < 1 else None
     class RowSampler(LogitsProcessor):
         def __init__(self): self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         def __call__(self, input_ids, scores):
-            if scores.shape[0] != len(self.gens): raise ValueError(f"{scores.shape[0]} rows for {len(self.gens)} seeds")
+            if scores.shape[0] != len(self.gens):
+                raise ValueError(f"row_sampler: {scores.shape[0]} rows for {len(self.gens)} seeds")
             scores = scores / temperature
             if nucleus is not None: scores = nucleus(input_ids, scores)
             cdf = torch.softmax(scores.float(), -1).double().cumsum(-1)
-            u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.gens]).to(cdf.device)
-            pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_max(scores.shape[-1] - 1)
-            return torch.full_like(scores, -float("inf")).scatter_(1, pick, 0.0)  # greedy decoding takes the draw
+            u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.gens])
+            u = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+            pick = torch.searchsorted(cdf, u, right=True).clamp_max(scores.shape[-1] - 1)
+            # every token but the draw at -inf: greedy decoding takes the draw
+            return torch.full_like(scores, -float("inf")).scatter_(1, pick, 0.0)
     return RowSampler()
 
-# %% ../nbs/04_models.ipynb #7d3cabad
+# %% ../nbs/04_models.ipynb #03d31e2d
 @torch.no_grad()
 def generate_rows(model, processor,
                   media:list, # per row: a PIL image, a list of frames, or None
@@ -181,15 +198,18 @@ def generate_rows(model, processor,
                   temperature:float=0.0, # 0: greedy; above 0: sampling at this temperature
                   top_p:float=1.0, # nucleus sampling's probability mass (with temperature > 0)
                  ) -> list[str]:
-    "Answers to one batch, each row greedy or sampled from its own seed, with none of the checkpoint's decoding defaults."
-    if not len(media) == len(prompts) == len(seeds): raise ValueError("generate_rows: one medium, prompt and seed per row")
+    "Answers to one batch, each row greedy or sampled from its own seed, no checkpoint defaults."
+    if not len(media) == len(prompts) == len(seeds):
+        raise ValueError("generate_rows: one medium, prompt and seed per row")
     enc = chat_batch(processor, media, prompts, system=system).to(model.device)
-    rows = {"logits_processor": LogitsProcessorList([row_sampler(seeds, temperature, top_p)])} if temperature > 0 else {}
+    rows = {}
+    if temperature > 0:
+        rows["logits_processor"] = LogitsProcessorList([row_sampler(seeds, temperature, top_p)])
     with _bare_decoding(model):
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **rows)
     return processor.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
-# %% ../nbs/04_models.ipynb #6c4702f8
+# %% ../nbs/04_models.ipynb #b9d10e9b
 def generate_text(model, processor,
                   media:list, # per example: a PIL image, a list of frames, or None
                   prompts:list, # per example: the user text
@@ -203,9 +223,11 @@ def generate_text(model, processor,
                  ) -> list[str]:
     "Answers to (media, prompt) pairs, greedy or sampled from a seed, batched with the KV cache."
     seeds = [row_seed(seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
-    if len(seeds) != len(prompts): raise ValueError(f"generate_text: {len(seeds)} seeds for {len(prompts)} prompts")
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate_text: {len(seeds)} seeds for {len(prompts)} prompts")
     out = []
     for i in range(0, len(prompts), batch_size):
         s = slice(i, i + batch_size)
-        out += generate_rows(model, processor, media[s], prompts[s], seeds[s], max_new_tokens, system, temperature, top_p)
+        out += generate_rows(model, processor, media[s], prompts[s], seeds[s], max_new_tokens,
+                             system, temperature, top_p)
     return out

@@ -12,15 +12,19 @@ __all__ = ['PALETTE', 'SIGNIFICANT', 'NOT_SIGNIFICANT', 'RB_HEADER', 'Metric', '
            'find_chromium', 'render_census', 'terminal_summary', 'run_report']
 
 # %% ../nbs/15_report.ipynb #066d59b6
-import html, json, math, os, re, shutil, subprocess, tempfile
+import html, json, math, os, shutil, subprocess, tempfile
 from collections import Counter
-from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import TypedDict
 
+# %% ../nbs/15_report.ipynb #p1150ab1
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
 # %% ../nbs/15_report.ipynb #9c112c0f
-from .core import Config, DataError, opt, write_text
+from .core import DataError, write_text
 from .configs import ReportConfig
 from .stats import aggregate_seeds
 
@@ -30,11 +34,13 @@ class Metric(TypedDict):
     value: float # the estimate, e.g. accuracy 0.71 or an MMHal rating 3.2
     ci: list # [low, high], the 95% interval (bootstrap over items)
 
+# %% ../nbs/15_report.ipynb #ba61654d
 class BenchmarkResult(TypedDict):
     "One benchmark's metrics for one model."
     n: int # items scored
     metrics: dict # metric name -> `Metric`
 
+# %% ../nbs/15_report.ipynb #216c26fd
 class Run(TypedDict):
     "One model's evaluation: `{'model', 'seed', 'benchmarks'}`."
     model: str # the model's display name
@@ -55,6 +61,7 @@ class ComparisonRow(TypedDict):
     significant: bool # p_holm below the chosen level (0.05 by default)
     test: str # e.g. 'paired bootstrap', 'McNemar', 'permutation'
 
+# %% ../nbs/15_report.ipynb #0c00baeb
 class Comparison(TypedDict):
     "Model b against model a, row by row: `{'a', 'b', 'rows'}`."
     a: str # the baseline model, e.g. the base checkpoint
@@ -76,12 +83,14 @@ def _num(x) -> bool:
 
 def _interval(x, need:int=2) -> bool:
     "A list of `need` finite numbers whose last two (low, high) are in order."
-    return isinstance(x, (list, tuple)) and len(x) == need and all(_num(v) for v in x) and x[-2] <= x[-1]
+    return (isinstance(x, (list, tuple)) and len(x) == need and all(_num(v) for v in x)
+            and x[-2] <= x[-1])
 
 def _ci(d:dict):
-    "A record's interval: its `ci`, or its `low` and `high` (the evaluation's `Score.to_dict` layout)."
+    "A record's interval: its `ci`, or its `low` and `high` (`Score.to_dict`'s layout)."
     return d.get("ci", [d["low"], d["high"]] if "low" in d and "high" in d else None)
 
+# %% ../nbs/15_report.ipynb #1c5cbf6f
 def check_run(run:dict, # a `Run`
               source:str="run", # where it came from (a file name), for errors
              ) -> dict:
@@ -89,21 +98,28 @@ def check_run(run:dict, # a `Run`
     def need(cond, fld, reason):
         if not cond: raise DataError(source, None, fld, reason)
     need(isinstance(run, dict), None, "must be a mapping with model, seed and benchmarks")
-    need(isinstance(run.get("model"), str) and run["model"].strip() != "", "model", "must be a non-empty string")
+    need(isinstance(run.get("model"), str) and run["model"].strip() != "", "model",
+         "must be a non-empty string")
     seed = run.get("seed")
-    need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), "seed", "must be an integer or null")
+    need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), "seed",
+         "must be an integer or null")
     benches = run.get("benchmarks")
-    need(isinstance(benches, dict) and benches, "benchmarks", "must be a non-empty mapping of benchmark name to results")
+    need(isinstance(benches, dict) and benches, "benchmarks",
+         "must be a non-empty mapping of benchmark name to results")
     out = {}
     for b, res in benches.items():
         need(isinstance(res, dict), f"benchmarks.{b}", "must be a mapping with n and metrics")
-        need(isinstance(res.get("n"), int) and not isinstance(res.get("n"), bool) and res["n"] > 0, f"benchmarks.{b}.n", "must be a positive integer")
+        n = res.get("n")
+        need(isinstance(n, int) and not isinstance(n, bool) and n > 0, f"benchmarks.{b}.n",
+             "must be a positive integer")
         ms = res.get("metrics")
-        need(isinstance(ms, dict) and ms, f"benchmarks.{b}.metrics", "must be a non-empty mapping of metric name to {value, ci}")
+        need(isinstance(ms, dict) and ms, f"benchmarks.{b}.metrics",
+             "must be a non-empty mapping of metric name to {value, ci}")
         mets = {}
         for m, v in ms.items():
             f = f"benchmarks.{b}.metrics.{m}"
-            need(isinstance(v, dict) and _num(v.get("value")), f + ".value", "must be a finite number")
+            need(isinstance(v, dict) and _num(v.get("value")), f + ".value",
+                 "must be a finite number")
             ci = _ci(v)
             need(_interval(ci), f + ".ci", "must be [low, high] with low <= high")
             mets[m] = {"value": float(v["value"]), "ci": (float(ci[0]), float(ci[1]))}
@@ -121,24 +137,34 @@ def check_comparison(comparison:dict, # a `Comparison`
     def need(cond, fld, reason):
         if not cond: raise DataError(source, None, fld, reason)
     need(isinstance(comparison, dict), None, "must be a mapping with a, b and rows")
-    for k in ("a", "b"): need(isinstance(comparison.get(k), str) and comparison[k].strip() != "", k, "must be a non-empty model name")
+    for k in ("a", "b"):
+        need(isinstance(comparison.get(k), str) and comparison[k].strip() != "", k,
+             "must be a non-empty model name")
     rows = comparison.get("rows")
     need(isinstance(rows, list) and rows, "rows", "must be a non-empty list")
     out, seen = [], set()
     for i, r in enumerate(rows):
         need(isinstance(r, dict), f"rows.{i}", "must be a mapping")
-        for k in _ROW_TEXT: need(isinstance(r.get(k), str) and r[k] != "", f"rows.{i}.{k}", "must be a non-empty string")
+        for k in _ROW_TEXT:
+            need(isinstance(r.get(k), str) and r[k] != "", f"rows.{i}.{k}",
+                 "must be a non-empty string")
         for k in _ROW_NUM: need(_num(r.get(k)), f"rows.{i}.{k}", "must be a finite number")
         ci = _ci(r)
         need(_interval(ci), f"rows.{i}.ci", "must be [low, high] with low <= high")
-        need(abs(r["diff"] - (r["b"] - r["a"])) <= 2e-3 * max(1, abs(r["a"]), abs(r["b"])), f"rows.{i}.diff",
-             f"must be b - a = {r['b'] - r['a']:.4g}, got {r['diff']:.4g}" + (" (a - b?)" if r["diff"] * (r["b"] - r["a"]) < 0 else ""))
-        for k in ("p", "p_holm"): need(_num(r.get(k)) and 0 <= r[k] <= 1, f"rows.{i}.{k}", "must be a probability in [0, 1]")
-        need(isinstance(r.get("significant"), bool), f"rows.{i}.significant", "must be true or false")
+        b_a = r["b"] - r["a"]
+        flipped = " (a - b?)" if r["diff"] * b_a < 0 else ""
+        need(abs(r["diff"] - b_a) <= 2e-3 * max(1, abs(r["a"]), abs(r["b"])), f"rows.{i}.diff",
+             f"must be b - a = {b_a:.4g}, got {r['diff']:.4g}" + flipped)
+        for k in ("p", "p_holm"):
+            need(_num(r.get(k)) and 0 <= r[k] <= 1, f"rows.{i}.{k}",
+                 "must be a probability in [0, 1]")
+        need(isinstance(r.get("significant"), bool), f"rows.{i}.significant",
+             "must be true or false")
         key = (r["benchmark"], r["metric"])
         need(key not in seen, f"rows.{i}", f"repeats {key[0]} / {key[1]}")
         seen.add(key)
-        out.append({**{k: r[k] for k in _ROW_TEXT}, **{k: float(r[k]) for k in _ROW_NUM + ("p", "p_holm")},
+        out.append({**{k: r[k] for k in _ROW_TEXT},
+                    **{k: float(r[k]) for k in _ROW_NUM + ("p", "p_holm")},
                     "ci": (float(ci[0]), float(ci[1])), "significant": r["significant"]})
     return {"a": comparison["a"], "b": comparison["b"], "rows": out}
 
@@ -147,66 +173,95 @@ def _is_rb(d) -> bool:
     "Whether `d` looks like one `rewardbench_metrics` result rather than a mapping of them."
     return isinstance(d, dict) and isinstance(d.get("all"), dict) and "acc" in d["all"]
 
-def check_rewardbench(rewardbench:dict, # one `rewardbench_metrics` result, or model name -> result
+def check_rewardbench(rewardbench:dict, # one `rewardbench_metrics` result, or name -> result
                       source:str="rewardbench", # where it came from, for errors
                      ) -> dict:
     "Validate reward-bench results; return `{model: {category: ...}}` with `all` first."
-    if not isinstance(rewardbench, dict) or not rewardbench: raise DataError(source, None, None, "must be a non-empty mapping")
+    if not isinstance(rewardbench, dict) or not rewardbench:
+        raise DataError(source, None, None, "must be a non-empty mapping")
     models = {"reward model": rewardbench} if _is_rb(rewardbench) else rewardbench
     out = {}
     for name, cats in models.items():
         pre = "" if _is_rb(rewardbench) else f"{name}."
-        if not _is_rb(cats): raise DataError(source, None, pre.rstrip(".") or None, "must hold an 'all' category with acc and acc_plus")
+        if not _is_rb(cats):
+            raise DataError(source, None, pre.rstrip(".") or None,
+                            "must hold an 'all' category with acc and acc_plus")
         res = {}
         for c in ["all"] + sorted(k for k in cats if k != "all"):
             v = cats[c]
             def need(cond, fld, reason):
                 if not cond: raise DataError(source, None, f"{pre}{c}.{fld}", reason)
             need(isinstance(v, dict), "", "must be a mapping")
-            for k in ("queries", "pairs"): need(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) and v[k] >= 0, k, "must be a count")
-            for k in ("acc", "acc_plus"): need(_interval(v.get(k), 3), k, "must be [value, low, high]")
-            res[c] = {"queries": v["queries"], "pairs": v["pairs"], "acc": tuple(map(float, v["acc"])), "acc_plus": tuple(map(float, v["acc_plus"]))}
+            for k in ("queries", "pairs"):
+                need(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) and v[k] >= 0,
+                     k, "must be a count")
+            for k in ("acc", "acc_plus"):
+                need(_interval(v.get(k), 3), k, "must be [value, low, high]")
+            res[c] = {"queries": v["queries"], "pairs": v["pairs"],
+                      "acc": tuple(map(float, v["acc"])),
+                      "acc_plus": tuple(map(float, v["acc_plus"]))}
         out[str(name)] = res
     return out
 
 # %% ../nbs/15_report.ipynb #926c7a82
 def example_inputs() -> tuple[list, list, dict]:
     "A small made-up `(runs, comparisons, rewardbench)` set for docs and tests (not measurements)."
-    table = [  # benchmark, metric, n, base value, base ci, aligned value, aligned ci, diff ci, p, test
-        ("shapes-mcq", "accuracy", 300, 0.712, (0.660, 0.763), 0.741, (0.690, 0.790), (-0.012, 0.071), 0.162, "McNemar"),
-        ("shapes-short", "accuracy", 300, 0.583, (0.527, 0.640), 0.657, (0.603, 0.710), (0.031, 0.118), 0.0009, "McNemar"),
-        ("shapes-count", "accuracy", 120, 0.442, (0.350, 0.533), 0.467, (0.375, 0.558), (-0.040, 0.090), 0.480, "McNemar"),
-        ("shapes-safety", "refusal rate", 80, 0.613, (0.500, 0.713), 0.888, (0.813, 0.950), (0.163, 0.388), 0.00004, "McNemar"),
-        ("shapes-safety", "over-refusal", 80, 0.050, (0.013, 0.100), 0.088, (0.038, 0.150), (-0.013, 0.088), 0.219, "McNemar"),
-        ("shapes-hallucination", "rating (0-6)", 96, 3.22, (2.90, 3.54), 4.08, (3.78, 4.36), (0.48, 1.22), 0.00002, "paired bootstrap"),
-        ("shapes-hallucination", "hallucination rate", 96, 0.385, (0.292, 0.490), 0.313, (0.219, 0.406), (-0.167, 0.021), 0.129, "McNemar"),
+    # per row: benchmark, metric, n, base value and ci, aligned value and ci, diff ci, p, test
+    table = [
+        ("shapes-mcq", "accuracy", 300, 0.712, (0.660, 0.763), 0.741, (0.690, 0.790),
+         (-0.012, 0.071), 0.162, "McNemar"),
+        ("shapes-short", "accuracy", 300, 0.583, (0.527, 0.640), 0.657, (0.603, 0.710),
+         (0.031, 0.118), 0.0009, "McNemar"),
+        ("shapes-count", "accuracy", 120, 0.442, (0.350, 0.533), 0.467, (0.375, 0.558),
+         (-0.040, 0.090), 0.480, "McNemar"),
+        ("shapes-safety", "refusal rate", 80, 0.613, (0.500, 0.713), 0.888, (0.813, 0.950),
+         (0.163, 0.388), 0.00004, "McNemar"),
+        ("shapes-safety", "over-refusal", 80, 0.050, (0.013, 0.100), 0.088, (0.038, 0.150),
+         (-0.013, 0.088), 0.219, "McNemar"),
+        ("shapes-hallucination", "rating (0-6)", 96, 3.22, (2.90, 3.54), 4.08, (3.78, 4.36),
+         (0.48, 1.22), 0.00002, "paired bootstrap"),
+        ("shapes-hallucination", "hallucination rate", 96, 0.385, (0.292, 0.490),
+         0.313, (0.219, 0.406), (-0.167, 0.021), 0.129, "McNemar"),
     ]
-    m = len(table); order = sorted(range(m), key=lambda i: table[i][8]); holm, run_max = [0.0] * m, 0.0
-    for k, i in enumerate(order): run_max = max(run_max, min(1.0, (m - k) * table[i][8])); holm[i] = run_max
+    m = len(table)
+    order = sorted(range(m), key=lambda i: table[i][8])
+    holm, run_max = [0.0] * m, 0.0
+    for k, i in enumerate(order):
+        run_max = max(run_max, min(1.0, (m - k) * table[i][8])); holm[i] = run_max
     runs = []
     for name, vi, ci in (("llava-ov-tiny", 3, 4), ("llava-ov-tiny + MM-DPO", 5, 6)):
         r = {"model": name, "seed": 0, "benchmarks": {}}
         for row in table:
-            r["benchmarks"].setdefault(row[0], {"n": row[2], "metrics": {}})["metrics"][row[1]] = {"value": row[vi], "ci": list(row[ci])}
+            bench = r["benchmarks"].setdefault(row[0], {"n": row[2], "metrics": {}})
+            bench["metrics"][row[1]] = {"value": row[vi], "ci": list(row[ci])}
         runs.append(r)
-    rows = [{"benchmark": t[0], "metric": t[1], "a": t[3], "b": t[5], "diff": round(t[5] - t[3], 6), "ci": list(t[7]), "p": t[8],
-             "p_holm": holm[i], "significant": holm[i] < 0.05, "test": t[9]} for i, t in enumerate(table)]
+    rows = [{"benchmark": t[0], "metric": t[1], "a": t[3], "b": t[5],
+             "diff": round(t[5] - t[3], 6), "ci": list(t[7]), "p": t[8], "p_holm": holm[i],
+             "significant": holm[i] < 0.05, "test": t[9]} for i, t in enumerate(table)]
     comparisons = [{"a": runs[0]["model"], "b": runs[1]["model"], "rows": rows}]
-    def rbc(q, p, acc, accp): return {"queries": q, "pairs": p, "acc": list(acc), "acc_plus": list(accp)}
+    def rbc(q, p, acc, accp):
+        return {"queries": q, "pairs": p, "acc": list(acc), "acc_plus": list(accp)}
     rewardbench = {
-        "critique RM": {"all": rbc(120, 310, (0.85, 0.80, 0.89), (0.67, 0.58, 0.75)), "long": rbc(50, 140, (0.82, 0.75, 0.88), (0.60, 0.46, 0.74)),
-                        "mcq": rbc(40, 90, (0.91, 0.84, 0.97), (0.80, 0.68, 0.93)), "safety": rbc(30, 80, (0.84, 0.75, 0.92), (0.63, 0.47, 0.80))},
-        "score head only": {"all": rbc(120, 310, (0.75, 0.70, 0.80), (0.50, 0.41, 0.59)), "long": rbc(50, 140, (0.71, 0.63, 0.79), (0.44, 0.30, 0.58)),
-                            "mcq": rbc(40, 90, (0.83, 0.74, 0.91), (0.65, 0.50, 0.80)), "safety": rbc(30, 80, (0.74, 0.63, 0.84), (0.43, 0.27, 0.60))}}
+        "critique RM": {"all": rbc(120, 310, (0.85, 0.80, 0.89), (0.67, 0.58, 0.75)),
+                        "long": rbc(50, 140, (0.82, 0.75, 0.88), (0.60, 0.46, 0.74)),
+                        "mcq": rbc(40, 90, (0.91, 0.84, 0.97), (0.80, 0.68, 0.93)),
+                        "safety": rbc(30, 80, (0.84, 0.75, 0.92), (0.63, 0.47, 0.80))},
+        "score head only": {"all": rbc(120, 310, (0.75, 0.70, 0.80), (0.50, 0.41, 0.59)),
+                            "long": rbc(50, 140, (0.71, 0.63, 0.79), (0.44, 0.30, 0.58)),
+                            "mcq": rbc(40, 90, (0.83, 0.74, 0.91), (0.65, 0.50, 0.80)),
+                            "safety": rbc(30, 80, (0.74, 0.63, 0.84), (0.43, 0.27, 0.60))}}
     return runs, comparisons, rewardbench
 
 # %% ../nbs/15_report.ipynb #1a07962d
-PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#B279A2", "#E45756", "#72B7B2", "#EECA3B", "#9D755D", "#FF9DA6", "#BAB0AC"]
+PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#B279A2", "#E45756", "#72B7B2", "#EECA3B", "#9D755D",
+           "#FF9DA6", "#BAB0AC"]
 
+# %% ../nbs/15_report.ipynb #2d86e939
 def run_label(run:dict) -> str:
     "A run's display name: the model, and its seed when it has one."
     return run["model"] + (f" (seed {run['seed']})" if run.get("seed") is not None else "")
 
+# %% ../nbs/15_report.ipynb #97e6a1c3
 def _unique(xs) -> list:
     "`xs` without repeats, in first-seen order."
     return list(dict.fromkeys(xs))
@@ -217,18 +272,25 @@ def _whiskers(values, cis) -> tuple[list, list]:
     down = [0.0 if v is None else max(0.0, v - c[0]) for v, c in zip(values, cis)]
     return up, down
 
+def _keys(runs) -> list:
+    "The (benchmark, metric) pairs of `runs`, in first-seen order."
+    return _unique((b, m) for r in runs for b, res in r["benchmarks"].items()
+                   for m in res["metrics"])
+
+# %% ../nbs/15_report.ipynb #aa4c504d
 def _facets(metrics:list, title:str, height:int):
     "A figure with one full-width panel per metric, stacked, the title and legend above them."
-    from plotly.subplots import make_subplots
     h = 130 + height * len(metrics)
-    fig = make_subplots(rows=len(metrics), cols=1, subplot_titles=metrics, vertical_spacing=0.35 / max(2, len(metrics)))
-    fig.update_layout(title=dict(text=title, x=0.01, xanchor="left", y=1 - 14 / h, yanchor="top"), height=h,
-                      margin=dict(t=110, l=60, r=20, b=40), template="plotly_white",
-                      legend=dict(orientation="h", yref="container", y=1 - 50 / h, yanchor="top", x=0.01))
+    fig = make_subplots(rows=len(metrics), cols=1, subplot_titles=metrics,
+                        vertical_spacing=0.35 / max(2, len(metrics)))
+    fig.update_layout(title=dict(text=title, x=0.01, xanchor="left", y=1 - 14 / h, yanchor="top"),
+                      height=h, margin=dict(t=110, l=60, r=20, b=40), template="plotly_white",
+                      legend=dict(orientation="h", yref="container", y=1 - 50 / h, yanchor="top",
+                                  x=0.01))
     return fig
 
 def _same_widths(fig, counts:list):
-    "Give every panel's x axis room for as many groups as the fullest panel, so bars have one width; a panel's groups are centred."
+    "Give each panel's x axis room for the fullest panel's groups (one bar width), centred."
     full = max([3] + counts)
     for row, k in enumerate(counts, 1):
         pad = (full - k) / 2
@@ -236,13 +298,15 @@ def _same_widths(fig, counts:list):
 
 # %% ../nbs/15_report.ipynb #7420dfb9
 def _bars(runs:list, title:str, height:int):
-    "Grouped bars with whiskers from checked runs: one panel per metric, one trace per run and panel."
-    import plotly.graph_objects as go
-    keys = _unique((b, m) for r in runs for b, res in r["benchmarks"].items() for m in res["metrics"])
+    "Grouped bars with whiskers from checked runs: a panel per metric, a trace per run and panel."
+    keys = _keys(runs)
     metrics = _unique(m for _, m in keys)
     fig = _facets(metrics, title, height)
     for i, run in enumerate(runs):
         name = run_label(run)
+        hover = (f"{html.escape(name)}<br>%{{x}}: %{{y:.3f}} "
+                 "[%{customdata[0]:.3f}, %{customdata[1]:.3f}]<br>n = %{customdata[2]}"
+                 "<extra></extra>")
         for row, m in enumerate(metrics, 1):
             benches = [b for b, mm in keys if mm == m]
             cells = [(run["benchmarks"].get(b) or {"metrics": {}}) for b in benches]
@@ -250,20 +314,24 @@ def _bars(runs:list, title:str, height:int):
             y = [None if v is None else v["value"] for v in mets]
             cis = [(0, 0) if v is None else v["ci"] for v in mets]
             up, down = _whiskers(y, cis)
-            fig.add_trace(go.Bar(name=name, x=benches, y=y, legendgroup=name, showlegend=row == 1, marker_color=PALETTE[i % len(PALETTE)],
-                                 error_y=dict(type="data", array=up, arrayminus=down, visible=True, thickness=1.5, width=4, color="#333"),
-                                 customdata=[[c[0], c[1], cell.get("n", "")] for c, cell in zip(cis, cells)],
-                                 hovertemplate=f"{html.escape(name)}<br>%{{x}}: %{{y:.3f}} [%{{customdata[0]:.3f}}, %{{customdata[1]:.3f}}]<br>n = %{{customdata[2]}}<extra></extra>"),
+            whisk = dict(type="data", array=up, arrayminus=down, visible=True, thickness=1.5,
+                         width=4, color="#333")
+            fig.add_trace(go.Bar(name=name, x=benches, y=y, legendgroup=name, showlegend=row == 1,
+                                 marker_color=PALETTE[i % len(PALETTE)], error_y=whisk,
+                                 customdata=[[c[0], c[1], cell.get("n", "")]
+                                             for c, cell in zip(cis, cells)],
+                                 hovertemplate=hover),
                           row=row, col=1)
     _same_widths(fig, [sum(mm == m for _, mm in keys) for m in metrics])
     fig.update_layout(barmode="group")
     return fig
 
+# %% ../nbs/15_report.ipynb #5efe1295
 def scores_figure(runs:list, # `Run`s: one per model, or per model and seed
                   height:int=260, # pixels per metric panel
                   title:str="Scores with 95% intervals",
                  ):
-    "Grouped bars of each benchmark's score per model, one panel per metric, with interval whiskers."
+    "Grouped bars of each benchmark's score per model, one panel per metric, with whiskers."
     runs = [check_run(r, f"runs.{i}") for i, r in enumerate(runs)]
     if not runs: raise ValueError("scores_figure: no runs")
     return _bars(runs, title, height)
@@ -271,34 +339,44 @@ def scores_figure(runs:list, # `Run`s: one per model, or per model and seed
 # %% ../nbs/15_report.ipynb #17347c48
 SIGNIFICANT, NOT_SIGNIFICANT = "#1F5FA8", "#B8B8B8"
 
+# %% ../nbs/15_report.ipynb #822ef913
 def delta_figure(comparison:dict, # a `Comparison`
                  height:int=240, # pixels per metric panel
                  title:str|None=None, # default: 'b − a on the same items'
                 ):
-    "Bars of b − a per benchmark, one panel per metric, with interval whiskers and `*` where significant after Holm."
-    import plotly.graph_objects as go
+    "Bars of b − a per benchmark and metric, with whiskers and `*` where significant after Holm."
     c = check_comparison(comparison)
     metrics = _unique(r["metric"] for r in c["rows"])
     title = title or (f"{c['b']} − {c['a']} on the same items: difference with 95% interval; "
                       "<b>*</b> significant after Holm correction")
     fig = _facets(metrics, title, height)
+    hover = ("%{x}: %{y:+.3f} [%{customdata[2]:+.3f}, %{customdata[3]:+.3f}]"
+             "<br>a = %{customdata[0]:.3f}, b = %{customdata[1]:.3f}"
+             "<br>p = %{customdata[4]:.3g}, Holm p = %{customdata[5]:.3g} (%{customdata[6]})"
+             "<extra></extra>")
     for row, m in enumerate(metrics, 1):
         rs = [r for r in c["rows"] if r["metric"] == m]
         d = [r["diff"] for r in rs]
         up, down = _whiskers(d, [r["ci"] for r in rs])
+        whisk = dict(type="data", array=up, arrayminus=down, visible=True, thickness=1.5, width=4,
+                     color="#333")
+        colours = [SIGNIFICANT if r["significant"] else NOT_SIGNIFICANT for r in rs]
+        custom = [[r["a"], r["b"], r["ci"][0], r["ci"][1], r["p"], r["p_holm"], r["test"]]
+                  for r in rs]
         fig.add_trace(go.Bar(x=[r["benchmark"] for r in rs], y=d, showlegend=False,
-                             marker_color=[SIGNIFICANT if r["significant"] else NOT_SIGNIFICANT for r in rs],
-                             error_y=dict(type="data", array=up, arrayminus=down, visible=True, thickness=1.5, width=4, color="#333"),
-                             customdata=[[r["a"], r["b"], r["ci"][0], r["ci"][1], r["p"], r["p_holm"], r["test"]] for r in rs],
-                             hovertemplate=("%{x}: %{y:+.3f} [%{customdata[2]:+.3f}, %{customdata[3]:+.3f}]<br>a = %{customdata[0]:.3f}, b = %{customdata[1]:.3f}"
-                                            "<br>p = %{customdata[4]:.3g}, Holm p = %{customdata[5]:.3g} (%{customdata[6]})<extra></extra>")),
+                             marker_color=colours, error_y=whisk, customdata=custom,
+                             hovertemplate=hover),
                       row=row, col=1)
         sig = [r for r in rs if r["significant"]]
         if sig:
-            fig.add_trace(go.Scatter(x=[r["benchmark"] for r in sig], y=[r["ci"][1] if r["diff"] >= 0 else r["ci"][0] for r in sig],
-                                     mode="text", text=["*"] * len(sig), textfont=dict(size=20, color=SIGNIFICANT),
-                                     textposition=["top center" if r["diff"] >= 0 else "bottom center" for r in sig],
-                                     showlegend=False, hoverinfo="skip", cliponaxis=False), row=row, col=1)
+            fig.add_trace(go.Scatter(x=[r["benchmark"] for r in sig],
+                                     y=[r["ci"][1] if r["diff"] >= 0 else r["ci"][0] for r in sig],
+                                     mode="text", text=["*"] * len(sig),
+                                     textfont=dict(size=20, color=SIGNIFICANT),
+                                     textposition=["top center" if r["diff"] >= 0
+                                                   else "bottom center" for r in sig],
+                                     showlegend=False, hoverinfo="skip", cliponaxis=False),
+                          row=row, col=1)
         fig.add_hline(y=0, line=dict(color="#555", width=1), row=row, col=1)
         lo, hi = min([0.0] + [r["ci"][0] for r in rs]), max([0.0] + [r["ci"][1] for r in rs])
         pad = 0.25 * ((hi - lo) or 1.0)
@@ -312,21 +390,28 @@ def _fmt_ci(v, lo, hi, digits:int=3, sign:bool=False) -> str:
     f = f"{'+' if sign else ''}.{digits}f"
     return f"{v:{f}} [{lo:{f}}, {hi:{f}}]"
 
-def _rb_rows(rewardbench:dict) -> list:
-    "Rows `(model, category, queries, pairs, ACC, ACC+)` as strings."
-    return [(name, c, str(v["queries"]), str(v["pairs"]), _fmt_ci(*v["acc"]), _fmt_ci(*v["acc_plus"]))
-            for name, cats in check_rewardbench(rewardbench).items() for c, v in cats.items()]
-
+# %% ../nbs/15_report.ipynb #a4b03e50
 RB_HEADER = ("reward model", "category", "queries", "pairs", "ACC [95% CI]", "ACC+ [95% CI]")
 
-def rewardbench_figure(rewardbench:dict, # one `rewardbench_metrics` result, or model name -> result
+def _rb_rows(rewardbench:dict) -> list:
+    "Rows `(model, category, queries, pairs, ACC, ACC+)` as strings."
+    return [(name, c, str(v["queries"]), str(v["pairs"]), _fmt_ci(*v["acc"]),
+             _fmt_ci(*v["acc_plus"]))
+            for name, cats in check_rewardbench(rewardbench).items() for c, v in cats.items()]
+
+# %% ../nbs/15_report.ipynb #126dba7b
+def rewardbench_figure(rewardbench:dict, # one `rewardbench_metrics` result, or name -> result
                        height:int=260, # pixels per panel
                        title:str="Reward bench: ACC and ACC+ per category with 95% intervals",
                       ):
     "Bars of ACC and ACC+ per category and reward model, with interval whiskers."
-    as_runs = [{"model": name, "seed": None, "benchmarks": {c: {"n": v["queries"], "metrics": {
-                    "ACC (pairs ranked right)": {"value": v["acc"][0], "ci": v["acc"][1:]},
-                    "ACC+ (queries with every pair right)": {"value": v["acc_plus"][0], "ci": v["acc_plus"][1:]}}} for c, v in cats.items()}}
+    def metrics(v):
+        return {"ACC (pairs ranked right)": {"value": v["acc"][0], "ci": v["acc"][1:]},
+                "ACC+ (queries with every pair right)": {"value": v["acc_plus"][0],
+                                                         "ci": v["acc_plus"][1:]}}
+    as_runs = [{"model": name, "seed": None,
+                "benchmarks": {c: {"n": v["queries"], "metrics": metrics(v)}
+                               for c, v in cats.items()}}
                for name, cats in check_rewardbench(rewardbench).items()]
     return _bars(as_runs, title, height)
 
@@ -335,79 +420,107 @@ def _html_table(header, rows, marks=None) -> str:
     "An HTML table of strings, escaped; `marks` flags rows to emphasise."
     marks = marks or [False] * len(rows)
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(f"<tr{' class=sig' if k else ''}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r, k in zip(rows, marks))
-    return f"<div class=tbl><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    body = "".join(f"<tr{' class=sig' if k else ''}>"
+                   + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r, k in zip(rows, marks))
+    return (f"<div class=tbl><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
 
+# %% ../nbs/15_report.ipynb #6ae4cecb
 def _score_table(runs:list) -> tuple[list, list]:
     "Header and rows of the scores table: benchmark, metric, n, then `value [lo, hi]` per run."
-    keys = _unique((b, m) for r in runs for b, res in r["benchmarks"].items() for m in res["metrics"])
+    keys = _keys(runs)
     def cell(run, b, m):
         v = run["benchmarks"].get(b, {}).get("metrics", {}).get(m)
         return _fmt_ci(v["value"], *v["ci"]) if v else "—"
-    rows = [[b, m, "/".join(_unique(str(r["benchmarks"][b]["n"]) for r in runs if b in r["benchmarks"]))] + [cell(r, b, m) for r in runs]
-            for b, m in keys]
+    def n(b):
+        sizes = (str(r["benchmarks"][b]["n"]) for r in runs if b in r["benchmarks"])
+        return "/".join(_unique(sizes))
+    rows = [[b, m, n(b)] + [cell(r, b, m) for r in runs] for b, m in keys]
     return ["benchmark", "metric", "n"] + [run_label(r) for r in runs], rows
 
+# %% ../nbs/15_report.ipynb #43ba6c5a
 def _seed_table(runs:list) -> tuple[list, list]|None:
-    "Header and rows across seeds, for models evaluated with two or more seeds: mean ± sd and every seed's value."
+    "Header and rows across seeds for models with two or more: mean ± sd and every seed's value."
     by_model = {}
     for r in runs: by_model.setdefault(r["model"], []).append(r)
     rows = []
     for model, rs in by_model.items():
         if len({r.get("seed") for r in rs}) < 2: continue
-        keys = _unique((b, m) for r in rs for b, res in r["benchmarks"].items() for m in res["metrics"])
+        keys = _keys(rs)
         for b, m in keys:
-            vals = {r.get("seed"): r["benchmarks"][b]["metrics"][m]["value"] for r in rs if m in r["benchmarks"].get(b, {}).get("metrics", {})}
+            vals = {r.get("seed"): r["benchmarks"][b]["metrics"][m]["value"] for r in rs
+                    if m in r["benchmarks"].get(b, {}).get("metrics", {})}
             a = aggregate_seeds(vals)
             sd = "—" if a["sd"] is None else f"{a['sd']:.3f}"
-            rows.append([model, b, m, str(a["n"]), f"{a['mean']:.3f} ± {sd}", ", ".join(f"{k}: {v:.3f}" for k, v in a["per_seed"].items())])
-    return (["model", "benchmark", "metric", "seeds", "mean ± sd", "per seed"], rows) if rows else None
+            per_seed = ", ".join(f"{k}: {v:.3f}" for k, v in a["per_seed"].items())
+            rows.append([model, b, m, str(a["n"]), f"{a['mean']:.3f} ± {sd}", per_seed])
+    header = ["model", "benchmark", "metric", "seeds", "mean ± sd", "per seed"]
+    return (header, rows) if rows else None
 
+# %% ../nbs/15_report.ipynb #c8a9220b
 def _comparison_table(c:dict) -> tuple[list, list, list]:
     "Header, rows and significance flags of one comparison's table."
-    rows = [[r["benchmark"], r["metric"], f"{r['a']:.3f}", f"{r['b']:.3f}", _fmt_ci(r["diff"], *r["ci"], sign=True),
-             f"{r['p']:.3g}", f"{r['p_holm']:.3g}", "*" if r["significant"] else "", r["test"]] for r in c["rows"]]
-    return ["benchmark", "metric", c["a"], c["b"], "b − a [95% CI]", "p", "Holm p", "sig", "test"], rows, [r["significant"] for r in c["rows"]]
+    rows = [[r["benchmark"], r["metric"], f"{r['a']:.3f}", f"{r['b']:.3f}",
+             _fmt_ci(r["diff"], *r["ci"], sign=True), f"{r['p']:.3g}", f"{r['p_holm']:.3g}",
+             "*" if r["significant"] else "", r["test"]] for r in c["rows"]]
+    header = ["benchmark", "metric", c["a"], c["b"], "b − a [95% CI]", "p", "Holm p", "sig",
+              "test"]
+    return header, rows, [r["significant"] for r in c["rows"]]
 
 # %% ../nbs/15_report.ipynb #5df24102
-_CSS = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:0.5em 0 2em;font-size:0.9em}td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left;white-space:nowrap}"
-        ".tbl{overflow-x:auto}th{background:#f3f5f8}tr.sig td{font-weight:600}.note{color:#555;font-size:0.9em}")
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;"
+        "color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0 2em;font-size:0.9em}"
+        "td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left;white-space:nowrap}"
+        ".tbl{overflow-x:auto}th{background:#f3f5f8}tr.sig td{font-weight:600}"
+        ".note{color:#555;font-size:0.9em}")
 
 def _figure_div(fig, div_id:str) -> str:
     "A figure as a `<div>` and the script that draws it (plotly.js not included)."
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False, "responsive": True})
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
+                       config={"displaylogo": False, "responsive": True})
 
 def report_html(runs:list, # `Run`s (one per model, or per model and seed)
                 comparisons=(), # `Comparison`s, drawn in order
-                rewardbench:dict|None=None, # reward-bench results, one or a mapping of model name -> result
+                rewardbench:dict|None=None, # reward-bench results, one or model name -> result
                 title:str="mmrlhf evaluation report", # the page's title
                ) -> str:
     "The report as one self-contained HTML page (plotly.js inlined)."
-    from plotly.offline import get_plotlyjs
     runs = [check_run(r, f"runs.{i}") for i, r in enumerate(runs)]
     comparisons = [check_comparison(c, f"comparisons.{i}") for i, c in enumerate(comparisons)]
     if rewardbench is not None: rewardbench = check_rewardbench(rewardbench)
-    if not runs and not comparisons and rewardbench is None: raise ValueError("report_html: nothing to report")
+    if not runs and not comparisons and rewardbench is None:
+        raise ValueError("report_html: nothing to report")
     parts = [f"<h1>{html.escape(title)}</h1>",
-             "<p class=note>Every value has its 95% interval (bootstrap over items). Differences are paired (the same items for both models); "
-             "<b>*</b> marks a difference whose p-value is below the level after Holm correction across that comparison's rows.</p>"]
+             "<p class=note>Every value has its 95% interval (bootstrap over items). "
+             "Differences are paired (the same items for both models); "
+             "<b>*</b> marks a difference whose p-value is below the level after Holm correction "
+             "across that comparison's rows.</p>"]
     if runs:
         h, rows = _score_table(runs)
-        parts += ["<h2>Scores</h2>", _figure_div(scores_figure(runs), "scores"), _html_table(h, rows)]
+        parts += ["<h2>Scores</h2>", _figure_div(scores_figure(runs), "scores"),
+                  _html_table(h, rows)]
         seeds = _seed_table(runs)
-        if seeds: parts += ["<h2>Across training seeds</h2>", "<p class=note>Mean and sample standard deviation over the seeds of each model, and every seed's value.</p>", _html_table(*seeds)]
+        if seeds:
+            parts += ["<h2>Across training seeds</h2>",
+                      "<p class=note>Mean and sample standard deviation over the seeds of each "
+                      "model, and every seed's value.</p>", _html_table(*seeds)]
     for i, c in enumerate(comparisons):
         h, rows, sig = _comparison_table(c)
         n_sig = sum(sig)
         parts += [f"<h2>{html.escape(c['b'])} against {html.escape(c['a'])}</h2>",
-                  f"<p class=note>{n_sig} of {len(sig)} differences significant after Holm correction.</p>",
+                  f"<p class=note>{n_sig} of {len(sig)} differences significant "
+                  "after Holm correction.</p>",
                   _figure_div(delta_figure(c), f"delta-{i}"), _html_table(h, rows, sig)]
     if rewardbench is not None:
-        parts += ["<h2>Reward bench</h2>", _figure_div(rewardbench_figure(rewardbench), "rewardbench"), _html_table(RB_HEADER, _rb_rows(rewardbench))]
+        parts += ["<h2>Reward bench</h2>",
+                  _figure_div(rewardbench_figure(rewardbench), "rewardbench"),
+                  _html_table(RB_HEADER, _rb_rows(rewardbench))]
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
-            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
 
 # %% ../nbs/15_report.ipynb #4b47acad
 def write_report(path, # the HTML file to write (atomically; folders are created)
@@ -429,6 +542,7 @@ def find_chromium() -> str|None:
         if p := shutil.which(name): return p
     return None
 
+# %% ../nbs/15_report.ipynb #b1887bab
 class _Census(HTMLParser):
     "Counts plotly's drawn elements inside each `plotly-graph-div`."
     def __init__(self):
@@ -442,9 +556,11 @@ class _Census(HTMLParser):
         if cur is not None:
             c = self.counts[cur]
             if tag == "svg" and "main-svg" in cls: c["main-svg"] += 1
-            if tag == "path" and a.get("d") and "point" in parent[1] and self._in("bars"): c["bars"] += 1
+            if tag == "path" and a.get("d") and "point" in parent[1] and self._in("bars"):
+                c["bars"] += 1
             if tag == "path" and a.get("d") and "yerror" in cls: c["error_bars"] += 1
-        if tag not in ("br", "img", "meta", "link", "input", "hr"): self.stack.append((tag, cls, cur))
+        if tag not in ("br", "img", "meta", "link", "input", "hr"):
+            self.stack.append((tag, cls, cur))
     def _in(self, klass) -> bool:
         return any(klass in cls and "trace" in cls for _, cls, _ in reversed(self.stack))
     def handle_endtag(self, tag):
@@ -455,13 +571,18 @@ def render_census(path, # an HTML file
                   chromium:str|None=None, # the browser binary (default: `find_chromium()`)
                   timeout:float=120, # seconds before giving up
                  ) -> dict:
-    "Render `path` in headless Chromium, offline; count per figure div the SVGs, bars and whiskers drawn."
+    "Render `path` in headless Chromium, offline; count per figure div the SVGs, bars, whiskers."
     chromium = chromium or find_chromium()
-    if not chromium: raise FileNotFoundError("no Chromium binary found (set $CHROMIUM or install Debian's 'chromium' package)")
+    if not chromium:
+        raise FileNotFoundError("no Chromium binary found "
+                                "(set $CHROMIUM or install Debian's 'chromium' package)")
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync", "--proxy-server=127.0.0.1:9",
-               f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--window-size=1200,900", "--dump-dom", Path(path).resolve().as_uri()]
+        cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+               "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--proxy-server=127.0.0.1:9", f"--user-data-dir={profile}",
+               "--virtual-time-budget=10000", "--window-size=1200,900", "--dump-dom",
+               Path(path).resolve().as_uri()]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0 or "<html" not in res.stdout:
         raise RuntimeError(f"chromium failed (exit {res.returncode}): {res.stderr[-2000:]}")
@@ -486,12 +607,14 @@ def terminal_summary(runs:list, # `Run`s
     if runs: out += ["Scores (value [95% CI])", _text_table(*_score_table(runs))]
     seeds = _seed_table(runs) if runs else None
     if seeds: out += ["\nAcross training seeds (mean ± sd)", _text_table(*seeds)]
+    header = ["benchmark", "metric", "a", "b", "b - a [95% CI]", "p", "Holm p", "sig", "test"]
     for i, c in enumerate(comparisons):
         c = check_comparison(c, f"comparisons.{i}")
         h, rows, sig = _comparison_table(c)
-        out += [f"\n{c['b']} - {c['a']} (paired; * significant after Holm: {sum(sig)} of {len(sig)})",
-                _text_table(["benchmark", "metric", "a", "b", "b - a [95% CI]", "p", "Holm p", "sig", "test"], rows)]
-    if rewardbench is not None: out += ["\nReward bench", _text_table(RB_HEADER, _rb_rows(rewardbench))]
+        out += [f"\n{c['b']} - {c['a']} (paired; * significant after Holm: "
+                f"{sum(sig)} of {len(sig)})", _text_table(header, rows)]
+    if rewardbench is not None:
+        out += ["\nReward bench", _text_table(RB_HEADER, _rb_rows(rewardbench))]
     return "\n".join(out).lstrip("\n")
 
 # %% ../nbs/15_report.ipynb #3e07f77f
@@ -500,15 +623,19 @@ def _read_json(path) -> object:
     path = Path(path)
     if not path.is_file(): raise DataError(path, None, None, "file not found")
     try: return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise DataError(path, e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, e.lineno, None,
+                        f"invalid JSON ({e.msg} at column {e.colno})") from None
 
 def run_report(cfg:ReportConfig) -> dict:
     "Write the report for `cfg`'s files, print the terminal summary, return what was written."
     runs = [check_run(_read_json(p), str(p)) for p in cfg.runs]
     comparisons = [check_comparison(_read_json(p), str(p)) for p in cfg.comparisons]
-    rewardbench = check_rewardbench(_read_json(cfg.rewardbench), cfg.rewardbench) if cfg.rewardbench else None
+    rewardbench = (check_rewardbench(_read_json(cfg.rewardbench), cfg.rewardbench)
+                   if cfg.rewardbench else None)
     out = write_report(cfg.out, runs, comparisons, rewardbench, cfg.title)
     cfg.save(out.with_name("report-config.yaml"))
     print(terminal_summary(runs, comparisons, rewardbench))
     print(f"\nreport: {out} ({out.stat().st_size / 1e6:.1f} MB, opens offline)")
-    return {"report": str(out), "runs": len(runs), "comparisons": len(comparisons), "rewardbench": rewardbench is not None}
+    return {"report": str(out), "runs": len(runs), "comparisons": len(comparisons),
+            "rewardbench": rewardbench is not None}

@@ -14,8 +14,8 @@ __all__ = ['RELEASE_SYSTEM', 'RELEASE_PROMPT', 'DEFAULT_PROMPT', 'LOSS_FORMS', '
            'run_eval_rewardbench']
 
 # %% ../nbs/11_reward.ipynb #2b969b32
-import json, math, warnings
-from dataclasses import dataclass, asdict
+import contextlib, json, math, warnings
+from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
 # %% ../nbs/11_reward.ipynb #e69b8853
@@ -23,47 +23,57 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
 
 # %% ../nbs/11_reward.ipynb #2ad627b2
-from .core import (atomic_dir, clean_stale_temps, Config, DataError, GlobalMeanTrainer,
-                         last_complete_checkpoint, mean_ci, opt, read_jsonl, write_jsonl,
-                         write_text)
-from .configs import (EvalRewardBenchConfig, LORA_TARGETS, MAX_LENGTH, ScoreConfig,
-                            TrainRewardConfig)
+from .core import (atomic_dir, clean_stale_temps, DataError, GlobalMeanTrainer,
+                         last_complete_checkpoint, mean_ci, read_jsonl, write_jsonl)
+from .configs import EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig
 from .schema import (DIMENSIONS, expand_pairs, joined_reasons, pair_indices, query_medium,
                            read_queries, write_queries)
 from .formats import category_of
 from .models import apply_lora, chat_batch, generate_text, load_base, load_vlm
 
-# %% ../nbs/11_reward.ipynb #5db16141
+# %% ../nbs/11_reward.ipynb #42533e52
 RELEASE_SYSTEM = "You are a helpful assistant."
-RELEASE_PROMPT = ("You are an unbiased and fair evaluator tasked with assessing the quality of answers provided by a Large Multimodal Model (LMM). "
-                  "Given the following question and the LMM's response, please evaluate the correctness, clarity, and completeness of the answer. "
-                  "Provide a detailed explanation of your assessment, including specific points of strength and areas for improvement."
+RELEASE_PROMPT = ("You are an unbiased and fair evaluator tasked with assessing the quality of "
+                  "answers provided by a Large Multimodal Model (LMM). "
+                  "Given the following question and the LMM's response, please evaluate the "
+                  "correctness, clarity, and completeness of the answer. "
+                  "Provide a detailed explanation of your assessment, including specific points "
+                  "of strength and areas for improvement."
                   "\n\n[Question]: {question}\n[LMM Response]: {answer}\n\n[Evaluation]:")
-DEFAULT_PROMPT = ("Evaluate the response to the question about the image for helpfulness, faithfulness to the image, and ethics."
+DEFAULT_PROMPT = ("Evaluate the response to the question about the image for helpfulness, "
+                  "faithfulness to the image, and ethics."
                   "\n\n[Question]: {question}\n[Response]: {answer}\n\n[Evaluation]:")
 
-def critique_prompt(question:str, answer:str, template:str=DEFAULT_PROMPT) -> str:
+# %% ../nbs/11_reward.ipynb #616eaf27
+def critique_prompt(question:str, # the query's question
+                    answer:str, # the response to critique
+                    template:str=DEFAULT_PROMPT, # a template with {question} and {answer}
+                   ) -> str:
     "The user text asking for a critique of `answer` to `question`."
     return template.format(question=question, answer=answer)
 
-# %% ../nbs/11_reward.ipynb #777c8ec5
+# %% ../nbs/11_reward.ipynb #d44aa5da
 class ScoreHead(nn.Module):
     "Linear(h, h) -> tanh -> Linear(h, 1), with dropout, as in the released reward model."
     def __init__(self, hidden:int, # the language model's hidden size
                  dropout:float=0.0, # dropout before each linear layer
                 ):
         super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, 1))
     def forward(self, h): return self.net(h).squeeze(-1)
 
+# %% ../nbs/11_reward.ipynb #c4290fa8
 def last_token_index(attention_mask:torch.Tensor) -> torch.Tensor:
     "Index of the last real (unmasked) token of each row, whatever the padding side."
     pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.bool() * (pos + 1)).argmax(1)
 
-# %% ../nbs/11_reward.ipynb #b72fae0c
+# %% ../nbs/11_reward.ipynb #666f2c15
 @dataclass
 class RewardConfig:
     "What a saved reward model needs besides its VLM."
@@ -72,20 +82,24 @@ class RewardConfig:
     template: str = DEFAULT_PROMPT # the critique prompt
     system: str|None = None # a system message, if the template was trained with one
     @property
-    def hidden_size(self) -> int: return self.hidden # the name DeepSpeed's "auto" bucket sizes look for
+    def hidden_size(self) -> int: return self.hidden # the name DeepSpeed's "auto" buckets read
 
+# %% ../nbs/11_reward.ipynb #d9675d69
 def is_lora(vlm) -> bool:
     "Whether `vlm` carries LoRA adapters (is a peft model)."
-    from peft import PeftModel
+    from peft import PeftModel  # imported only when asked: peft is slow to import
     return isinstance(vlm, PeftModel)
 
+# %% ../nbs/11_reward.ipynb #a6643434
 def _hidden_size(model) -> int:
+    "The language model's hidden size."
     cfg = model.config
     return getattr(getattr(cfg, "text_config", cfg), "hidden_size")
 
+# %% ../nbs/11_reward.ipynb #b5cc31b7
 class CritiqueRewardModel(nn.Module):
-    "A VLM that writes critiques (its LM head) and scores responses (a score head on its last hidden state)."
-    accepts_loss_kwargs = False # the forward takes no num_items_in_batch: `RewardTrainer` normalises the loss itself
+    "A VLM that writes critiques (its LM head) and scores responses (a head on its last state)."
+    accepts_loss_kwargs = False # no num_items_in_batch: `RewardTrainer` normalises the loss itself
     def __init__(self, vlm, # a vision-language model from transformers
                  config:RewardConfig|None=None, # score-head and prompt settings
                  freeze_vision:bool=True, # keep the vision tower's weights fixed
@@ -95,7 +109,8 @@ class CritiqueRewardModel(nn.Module):
         self.head = ScoreHead(self.config.hidden, self.config.dropout)
         if freeze_vision:
             for name, p in vlm.named_parameters():
-                if "vision_tower" in name or ".visual." in name or name.startswith("visual."): p.requires_grad_(False)
+                if "vision_tower" in name or ".visual." in name or name.startswith("visual."):
+                    p.requires_grad_(False)
 
     def forward(self, **batch):
         "Per-sequence critique cross-entropy (NaN where there are no labels) and reward."
@@ -103,93 +118,113 @@ class CritiqueRewardModel(nn.Module):
         out = self.vlm(**batch, output_hidden_states=True, use_cache=False)
         h = out.hidden_states[-1]
         idx = last_token_index(batch["attention_mask"])
-        rewards = self.head(h[torch.arange(h.shape[0], device=h.device), idx].to(self.head.net[1].weight.dtype))
+        last = h[torch.arange(h.shape[0], device=h.device), idx]
+        rewards = self.head(last.to(self.head.net[1].weight.dtype))
         ce = torch.full_like(rewards, float("nan"))
         if labels is not None:
             logits, target = out.logits[:, :-1].float(), labels[:, 1:]
-            tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+            tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                  reduction="none")
             n = (target != -100).sum(1)
             ce = torch.where(n > 0, tok.sum(1) / n.clamp(min=1), ce)
         return ce, rewards
 
     def save_pretrained(self, path, processor,
-                        state_dict:dict|None=None, # this model's full state dict, if gathered elsewhere (DeepSpeed ZeRO-3)
+                        state_dict:dict|None=None, # this model's full state dict, if gathered
+                                                   # elsewhere (DeepSpeed ZeRO-3)
                        ):
-        "Save the VLM (a LoRA adapter merged in, and kept in `lora/`), the processor, `score_head.safetensors` and `reward_config.json`."
-        from safetensors.torch import save_file
+        "Save the VLM (LoRA merged in, and kept in `lora/`), processor, score head and config."
         sd = self.state_dict() if state_dict is None else state_dict
         part = lambda pre: {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
         vlm_sd, head_sd = part("vlm."), part("head.")
         path = Path(path); path.mkdir(parents=True, exist_ok=True)
         if is_lora(self.vlm):
-            self.vlm.get_base_model().save_pretrained(path, state_dict=merged_state_dict(self.vlm, vlm_sd))
+            merged = merged_state_dict(self.vlm, vlm_sd)
+            self.vlm.get_base_model().save_pretrained(path, state_dict=merged)
             self.vlm.save_pretrained(path / "lora", state_dict=vlm_sd)
         else: self.vlm.save_pretrained(path, state_dict=vlm_sd)
         processor.save_pretrained(path)
-        save_file({k: v.contiguous() for k, v in head_sd.items()}, str(path / "score_head.safetensors"))
+        head_sd = {k: v.contiguous() for k, v in head_sd.items()}
+        save_file(head_sd, str(path / "score_head.safetensors"))
         (path / "reward_config.json").write_text(json.dumps(asdict(self.config), indent=1))
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, freeze_vision:bool=True):
         "Load a model saved by `save_pretrained`; returns (model, processor)."
-        from safetensors.torch import load_file
         cfg_path = Path(path) / "reward_config.json"
-        if not cfg_path.is_file(): raise FileNotFoundError(f"{path}: no reward_config.json (not a reward model folder)")
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{path}: no reward_config.json (not a reward model folder)")
         vlm, processor = load_vlm(path, dtype=dtype)
         model = cls(vlm, RewardConfig(**json.loads(cfg_path.read_text())), freeze_vision)
         model.head.load_state_dict(load_file(str(Path(path) / "score_head.safetensors")))
         if dtype is not None: model.head.to(dtype)
         return model.eval(), processor
 
-# %% ../nbs/11_reward.ipynb #648f2d9e
-def _fit_sequence(processor, medium, question:str, answer:str, critique:str|None, template:str, system:str|None, max_length:int):
-    "`answer`, then `critique`, cut from the end (by tokens, to one at least) until the encoded sequence fits in `max_length`."
+# %% ../nbs/11_reward.ipynb #df8bad1a
+def _fit_sequence(processor, medium, question:str, answer:str, critique:str|None, template:str,
+                  system:str|None, max_length:int):
+    "`answer`, then `critique`, cut from the end (to one token at least) until the sequence fits."
     tok = processor.tokenizer
-    a_ids, c_ids = tok.encode(answer, add_special_tokens=False), tok.encode(critique or "", add_special_tokens=False)
+    a_ids = tok.encode(answer, add_special_tokens=False)
+    c_ids = tok.encode(critique or "", add_special_tokens=False)
     na, nc = len(a_ids), len(c_ids)
     while True:
         a, c = tok.decode(a_ids[:na]), None if critique is None else tok.decode(c_ids[:nc])
-        enc = chat_batch(processor, [medium], [critique_prompt(question, a, template)], None if c is None else [c], padding_side="right", system=system)
+        enc = chat_batch(processor, [medium], [critique_prompt(question, a, template)],
+                         None if c is None else [c], padding_side="right", system=system)
         n = int(enc["attention_mask"].sum())
         if n <= max_length: return a, c
-        if na > 1: na = max(1, na - (n - max_length))          # re-tokenising at the cut can shift a token: loop until it fits
+        # re-tokenising at the cut can shift a token: loop until it fits
+        if na > 1: na = max(1, na - (n - max_length))
         elif critique is not None and nc > 1: nc = max(1, nc - (n - max_length))
-        else: raise ValueError(f"query {question[:60]!r}: {n} tokens with its response{' and critique' if critique is not None else ''} cut to one token, "
-                               f"over max_length={max_length}; its image and prompt alone take about that many (raise max_length or shrink the image)")
+        else:
+            both = ' and critique' if critique is not None else ''
+            raise ValueError(f"query {question[:60]!r}: {n} tokens with its response{both} cut to "
+                             f"one token, over max_length={max_length}; its image and prompt "
+                             "alone take about that many (raise max_length or shrink the image)")
 
+# %% ../nbs/11_reward.ipynb #d6f73649
 def reward_batch(processor,
                  groups:list, # per query: (medium, question, responses, critiques or None)
                  template:str=DEFAULT_PROMPT, # the critique prompt
-                 system:str|None=None, # a system message (the release's checkpoint was trained with one)
-                 max_length:int|None=None, # longest sequence in tokens (image tokens included); None: no limit
-                 counts:dict|None=None, # if given, its "seen" and "cut" are increased by this batch's sequences and cut ones
+                 system:str|None=None, # a system message (the release's checkpoint has one)
+                 max_length:int|None=None, # longest sequence in tokens (image tokens included);
+                                           # None: no limit
+                 counts:dict|None=None, # if given, its "seen" and "cut" are increased by this
+                                        # batch's sequences and cut ones
                 ):
     "Model inputs with one sequence per response, and each query's offset into them."
     media, questions, answers, critiques, offsets = [], [], [], [], []
     with_critiques = [g[3] is not None for g in groups]
-    if any(with_critiques) and not all(with_critiques): raise ValueError("either every query in a batch has critiques or none has")
+    if any(with_critiques) and not all(with_critiques):
+        raise ValueError("either every query in a batch has critiques or none has")
     for medium, question, responses, crits in groups:
         offsets.append(len(answers))
         for i, answer in enumerate(responses):
-            if crits is not None and not (crits[i] or "").strip(): raise ValueError(f"empty critique for response {i} of {question[:60]!r}")
-            media.append(medium); questions.append(question); answers.append(answer); critiques.append(None if crits is None else crits[i])
+            if crits is not None and not (crits[i] or "").strip():
+                raise ValueError(f"empty critique for response {i} of {question[:60]!r}")
+            media.append(medium); questions.append(question); answers.append(answer)
+            critiques.append(None if crits is None else crits[i])
     def encode():
         prompts = [critique_prompt(q, a, template) for q, a in zip(questions, answers)]
-        return chat_batch(processor, media, prompts, critiques if any(with_critiques) else None, padding_side="right", system=system)
+        return chat_batch(processor, media, prompts, critiques if any(with_critiques) else None,
+                          padding_side="right", system=system)
     enc = encode()
     if max_length is not None:
         long = (enc["attention_mask"].sum(1) > max_length).nonzero().flatten().tolist()
         for k in long:
-            answers[k], critiques[k] = _fit_sequence(processor, media[k], questions[k], answers[k], critiques[k], template, system, max_length)
+            answers[k], critiques[k] = _fit_sequence(processor, media[k], questions[k], answers[k],
+                                                     critiques[k], template, system, max_length)
         if long:
-            warnings.warn(f"{len(long)} of {len(answers)} sequences were longer than max_length={max_length} tokens: "
+            warnings.warn(f"{len(long)} of {len(answers)} sequences were longer than "
+                          f"max_length={max_length} tokens: "
                           "their responses (then critiques) were cut from the end")
             enc = encode()
         if counts is not None: counts["cut"] = counts.get("cut", 0) + len(long)
     if counts is not None: counts["seen"] = counts.get("seen", 0) + len(answers)
     return enc, offsets
 
-# %% ../nbs/11_reward.ipynb #0e5cca8f
+# %% ../nbs/11_reward.ipynb #474c0d78
 @dataclass
 class RewardLossWeights:
     "Weights of the reward model's loss terms (the release's values by default)."
@@ -197,17 +232,24 @@ class RewardLossWeights:
     score: float = 1.0 # Bradley-Terry on pairs
     center: float = 0.01 # mean of (r_w + r_l)^2
 
-LOSS_FORMS = {"paper": "critiques", "release": "pairs"} # loss form -> the items its critique term is a mean over
+# %% ../nbs/11_reward.ipynb #49be2e74
+LOSS_FORMS = {"paper": "critiques", "release": "pairs"} # loss form -> the items its critique
+                                                        # term is a mean over
 TERM_ITEMS = {"bt": "pairs", "center": "pairs"} # the pair terms, and the items they are means over
 
 def _check_form(form:str):
-    if form not in LOSS_FORMS: raise ValueError(f"loss form: expected one of {list(LOSS_FORMS)}, got {form!r}")
+    "Refuse an unknown loss form."
+    if form not in LOSS_FORMS:
+        raise ValueError(f"loss form: expected one of {list(LOSS_FORMS)}, got {form!r}")
 
+# %% ../nbs/11_reward.ipynb #77fcd70c
 def reward_loss_sums(ce:torch.Tensor, # per-sequence critique cross-entropy (NaN where none)
                      rewards:torch.Tensor, # per-sequence reward
-                     pairs:list, # (chosen, rejected) indices into the batch's sequences (may be empty)
-                     margins:torch.Tensor|None=None, # optional per-pair margin m in -log sigma(r_w - r_l - m)
-                     form:str="paper", # paper (critique term over critiques) or release (CE_w + CE_l per pair)
+                     pairs:list, # (chosen, rejected) indices into the batch's sequences (or none)
+                     margins:torch.Tensor|None=None, # optional per-pair margin m in
+                                                     # -log sigma(r_w - r_l - m)
+                     form:str="paper", # paper (critique term over critiques) or release
+                                       # (CE_w + CE_l per pair)
                     ) -> tuple[dict, dict]:
     "Each loss term summed over its items, and the counts of those items (`pairs`, `critiques`)."
     _check_form(form)
@@ -216,39 +258,48 @@ def reward_loss_sums(ce:torch.Tensor, # per-sequence critique cross-entropy (NaN
     diff = rc - rr - (0 if margins is None else margins.to(rewards))
     has = ~torch.isnan(ce); ce0 = torch.where(has, ce, torch.zeros_like(ce))
     crit = ce0.sum() if form == "paper" else (ce0[idx[:, 0]] + ce0[idx[:, 1]]).sum()
-    sums = {"bt": -F.logsigmoid(diff).sum(), "center": ((rc + rr) ** 2).sum(), "critique": crit, "correct": (rc > rr).sum().detach()}
+    sums = {"bt": -F.logsigmoid(diff).sum(), "center": ((rc + rr) ** 2).sum(), "critique": crit,
+            "correct": (rc > rr).sum().detach()}
     return sums, {"pairs": len(pairs), "critiques": int(has.sum())}
 
+# %% ../nbs/11_reward.ipynb #0c32f2e6
 def combine_terms(means:dict, # per term (bt, center, critique): its mean
-                  weights:RewardLossWeights=RewardLossWeights(),
+                  weights:RewardLossWeights=RewardLossWeights(), # the terms' weights
                  ) -> torch.Tensor:
     "The weighted total of the loss terms."
-    return weights.score * means["bt"] + weights.center * means["center"] + weights.critique * means["critique"]
+    return (weights.score * means["bt"] + weights.center * means["center"]
+            + weights.critique * means["critique"])
 
+# %% ../nbs/11_reward.ipynb #471092c6
 def reward_loss(ce:torch.Tensor, # per-sequence critique cross-entropy (NaN where none)
                 rewards:torch.Tensor, # per-sequence reward
                 pairs:list, # (chosen, rejected) indices into the batch's sequences (may be empty)
-                weights:RewardLossWeights=RewardLossWeights(),
-                margins:torch.Tensor|None=None, # optional per-pair margin m in -log sigma(r_w - r_l - m)
+                weights:RewardLossWeights=RewardLossWeights(), # the terms' weights
+                margins:torch.Tensor|None=None, # optional per-pair margin (see `reward_loss_sums`)
                 form:str="paper", # paper or release (see above)
                ) -> tuple[torch.Tensor, dict]:
     "Total loss and its parts, each term a mean over this batch's own items."
     sums, counts = reward_loss_sums(ce, rewards, pairs, margins, form)
     items = {**TERM_ITEMS, "critique": LOSS_FORMS[form]}
     means = {k: sums[k] / max(counts[n], 1) for k, n in items.items()}
-    acc = sums["correct"].float() / counts["pairs"] if counts["pairs"] else rewards.new_tensor(float("nan"))
-    return combine_terms(means, weights), {**{k: v.detach() for k, v in means.items()}, "accuracy": acc.detach()}
+    acc = (sums["correct"].float() / counts["pairs"] if counts["pairs"]
+           else rewards.new_tensor(float("nan")))
+    return combine_terms(means, weights), {**{k: v.detach() for k, v in means.items()},
+                                           "accuracy": acc.detach()}
 
-def batch_pairs(offsets:list, pair_lists:list) -> list:
+# %% ../nbs/11_reward.ipynb #528a136f
+def batch_pairs(offsets:list, # per query: the index of its first sequence in the batch
+                pair_lists:list, # per query: its (chosen, rejected) response indices
+               ) -> list:
     "Each query's (chosen, rejected) response indices, shifted to batch sequence indices."
     return [(o + i, o + j) for o, pl in zip(offsets, pair_lists) for i, j in pl]
 
 # %% ../nbs/11_reward.ipynb #7af0bad3
 def merged_state_dict(vlm, # a peft model from `apply_lora`
-                      state_dict:dict|None=None, # its state dict, if gathered elsewhere (DeepSpeed ZeRO-3)
+                      state_dict:dict|None=None, # its state dict, if gathered elsewhere (ZeRO-3)
                      ) -> dict:
     "The plain model's state dict, with each adapter merged into the weight it adapts."
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # imported only for an adapter: peft is slow to import
     sd, name = vlm.state_dict() if state_dict is None else state_dict, vlm.active_adapter
     scale = {n: m.scaling[name] for n, m in vlm.named_modules() if isinstance(m, LoraLayer)}
     out = {}
@@ -271,23 +322,24 @@ def rewardbench_metrics(results:list, # per query: (category, [(r_chosen, r_reje
     "ACC and ACC+ with 95% intervals, overall and per category."
     def summary(rows):
         correct = [[rc > rr for rc, rr in pairs] for _, pairs in rows]
-        n_pairs = np.array([len(c) for c in correct]); n_right = np.array([sum(c) for c in correct])
+        n_pairs = np.array([len(c) for c in correct])
+        n_right = np.array([sum(c) for c in correct])
         all_right = np.array([float(all(c)) for c in correct])
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, len(rows), size=(n_boot, len(rows)))
         acc_boot = n_right[idx].sum(1) / np.maximum(n_pairs[idx].sum(1), 1)
         acc = float(n_right.sum() / max(1, n_pairs.sum()))
         return {"queries": len(rows), "pairs": int(n_pairs.sum()),
-                "acc": (acc, float(np.quantile(acc_boot, 0.025)), float(np.quantile(acc_boot, 0.975))),
+                "acc": (acc, float(np.quantile(acc_boot, 0.025)),
+                        float(np.quantile(acc_boot, 0.975))),
                 "acc_plus": mean_ci(all_right, n_boot=n_boot, seed=seed)}
     results = [r for r in results if r[1]]
     out = {"all": summary(results)}
-    for cat in sorted({c for c, _ in results}): out[cat] = summary([r for r in results if r[0] == cat])
+    for cat in sorted({c for c, _ in results}):
+        out[cat] = summary([r for r in results if r[0] == cat])
     return out
 
-# %% ../nbs/11_reward.ipynb #dd53770a
-from transformers import Trainer, TrainingArguments
-
+# %% ../nbs/11_reward.ipynb #e8f3df21
 @dataclass
 class RewardExample:
     "One query group for reward training: medium, question, responses, critiques and pairs."
@@ -300,50 +352,63 @@ class RewardExample:
     margins: list|None = None # per pair: the margin m in -log sigma(r_w - r_l - m), or None
     id: str = "" # the query's id, for messages
 
+# %% ../nbs/11_reward.ipynb #2d590fc6
 class RewardCollator:
     "Turns a list of `RewardExample`s into one batch of sequences with batch-level pair indices."
     def __init__(self, processor,
                  template:str=DEFAULT_PROMPT, # the critique prompt
-                 use_critiques:bool=True, # teacher-force the examples' critiques (False: score head only)
+                 use_critiques:bool=True, # teacher-force the examples' critiques (False: none)
                  system:str|None=None, # a system message
-                 max_length:int|None=None, # longest sequence in tokens; longer ones are cut (see `reward_batch`)
+                 max_length:int|None=None, # longest sequence in tokens; longer ones are cut
+                                           # (see `reward_batch`)
                 ):
-        self.processor, self.template, self.use_critiques, self.system, self.max_length = processor, template, use_critiques, system, max_length
+        self.processor, self.template, self.use_critiques = processor, template, use_critiques
+        self.system, self.max_length = system, max_length
         self.counts = {"seen": 0, "cut": 0} # sequences collated, and those cut to max_length
     @property
     def seen(self) -> int: return self.counts["seen"]
     @property
     def cut(self) -> int: return self.counts["cut"]
     def __call__(self, examples:list) -> dict:
-        groups = [(e.medium, e.question, e.responses, e.critiques if self.use_critiques else None) for e in examples]
-        enc, offsets = reward_batch(self.processor, groups, self.template, self.system, self.max_length, self.counts)
+        groups = [(e.medium, e.question, e.responses, e.critiques if self.use_critiques else None)
+                  for e in examples]
+        enc, offsets = reward_batch(self.processor, groups, self.template, self.system,
+                                    self.max_length, self.counts)
         batch = {**enc, "pairs": batch_pairs(offsets, [e.pairs for e in examples])}
         if any(e.margins is not None for e in examples):
-            batch["margins"] = torch.tensor([m for e in examples for m in (e.margins if e.margins is not None else [0.0] * len(e.pairs))])
+            margins = [e.margins if e.margins is not None else [0.0] * len(e.pairs)
+                       for e in examples]
+            batch["margins"] = torch.tensor([m for ms in margins for m in ms])
         return batch
 
+# %% ../nbs/11_reward.ipynb #db5a1386
 class RewardTrainer(GlobalMeanTrainer, Trainer):
-    "A `Trainer` for `CritiqueRewardModel` on query groups; each loss term is a mean over the items of the global batch."
+    "A `Trainer` for `CritiqueRewardModel` on query groups; each loss term a global-batch mean."
     item_kinds = ("pairs", "critiques")
     def __init__(self, *args, loss_weights:RewardLossWeights|None=None, reward_processor=None,
                  loss_form:str="paper", # paper or release (see `reward_loss_sums`)
                  **kw):
         _check_form(loss_form)
         super().__init__(*args, **kw)
-        self.loss_weights, self.reward_processor, self.loss_form = loss_weights or RewardLossWeights(), reward_processor, loss_form
+        self.loss_weights = loss_weights or RewardLossWeights()
+        self.reward_processor, self.loss_form = reward_processor, loss_form
 
     def count_items(self, batch:dict) -> dict:
         "Pairs, and sequences with a critique target, in one collated batch."
         labels = batch.get("labels")
-        return {"pairs": len(batch["pairs"]), "critiques": 0 if labels is None else int((labels[:, 1:] != -100).any(1).sum())}
+        critiques = 0 if labels is None else int((labels[:, 1:] != -100).any(1).sum())
+        return {"pairs": len(batch["pairs"]), "critiques": critiques}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs); pairs, margins = inputs.pop("pairs"), inputs.pop("margins", None)
         ce, rewards = model(**inputs)
         sums, counts = reward_loss_sums(ce, rewards, pairs, margins, self.loss_form)
         items = {**TERM_ITEMS, "critique": LOSS_FORMS[self.loss_form]}
-        loss = combine_terms({k: self.global_mean(sums[k], n, num_items_in_batch, counts[n]) for k, n in items.items()}, self.loss_weights)
-        if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:   # this micro-batch's own means
+        means = {k: self.global_mean(sums[k], n, num_items_in_batch, counts[n])
+                 for k, n in items.items()}
+        loss = combine_terms(means, self.loss_weights)
+        # this micro-batch's own means
+        if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
             parts = {k: float(sums[k].detach()) / max(counts[n], 1) for k, n in items.items()}
             if counts["pairs"]: parts["accuracy"] = float(sums["correct"]) / counts["pairs"]
             self.log({f"reward/{k}": v for k, v in parts.items()})
@@ -352,17 +417,20 @@ class RewardTrainer(GlobalMeanTrainer, Trainer):
     def _save(self, output_dir=None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save: return
-        # DeepSpeed passes the gathered weights; `{}` means ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`, in which
-        # case the Trainer writes DeepSpeed's own sharded checkpoint (recover weights with its zero_to_fp32.py)
+        # DeepSpeed passes the gathered weights; `{}` means ZeRO-3 without
+        # `stage3_gather_16bit_weights_on_model_save`, in which case the Trainer writes DeepSpeed's
+        # own sharded checkpoint (recover weights with its zero_to_fp32.py)
         if state_dict is not None and not state_dict: return
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, self.reward_processor, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(output_dir, self.reward_processor, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        model, ckpt = self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint)
-        if is_lora(model.vlm):   # the base is frozen: the adapter and the head are the whole training state
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-            set_peft_model_state_dict(model.vlm, load_file(str(ckpt / "lora" / "adapter_model.safetensors")))
+        model = self.accelerator.unwrap_model(model or self.model)
+        ckpt = Path(resume_from_checkpoint)
+        if is_lora(model.vlm):   # the base is frozen: the adapter and the head are the whole state
+            from peft import set_peft_model_state_dict  # only for an adapter: peft is slow to load
+            adapter = load_file(str(ckpt / "lora" / "adapter_model.safetensors"))
+            set_peft_model_state_dict(model.vlm, adapter)
             model.head.load_state_dict(load_file(str(ckpt / "score_head.safetensors")))
         else:
             loaded, _ = CritiqueRewardModel.from_pretrained(ckpt)
@@ -373,15 +441,18 @@ class RewardTrainer(GlobalMeanTrainer, Trainer):
 def score_examples(model, processor, examples:list, use_critiques:bool=True, batch_size:int=4,
                    max_length:int|None=None, # longest sequence in tokens (see `reward_batch`)
                   ) -> list:
-    "Per example: (category, [(r_chosen, r_rejected) for each pair]) with the given critiques (teacher-forced) or none."
-    model.eval(); collate = RewardCollator(processor, model.config.template, use_critiques, model.config.system, max_length); out = []
+    "Per example: (category, [(r_chosen, r_rejected) per pair]), given critiques or none."
+    model.eval(); out = []
+    collate = RewardCollator(processor, model.config.template, use_critiques, model.config.system,
+                             max_length)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = collate(chunk); batch.pop("pairs")
         _, rewards = model(**{k: v.to(next(model.parameters()).device) for k, v in batch.items()})
         offsets = np.cumsum([0] + [len(e.responses) for e in chunk]).tolist()
         for e, o in zip(chunk, offsets):
-            out.append((e.category, [(rewards[o + c].item(), rewards[o + r].item()) for c, r in e.pairs]))
+            out.append((e.category, [(rewards[o + c].item(), rewards[o + r].item())
+                                     for c, r in e.pairs]))
     return out
 
 # %% ../nbs/11_reward.ipynb #c301690c
@@ -393,77 +464,93 @@ def generate_critiques(model:CritiqueRewardModel, processor, examples:list,
                        seed:int=0, # seed of sampled critiques (row i draws from its own generator)
                       ) -> list[RewardExample]:
     "Copies of `examples` whose critiques the model wrote itself."
-    from dataclasses import replace
     media, prompts, sizes = [], [], []
     for e in examples:
         media += [e.medium] * len(e.responses); sizes.append(len(e.responses))
         prompts += [critique_prompt(e.question, r, model.config.template) for r in e.responses]
-    texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size, model.config.system, temperature, top_p, seed=seed)
+    texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size,
+                          model.config.system, temperature, top_p, seed=seed)
     out, k = [], 0
     for e, n in zip(examples, sizes):
-        out.append(replace(e, critiques=[t.strip() or "(no critique)" for t in texts[k:k + n]])); k += n
+        out.append(replace(e, critiques=[t.strip() or "(no critique)" for t in texts[k:k + n]]))
+        k += n
     return out
 
-# %% ../nbs/11_reward.ipynb #3409a97d
+# %% ../nbs/11_reward.ipynb #4fda60d3
 def head_length(processor, medium, question:str,
                 template:str=DEFAULT_PROMPT, # the critique prompt
                 system:str|None=None, # a system message
                 with_critique:bool=True, # whether the sequence ends with a critique
                ) -> int:
-    "Tokens of a query's sequence with a one-token response and critique: the part `max_length` cannot cut."
-    enc = chat_batch(processor, [medium], [critique_prompt(question, "x", template)], ["x"] if with_critique else None,
-                     padding_side="right", system=system)
+    "Tokens of a query's sequence with a one-token response and critique: what cannot be cut."
+    enc = chat_batch(processor, [medium], [critique_prompt(question, "x", template)],
+                     ["x"] if with_critique else None, padding_side="right", system=system)
     return int(enc["attention_mask"].sum())
 
+# %% ../nbs/11_reward.ipynb #e27932dc
 def fit_queries(processor, examples:list, # `RewardExample`s
                 max_length:int|None, # longest sequence in tokens; None: every query fits
                 template:str=DEFAULT_PROMPT, system:str|None=None,
                 with_critique:bool=True, # whether sequences end with a critique
                ) -> tuple[list, list]:
-    "The examples whose head fits in `max_length`, and the indices of those whose head alone is longer."
+    "The examples whose head fits in `max_length`, and the indices of those that do not."
     if max_length is None: return list(examples), []
     fit, over = [], []
     for i, e in enumerate(examples):
-        (fit if head_length(processor, e.medium, e.question, template, system, with_critique) <= max_length else over).append(i)
+        n = head_length(processor, e.medium, e.question, template, system, with_critique)
+        (fit if n <= max_length else over).append(i)
     return [examples[i] for i in fit], over
 
-# %% ../nbs/11_reward.ipynb #776732c3
-import contextlib
-
+# %% ../nbs/11_reward.ipynb #85590dca
 def query_examples(path, image_root,
                    use_critiques:bool=True, # teacher-forced critiques (False: score head only)
-                   critique_source:str="expanded", # expanded (a response's critique, else its joined reasons) or raw (the joined reasons)
-                   margin_scale:float=0.0, # per-pair margin m = this x the difference of the two responses' mean scores (0: none)
+                   critique_source:str="expanded", # expanded (a response's critique, else its
+                                                   # joined reasons) or raw (the joined reasons)
+                   margin_scale:float=0.0, # per-pair margin m = this x the difference of the two
+                                           # responses' mean scores (0: none)
                   ) -> list:
     "Annotated queries from a schema file as `RewardExample`s."
-    if critique_source not in ("expanded", "raw"): raise ValueError(f"critique_source: expected expanded or raw, got {critique_source!r}")
+    if critique_source not in ("expanded", "raw"):
+        raise ValueError(f"critique_source: expected expanded or raw, got {critique_source!r}")
     out = []
     for q in read_queries(path, image_root):
-        if not q.annotated: raise DataError(path, None, "ranking", f"query {q.id!r} is not annotated")
+        if not q.annotated:
+            raise DataError(path, None, "ranking", f"query {q.id!r} is not annotated")
         crit = None
         if use_critiques:
-            crit = [(r.critique if critique_source == "expanded" else None) or joined_reasons(r) for r in q.responses]
-            if not all(crit): raise DataError(path, None, "responses", f"query {q.id!r}: a response has no critique or reasons")
+            crit = [(r.critique if critique_source == "expanded" else None) or joined_reasons(r)
+                    for r in q.responses]
+            if not all(crit):
+                raise DataError(path, None, "responses",
+                                f"query {q.id!r}: a response has no critique or reasons")
         pairs, margins = pair_indices(q), None
         if margin_scale:
-            if any(r.scores is None for r in q.responses): raise DataError(path, None, "responses.scores", f"query {q.id!r}: a margin needs every response's scores")
+            if any(r.scores is None for r in q.responses):
+                raise DataError(path, None, "responses.scores",
+                                f"query {q.id!r}: a margin needs every response's scores")
             mean = [sum(r.scores[d] for d in DIMENSIONS) / len(DIMENSIONS) for r in q.responses]
             margins = [margin_scale * (mean[c] - mean[r]) for c, r in pairs]
-        out.append(RewardExample(query_medium(q, image_root), q.question, [r.text for r in q.responses], crit, pairs, q.category, margins, q.id))
+        out.append(RewardExample(query_medium(q, image_root), q.question,
+                                 [r.text for r in q.responses], crit, pairs, q.category, margins,
+                                 q.id))
     return out
 
+# %% ../nbs/11_reward.ipynb #4e75a7f9
 TEMPLATES = {"default": (DEFAULT_PROMPT, None), "release": (RELEASE_PROMPT, RELEASE_SYSTEM)}
 
+# %% ../nbs/11_reward.ipynb #868a20ec
 def _no_pairs(data, n:int) -> DataError:
-    return DataError(data, None, "ranking", f"none of its {n} usable queries has two responses of different rank: no pair to train "
-                                            "the score head on (all responses tied)")
+    "The refusal of data with no rank-different pair."
+    return DataError(data, None, "ranking", f"none of its {n} usable queries has two responses of "
+                     "different rank: no pair to train the score head on (all responses tied)")
 
 def run_train_reward(cfg:TrainRewardConfig):
     "Train a critique reward model; the final model is written to `out/final`."
     data = Path(cfg.data)
     if not data.is_file(): raise DataError(data, None, None, "data file not found")
     root = Path(cfg.image_root) if cfg.image_root else data.parent
-    if cfg.template not in TEMPLATES: raise ValueError(f"template: unknown {cfg.template!r}; known: {list(TEMPLATES)}")
+    if cfg.template not in TEMPLATES:
+        raise ValueError(f"template: unknown {cfg.template!r}; known: {list(TEMPLATES)}")
     _check_form(cfg.loss)
     template, system = TEMPLATES[cfg.template]
     train = query_examples(data, root, cfg.use_critiques, cfg.critique_source, cfg.margin_scale)
@@ -475,76 +562,91 @@ def run_train_reward(cfg:TrainRewardConfig):
     over_ids, train = [train[i].id for i in over], kept
     if not any(e.pairs for e in train): raise _no_pairs(data, len(train))
     hidden = _hidden_size(vlm)
-    if cfg.lora_r: vlm = apply_lora(vlm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.lora_r:
+        vlm = apply_lora(vlm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model = CritiqueRewardModel(vlm, RewardConfig(hidden, template=template, system=system))
-    # the model comes before the arguments: with ZeRO-3 arguments in place transformers would load the VLM already partitioned
-    # (and in bf16) but not the score head built after it, and DeepSpeed refuses such a mix; built first, the whole model is
-    # cast and partitioned at once when the Trainer starts DeepSpeed
-    args = TrainingArguments(output_dir=cfg.out, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-                             max_steps=cfg.steps, learning_rate=cfg.lr, warmup_steps=max(1, cfg.steps // 20), lr_scheduler_type="cosine",
-                             logging_steps=max(1, cfg.steps // 10), save_strategy="steps", save_steps=cfg.save_steps, report_to="none",
-                             remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, deepspeed=cfg.deepspeed or None,
-                             use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    # the model comes before the arguments: with ZeRO-3 arguments in place transformers would load
+    # the VLM already partitioned (and in bf16) but not the score head built after it, and
+    # DeepSpeed refuses such a mix; built first, the whole model is cast and partitioned at once
+    # when the Trainer starts DeepSpeed
+    args = cfg.training_arguments()
     collate = RewardCollator(processor, template, cfg.use_critiques, system, cfg.max_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=collate, loss_form=cfg.loss,
-                            loss_weights=RewardLossWeights(cfg.critique_weight, cfg.score_weight, cfg.center_weight), reward_processor=processor)
-    out, main = Path(cfg.out), trainer.args.should_save   # `main`: the process that writes (the first of a distributed run)
+    weights = RewardLossWeights(cfg.critique_weight, cfg.score_weight, cfg.center_weight)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=collate,
+                            loss_form=cfg.loss, loss_weights=weights, reward_processor=processor)
+    # `main`: the process that writes (the first of a distributed run)
+    out, main = Path(cfg.out), trainer.args.should_save
     if main:
         clean_stale_temps(out, say=True)
-        if over: print(f"max_length={cfg.max_length}: {len(over)} of {n_read} queries left out, their image, prompt and question alone "
-                       f"over the limit: {', '.join(repr(i) for i in over_ids[:10])}{' ...' if len(over) > 10 else ''}")
+        if over:
+            named = ', '.join(repr(i) for i in over_ids[:10]) + (' ...' if len(over) > 10 else '')
+            print(f"max_length={cfg.max_length}: {len(over)} of {n_read} queries left out, their "
+                  f"image, prompt and question alone over the limit: {named}")
     ckpt = last_complete_checkpoint(out) if cfg.resume else None
-    if cfg.resume and main: print(f"resuming from {ckpt}" if ckpt else f"resume: no complete checkpoint in {out}; starting from scratch")
+    if cfg.resume and main:
+        print(f"resuming from {ckpt}" if ckpt
+              else f"resume: no complete checkpoint in {out}; starting from scratch")
     trainer.train(resume_from_checkpoint=ckpt)
     final = out / "final"
-    # the final folder appears whole or not at all; every process may write into the staging folder (a ZeRO-3 save)
-    with (atomic_dir(final) if main else contextlib.nullcontext(final.parent / f".{final.name}.partial")) as staging:
+    # the final folder appears whole or not at all; every process may write into the staging
+    # folder (a ZeRO-3 save)
+    staging_of = (atomic_dir(final) if main
+                  else contextlib.nullcontext(final.parent / f".{final.name}.partial"))
+    with staging_of as staging:
         trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(staging))
         trainer.accelerator.wait_for_everyone()
     if main:
         cfg.save(out / "train-reward-config.yaml")
-        print(f"reward model trained on {len(train)} of {n_read} queries ({sum(len(e.pairs) for e in train)} pairs; "
-              f"{collate.cut} of {collate.seen} sequences cut to max_length on this process) in {final}")
+        print(f"reward model trained on {len(train)} of {n_read} queries "
+              f"({sum(len(e.pairs) for e in train)} pairs; "
+              f"{collate.cut} of {collate.seen} sequences cut to max_length on this process) "
+              f"in {final}")
     return final
 
-# %% ../nbs/11_reward.ipynb #60a6f62e
+# %% ../nbs/11_reward.ipynb #2348371f
 def _cut_for_generation(processor, e, limit:int, template:str, system:str|None):
-    "A copy of `e` whose responses are cut from the end so that each critique prompt fits in `limit` tokens, and how many were cut."
-    from dataclasses import replace
-    tok, head = processor.tokenizer, head_length(processor, e.medium, e.question, template, system, with_critique=False)
+    "A copy of `e` with responses cut so each critique prompt fits in `limit`, and the cut count."
+    tok = processor.tokenizer
+    head = head_length(processor, e.medium, e.question, template, system, with_critique=False)
     out, cut = [], 0
     for a in e.responses:
         ids = tok.encode(a, add_special_tokens=False)
-        if head + len(ids) <= limit: out.append(a); continue   # the head counts one response token already: a token to spare
+        # the head counts one response token already: a token to spare
+        if head + len(ids) <= limit: out.append(a); continue
         cut += 1
-        try: out.append(_fit_sequence(processor, e.medium, e.question, a, None, template, system, limit)[0])
+        try: out.append(_fit_sequence(processor, e.medium, e.question, a, None, template, system,
+                                      limit)[0])
         except ValueError: out.append(tok.decode(ids[:1]))
     return replace(e, responses=out), cut
 
 def run_score(cfg:ScoreConfig) -> dict:
-    "Write each response's critique and reward and each pair's margin into the data; queries that cannot fit go to rejected.jsonl."
-    from dataclasses import replace
-    if cfg.critiques not in ("generate", "given", "none"): raise ValueError(f"critiques: expected generate, given or none, got {cfg.critiques!r}")
+    "Write critiques, rewards and margins into the data; queries that cannot fit: rejected.jsonl."
+    if cfg.critiques not in ("generate", "given", "none"):
+        raise ValueError(f"critiques: expected generate, given or none, got {cfg.critiques!r}")
     data = Path(cfg.data); root = Path(cfg.image_root) if cfg.image_root else data.parent
     model, processor = CritiqueRewardModel.from_pretrained(cfg.model)
     template, system = model.config.template, model.config.system
     queries = list(read_queries(data, root))
+    def given(q):
+        return ([r.critique or joined_reasons(r) or "" for r in q.responses]
+                if cfg.critiques == "given" else None)
     examples = [RewardExample(query_medium(q, root), q.question, [r.text for r in q.responses],
-                              [r.critique or joined_reasons(r) or "" for r in q.responses] if cfg.critiques == "given" else None, [], q.category,
-                              id=q.id) for q in queries]
+                              given(q), [], q.category, id=q.id) for q in queries]
     n_read, gen_cut = len(queries), 0
-    examples, over = fit_queries(processor, examples, cfg.max_length, template, system, cfg.critiques != "none")
-    rejected = [{"id": queries[i].id, "reason": f"its image, prompt and question alone are over max_length={cfg.max_length} tokens"}
-                for i in over]
+    examples, over = fit_queries(processor, examples, cfg.max_length, template, system,
+                                 cfg.critiques != "none")
+    reason = f"its image, prompt and question alone are over max_length={cfg.max_length} tokens"
+    rejected = [{"id": queries[i].id, "reason": reason} for i in over]
     queries = [q for i, q in enumerate(queries) if i not in set(over)]
     if cfg.critiques == "generate":
         torch.manual_seed(cfg.seed)
-        if cfg.max_length is not None:   # room for the critique: the prompts the model continues stay within max_length
-            cuts = [_cut_for_generation(processor, e, cfg.max_length - cfg.max_new_tokens, template, system) for e in examples]
+        if cfg.max_length is not None:   # room for the critique: prompts stay within max_length
+            limit = cfg.max_length - cfg.max_new_tokens
+            cuts = [_cut_for_generation(processor, e, limit, template, system) for e in examples]
             examples, gen_cut = [e for e, _ in cuts], sum(n for _, n in cuts)
-        examples = generate_critiques(model, processor, examples, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                      seed=cfg.seed)
+        examples = generate_critiques(model, processor, examples, cfg.max_new_tokens,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     collate = RewardCollator(processor, template, cfg.critiques != "none", system, cfg.max_length)
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i:i + cfg.batch_size]
@@ -555,8 +657,10 @@ def run_score(cfg:ScoreConfig) -> dict:
             for j, r in enumerate(q.responses):
                 v = float(rewards[k]); k += 1
                 if not math.isfinite(v):
-                    raise DataError(data, None, f"responses.{j}.reward", f"query {q.id!r}: the model gave response {j} the reward {v}, "
-                                    "not a finite number (a broken model or input); nothing was written")
+                    raise DataError(data, None, f"responses.{j}.reward",
+                                    f"query {q.id!r}: the model gave response {j} the reward {v}, "
+                                    "not a finite number (a broken model or input); "
+                                    "nothing was written")
                 r.reward = v
                 if cfg.critiques == "generate": r.critique = e.critiques[j]
     out = Path(cfg.out)
@@ -564,11 +668,12 @@ def run_score(cfg:ScoreConfig) -> dict:
     n = write_jsonl(out / "pairs.jsonl", (p for q in queries for p in expand_pairs(q)))
     write_jsonl(out / "rejected.jsonl", rejected)
     cfg.save(out / "score-config.yaml")
-    print(f"scored {sum(len(q.responses) for q in queries)} responses of {len(queries)} of {n_read} queries "
-          f"({len(rejected)} rejected, in rejected.jsonl; {gen_cut} responses cut before generation, {collate.cut} of {collate.seen} "
-          f"sequences cut when scored, to max_length); "
-          f"{n} pairs with margins in {out}")
-    return {"queries": len(queries), "pairs": n, "rejected": len(rejected), "cut_for_generation": gen_cut, "cut": collate.cut}
+    print(f"scored {sum(len(q.responses) for q in queries)} responses of {len(queries)} of "
+          f"{n_read} queries ({len(rejected)} rejected, in rejected.jsonl; {gen_cut} responses "
+          f"cut before generation, {collate.cut} of {collate.seen} sequences cut when scored, "
+          f"to max_length); {n} pairs with margins in {out}")
+    return {"queries": len(queries), "pairs": n, "rejected": len(rejected),
+            "cut_for_generation": gen_cut, "cut": collate.cut}
 
 # %% ../nbs/11_reward.ipynb #42d7a11d
 def run_eval_rewardbench(cfg:EvalRewardBenchConfig) -> dict:
@@ -576,22 +681,27 @@ def run_eval_rewardbench(cfg:EvalRewardBenchConfig) -> dict:
     path = Path(cfg.scored)
     if not path.is_file(): raise DataError(path, None, None, "file not found")
     first = next((rec for _, rec in read_jsonl(path)), {})
-    layout = cfg.layout if cfg.layout != "auto" else ("release" if "rewards" in first else "mmrlhf")
+    auto = "release" if "rewards" in first else "mmrlhf"
+    layout = cfg.layout if cfg.layout != "auto" else auto
     results = []
     if layout == "release":
         groups = {}
         for line, rec in read_jsonl(path):
             rw = rec.get("rewards")
-            if not (isinstance(rw, list) and len(rw) == 2 and all(isinstance(v, (int, float)) for v in rw)):
+            if not (isinstance(rw, list) and len(rw) == 2
+                    and all(isinstance(v, (int, float)) for v in rw)):
                 raise DataError(path, line, "rewards", "must be [r(chosen), r(rejected)]")
             media = rec.get("image") or rec.get("video") or ""
             media = media if isinstance(media, str) else (media[0] if media else "")
-            groups.setdefault(rec["id"], (category_of(media, substring=True) or "", []))[1].append(tuple(rw))
+            category = category_of(media, substring=True) or ""
+            groups.setdefault(rec["id"], (category, []))[1].append(tuple(rw))
         results = list(groups.values())
     else:
         for q in read_queries(path):
-            if any(r.reward is None for r in q.responses): raise DataError(path, None, "responses.reward", f"query {q.id!r} is not scored")
-            results.append((q.category, [(q.responses[i].reward, q.responses[j].reward) for i, j in pair_indices(q)]))
+            if any(r.reward is None for r in q.responses):
+                raise DataError(path, None, "responses.reward", f"query {q.id!r} is not scored")
+            results.append((q.category, [(q.responses[i].reward, q.responses[j].reward)
+                                         for i, j in pair_indices(q)]))
     metrics = rewardbench_metrics(results, seed=cfg.seed)
     print(json.dumps(metrics, indent=1))
     return metrics

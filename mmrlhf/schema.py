@@ -13,25 +13,33 @@ __all__ = ['CATEGORIES', 'DIMENSIONS', 'LEVELS', 'level', 'Response', 'Query', '
            'group_features', 'save_groups', 'load_groups']
 
 # %% ../nbs/02_schema.ipynb #6e9422b4
-import json, math, warnings
+import json, math, shutil, tempfile
+from collections import Counter
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 # %% ../nbs/02_schema.ipynb #a044d36e
-from .core import (atomic_dir, atomic_write, clean_stale_temps, DataError, DataErrors,
+from .core import (atomic_dir, atomic_write, DataError, DataErrors,
                          decode_json_line, json_line, load_image, mean_ci, read_jsonl,
                          resolve_image_path)
 
 # %% ../nbs/02_schema.ipynb #93eda1d2
-CATEGORIES = ("mcq", "short", "long", "safety", "video") # what a query asks for (a clip's query is "video")
+# what a query asks for (a clip's query is "video")
+CATEGORIES = ("mcq", "short", "long", "safety", "video")
 DIMENSIONS = ("helpfulness", "faithfulness", "ethics")
 LEVELS = {
-    "helpfulness": ("Not Helpful", "Partially Helpful", "Moderately Helpful", "Helpful", "Very Helpful"),
-    "faithfulness": ("Severely Inaccurate", "Partially Inaccurate", "Moderately Accurate", "Accurate", "Highly Accurate"),
-    "ethics": ("Highly Unsafe", "Unsafe", "Moderately Ethical", "Ethically Compliant", "Highly Ethical"),
+    "helpfulness": ("Not Helpful", "Partially Helpful", "Moderately Helpful", "Helpful",
+                    "Very Helpful"),
+    "faithfulness": ("Severely Inaccurate", "Partially Inaccurate", "Moderately Accurate",
+                     "Accurate", "Highly Accurate"),
+    "ethics": ("Highly Unsafe", "Unsafe", "Moderately Ethical", "Ethically Compliant",
+               "Highly Ethical"),
 }
 
+# %% ../nbs/02_schema.ipynb #b26b81d4
 def level(dimension:str, score:int) -> str:
     "The guideline's name for `score` (1–5) on `dimension`."
     return LEVELS[dimension][score - 1]
@@ -48,8 +56,9 @@ class Response:
     added: str|None = None # "positive" or "negative" when added by the tie rule
     reward: float|None = None # the reward model's score, filled in later
     defects: list|None = None # known defects (synthetic data only)
-    ref_logp: float|None = None # the reference policy's log-probability of the response (sum over its tokens), filled in by `mmrlhf ref-logps`
+    ref_logp: float|None = None # the reference policy's log-probability (from `mmrlhf ref-logps`)
 
+# %% ../nbs/02_schema.ipynb #9ab6ab32
 @dataclass
 class Query:
     "One query with its K responses, scores and ranking."
@@ -60,18 +69,20 @@ class Query:
     responses: list # `Response`s, K >= 2
     reference: str|None = None # a reference answer, if known
     source: str = "" # where the query comes from
-    ranking: list|None = None # rank of each response: lower is better, equal ranks are ties (order only, see `dense_ranks`)
+    ranking: list|None = None # each response's rank: lower is better, equal ones tie
     ranking_reason: str = "" # why this ranking
     annotators: list = field(default_factory=list) # who annotated
     truth: dict|None = None # ground truth (synthetic data only)
-    pairs: list|None = None # the pairs as a pair file listed them (see `listed_pair`); None: every rank-different pair
+    pairs: list|None = None # the pairs a pair file listed (`listed_pair`); None: derived
 
     @property
     def annotated(self) -> bool: return self.ranking is not None
 
 # %% ../nbs/02_schema.ipynb #abccb9e4
-_QUERY_FIELDS = {"id", "question", "category", "images", "responses", "reference", "source", "ranking", "ranking_reason", "annotators", "truth", "pairs"}
-_RESPONSE_FIELDS = {"text", "model", "scores", "reasons", "critique", "added", "reward", "defects", "ref_logp"}
+_QUERY_FIELDS = {"id", "question", "category", "images", "responses", "reference", "source",
+                 "ranking", "ranking_reason", "annotators", "truth", "pairs"}
+_RESPONSE_FIELDS = {"text", "model", "scores", "reasons", "critique", "added", "reward", "defects",
+                    "ref_logp"}
 
 def _need(cond, file, line, fld, reason):
     if not cond: raise DataError(file, line, fld, reason)
@@ -82,61 +93,84 @@ def _parse_response(r, i, file, line) -> Response:
     _need(isinstance(r, dict), file, line, where, f"must be an object, got {type(r).__name__}")
     unknown = set(r) - _RESPONSE_FIELDS
     _need(not unknown, file, line, where, f"unknown field(s) {sorted(unknown)}")
-    _need(isinstance(r.get("text"), str) and r["text"].strip() != "", file, line, f"{where}.text", "must be a non-empty string")
+    _need(isinstance(r.get("text"), str) and r["text"].strip() != "", file, line, f"{where}.text",
+          "must be a non-empty string")
     _need(isinstance(r.get("model", ""), str), file, line, f"{where}.model", "must be a string")
     scores = r.get("scores")
     if scores is not None:
-        _need(isinstance(scores, dict), file, line, f"{where}.scores", "must be an object of dimension -> score")
+        _need(isinstance(scores, dict), file, line, f"{where}.scores",
+              "must be an object of dimension -> score")
         for d in DIMENSIONS:
             v = scores.get(d)
             _need(v is not None, file, line, f"{where}.scores.{d}", "missing")
-            _need(isinstance(v, int) and not isinstance(v, bool), file, line, f"{where}.scores.{d}", f"must be an integer, got {v!r}")
-            _need(1 <= v <= 5, file, line, f"{where}.scores.{d}", f"score {v} is out of range 1..5")
+            _need(isinstance(v, int) and not isinstance(v, bool), file, line,
+                  f"{where}.scores.{d}", f"must be an integer, got {v!r}")
+            _need(1 <= v <= 5, file, line, f"{where}.scores.{d}",
+                  f"score {v} is out of range 1..5")
         extra = set(scores) - set(DIMENSIONS)
-        _need(not extra, file, line, f"{where}.scores", f"unknown dimension(s) {sorted(extra)}; expected {list(DIMENSIONS)}")
+        _need(not extra, file, line, f"{where}.scores",
+              f"unknown dimension(s) {sorted(extra)}; expected {list(DIMENSIONS)}")
     reasons = r.get("reasons")
     if reasons is not None:
-        _need(isinstance(reasons, dict) and all(isinstance(v, str) for v in reasons.values()), file, line, f"{where}.reasons", "must be an object of dimension -> text")
+        _need(isinstance(reasons, dict) and all(isinstance(v, str) for v in reasons.values()),
+              file, line, f"{where}.reasons", "must be an object of dimension -> text")
         extra = set(reasons) - set(DIMENSIONS)
         _need(not extra, file, line, f"{where}.reasons", f"unknown dimension(s) {sorted(extra)}")
-    _need(r.get("added") in (None, "positive", "negative"), file, line, f"{where}.added", f"must be 'positive', 'negative' or null, got {r.get('added')!r}")
+    _need(r.get("added") in (None, "positive", "negative"), file, line, f"{where}.added",
+          f"must be 'positive', 'negative' or null, got {r.get('added')!r}")
     for k in ("critique",):
-        _need(r.get(k) is None or isinstance(r[k], str), file, line, f"{where}.{k}", "must be a string or null")
+        _need(r.get(k) is None or isinstance(r[k], str), file, line, f"{where}.{k}",
+              "must be a string or null")
     for k in ("reward", "ref_logp"):
         v = r.get(k)
-        _need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), file, line, f"{where}.{k}", f"must be a number or null, got {v!r}")
-        _need(v is None or math.isfinite(v), file, line, f"{where}.{k}", f"{v!r} is not a number a trainer can use (use null for a missing one)")
-    return Response(r["text"], r.get("model", ""), scores, reasons, r.get("critique"), r.get("added"), r.get("reward"), r.get("defects"), r.get("ref_logp"))
+        _need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), file, line,
+              f"{where}.{k}", f"must be a number or null, got {v!r}")
+        _need(v is None or math.isfinite(v), file, line, f"{where}.{k}",
+              f"{v!r} is not a number a trainer can use (use null for a missing one)")
+    return Response(r["text"], r.get("model", ""), scores, reasons, r.get("critique"),
+                    r.get("added"), r.get("reward"), r.get("defects"), r.get("ref_logp"))
 
 # %% ../nbs/02_schema.ipynb #655cc4f4
 def _check_ranking(ranking, n, file, line):
-    "A ranking is one integer >= 1 per response; lower is better, equal is a tie; gaps are allowed (order only)."
-    _need(isinstance(ranking, list), file, line, "ranking", f"must be a list of ranks, one per response, got {type(ranking).__name__}")
+    "A ranking is one integer >= 1 per response; lower is better, equal ties, gaps are allowed."
+    _need(isinstance(ranking, list), file, line, "ranking",
+          f"must be a list of ranks, one per response, got {type(ranking).__name__}")
     _need(len(ranking) == n, file, line, "ranking", f"has {len(ranking)} ranks for {n} responses")
     for i, v in enumerate(ranking):
-        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, file, line, f"ranking.{i}",
-              f"must be a rank >= 1 (lower is better, equal ranks tie, gaps are allowed), got {v!r}")
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, file, line,
+              f"ranking.{i}",
+              "must be a rank >= 1 (lower is better, equal ranks tie, gaps are allowed), got "
+              f"{v!r}")
 
 _PAIR_KEYS = {"chosen", "rejected", "id", "tie", "fields"}
 
 def _check_pairs(pairs, ranking, n, file, line):
-    "Listed pairs: response indices that agree with the ranking (a tie between equal ranks, else the better one chosen)."
-    _need(isinstance(pairs, list), file, line, "pairs", f"must be a list of pairs, got {type(pairs).__name__}")
+    "Listed pairs: response indices that agree with the ranking (a tie equal, else better first)."
+    _need(isinstance(pairs, list), file, line, "pairs",
+          f"must be a list of pairs, got {type(pairs).__name__}")
     _need(ranking is not None, file, line, "pairs", "listed pairs need a ranking")
     for k, p in enumerate(pairs):
         where = f"pairs.{k}"
-        _need(isinstance(p, dict), file, line, where, f"must be an object with chosen and rejected, got {type(p).__name__}")
-        _need(not set(p) - _PAIR_KEYS, file, line, where, f"unknown field(s) {sorted(set(p) - _PAIR_KEYS)}")
+        _need(isinstance(p, dict), file, line, where,
+              f"must be an object with chosen and rejected, got {type(p).__name__}")
+        _need(not set(p) - _PAIR_KEYS, file, line, where,
+              f"unknown field(s) {sorted(set(p) - _PAIR_KEYS)}")
         for side in ("chosen", "rejected"):
             v = p.get(side)
-            _need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n, file, line, f"{where}.{side}", f"must be a response index 0..{n - 1}, got {v!r}")
+            _need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n, file, line,
+                  f"{where}.{side}", f"must be a response index 0..{n - 1}, got {v!r}")
         c, r = p["chosen"], p["rejected"]
         _need(c != r, file, line, where, "chosen and rejected are the same response")
-        _need(p.get("id") is None or isinstance(p["id"], str), file, line, f"{where}.id", "must be a string")
-        _need(p.get("tie", False) in (True, False), file, line, f"{where}.tie", f"must be true or false, got {p.get('tie')!r}")
-        _need(p.get("fields") is None or isinstance(p["fields"], dict), file, line, f"{where}.fields", "must be an object")
-        if p.get("tie"): _need(ranking[c] == ranking[r], file, line, where, f"a tie between ranks {ranking[c]} and {ranking[r]}")
-        else: _need(ranking[c] < ranking[r], file, line, where, f"chooses rank {ranking[c]} over rank {ranking[r]}")
+        _need(p.get("id") is None or isinstance(p["id"], str), file, line, f"{where}.id",
+              "must be a string")
+        _need(p.get("tie", False) in (True, False), file, line, f"{where}.tie",
+              f"must be true or false, got {p.get('tie')!r}")
+        _need(p.get("fields") is None or isinstance(p["fields"], dict), file, line,
+              f"{where}.fields", "must be an object")
+        if p.get("tie"): _need(ranking[c] == ranking[r], file, line, where,
+                               f"a tie between ranks {ranking[c]} and {ranking[r]}")
+        else: _need(ranking[c] < ranking[r], file, line, where,
+                    f"chooses rank {ranking[c]} over rank {ranking[r]}")
 
 def _readable_image(path) -> bool:
     "Whether `path` opens as an image (the header is read and checked, not the pixels)."
@@ -151,34 +185,45 @@ def parse_query(rec:dict, # one decoded JSON record
                 line:int|None=None, # its line number, for errors
                 image_root=None, # if given, every image must exist inside it
                ) -> Query:
-    "Validate one record and return it as a `Query`; raise `DataError` naming the field and the reason."
+    "Validate one record and return it as a `Query`; a `DataError` names the field and reason."
     unknown = set(rec) - _QUERY_FIELDS
     _need(not unknown, file, line, None, f"unknown field(s) {sorted(unknown)}")
-    _need(isinstance(rec.get("id"), str) and rec["id"] != "", file, line, "id", "must be a non-empty string")
-    _need(isinstance(rec.get("question"), str) and rec["question"].strip() != "", file, line, "question", "must be a non-empty string")
-    _need(rec.get("category") in CATEGORIES, file, line, "category", f"must be one of {list(CATEGORIES)}, got {rec.get('category')!r}")
+    _need(isinstance(rec.get("id"), str) and rec["id"] != "", file, line, "id",
+          "must be a non-empty string")
+    _need(isinstance(rec.get("question"), str) and rec["question"].strip() != "", file, line,
+          "question", "must be a non-empty string")
+    _need(rec.get("category") in CATEGORIES, file, line, "category",
+          f"must be one of {list(CATEGORIES)}, got {rec.get('category')!r}")
     images = rec.get("images")
-    _need(isinstance(images, list) and all(isinstance(p, str) for p in images), file, line, "images", "must be a list of paths")
+    _need(isinstance(images, list) and all(isinstance(p, str) for p in images), file, line,
+          "images", "must be a list of paths")
     if image_root is not None:
         for i, p in enumerate(images):
             try: full = resolve_image_path(image_root, p)
             except ValueError as e: raise DataError(file, line, f"images.{i}", str(e)) from None
-            _need(full.is_file(), file, line, f"images.{i}", f"image {p!r} not found under {image_root}")
-            _need(_readable_image(full), file, line, f"images.{i}", f"image {p!r} is not a readable image")
+            _need(full.is_file(), file, line, f"images.{i}",
+                  f"image {p!r} not found under {image_root}")
+            _need(_readable_image(full), file, line, f"images.{i}",
+                  f"image {p!r} is not a readable image")
     resps = rec.get("responses")
     _need(isinstance(resps, list), file, line, "responses", "must be a list")
-    _need(len(resps) != 1, file, line, "responses", "need at least 2 responses (or none, for a query awaiting responses), got 1")
+    _need(len(resps) != 1, file, line, "responses",
+          "need at least 2 responses (or none, for a query awaiting responses), got 1")
     responses = [_parse_response(r, i, file, line) for i, r in enumerate(resps)]
     scored = [r.scores is not None for r in responses]
-    _need(all(scored) or not any(scored), file, line, "responses", "some responses are scored and some are not")
+    _need(all(scored) or not any(scored), file, line, "responses",
+          "some responses are scored and some are not")
     ranking = rec.get("ranking")
     if ranking is not None: _check_ranking(ranking, len(responses), file, line)
-    if rec.get("pairs") is not None: _check_pairs(rec["pairs"], ranking, len(responses), file, line)
+    if rec.get("pairs") is not None: _check_pairs(rec["pairs"], ranking, len(responses), file,
+                                                  line)
     for k in ("reference", "ranking_reason", "source"):
         _need(rec.get(k) is None or isinstance(rec[k], str), file, line, k, "must be a string")
     ann = rec.get("annotators", [])
-    _need(isinstance(ann, list) and all(isinstance(a, str) for a in ann), file, line, "annotators", "must be a list of names")
-    return Query(rec["id"], rec["question"], rec["category"], images, responses, rec.get("reference"), rec.get("source") or "",
+    _need(isinstance(ann, list) and all(isinstance(a, str) for a in ann), file, line, "annotators",
+          "must be a list of names")
+    return Query(rec["id"], rec["question"], rec["category"], images, responses,
+                 rec.get("reference"), rec.get("source") or "",
                  ranking, rec.get("ranking_reason") or "", ann, rec.get("truth"), rec.get("pairs"))
 
 # %% ../nbs/02_schema.ipynb #c917a70e
@@ -188,9 +233,11 @@ class ReadReport:
     read: int = 0 # records read
     rejected: int = 0 # records moved to the reject file
     listed_ties: int = 0 # pair-file input: lines marked as ties
-    repeated_pairs: int = 0 # pair-file input: lines that repeat an earlier line's two responses (identical texts, merged)
+    repeated_pairs: int = 0 # pair-file input: lines repeating an earlier line's two responses
 
-def _records(path, image_root, check=None) -> Iterator[tuple[int, Query|None, DataError|None, str|None]]:
+# %% ../nbs/02_schema.ipynb #6d215a7d
+def _records(path, image_root,
+             check=None) -> Iterator[tuple[int, Query|None, DataError|None, str|None]]:
     "Yield (line, query, error, raw) for every record, checking duplicate ids."
     seen = set()
     with open(path, "rb") as f:
@@ -200,7 +247,9 @@ def _records(path, image_root, check=None) -> Iterator[tuple[int, Query|None, Da
             try:
                 q = parse_query(decode_json_line(raw, path, i), path, i, image_root)
                 key = (q.id, tuple(q.annotators))
-                if key in seen: raise DataError(path, i, "id", f"duplicate id {q.id!r}" + (f" for annotators {q.annotators}" if q.annotators else ""))
+                if key in seen:
+                    who = f" for annotators {q.annotators}" if q.annotators else ""
+                    raise DataError(path, i, "id", f"duplicate id {q.id!r}{who}")
                 if check is not None:
                     try: check(q)
                     except DataError as e: raise DataError(path, i, e.field, e.reason) from None
@@ -212,9 +261,9 @@ def read_queries(path, # JSONL file of query records
                  image_root=None, # if given, images must exist inside it
                  rejects=None, # if given, bad records go to this file instead of raising
                  report:ReadReport|None=None, # filled with counts as the file is read
-                 check=None, # a function of each valid `Query` that raises `DataError` for one this caller refuses
+                 check=None, # a function of each valid `Query`: a `DataError` refuses it
                 ) -> Iterator[Query]:
-    "Stream valid `Query`s from `path`; raise `DataErrors` for bad records, or move them to `rejects`."
+    "Stream the valid queries of `path`; bad records raise `DataErrors`, or go to `rejects`."
     report = report if report is not None else ReadReport()
     if rejects is None:
         errors = [e for _, _, e, _ in _records(path, image_root, check) if e is not None]
@@ -227,7 +276,9 @@ def read_queries(path, # JSONL file of query records
             if e is None: yield q
             else:
                 report.rejected += 1
-                out.write(json.dumps({"line": i, "error": str(e), "field": e.field, "reason": e.reason, "record": raw.rstrip("\n")}, ensure_ascii=False, allow_nan=False) + "\n")
+                out.write(json.dumps({"line": i, "error": str(e), "field": e.field,
+                                      "reason": e.reason, "record": raw.rstrip("\n")},
+                                     ensure_ascii=False, allow_nan=False) + "\n")
 
 # %% ../nbs/02_schema.ipynb #957467cd
 def _response_record(r:Response) -> dict:
@@ -245,6 +296,7 @@ def query_record(q:Query) -> dict:
     if q.pairs is not None: rec["pairs"] = [dict(p) for p in q.pairs]
     return rec
 
+# %% ../nbs/02_schema.ipynb #4f61d043
 def write_queries(path, queries) -> int:
     "Write `Query`s as JSONL, atomically; return the count (NaN or infinity raise `ValueError`)."
     n = 0
@@ -260,12 +312,13 @@ def query_medium(q:Query, image_root):
     return frames[0] if q.category != "video" and len(frames) == 1 else frames
 
 # %% ../nbs/02_schema.ipynb #953efad3
-def dense_ranks(ranking:list, # ranks, one per response: lower is better, equal ranks tie, gaps allowed
+def dense_ranks(ranking:list, # ranks, one per response: lower is better, equal tie, gaps allowed
                ) -> list[int]:
     "The canonical form of a ranking: the same order with ranks 1, 2, 3, ... and no gaps."
     level = {v: n for n, v in enumerate(sorted(set(ranking)), 1)}
     return [level[v] for v in ranking]
 
+# %% ../nbs/02_schema.ipynb #27af8ec4
 def listed_pair(chosen:int, # index of the preferred response
                 rejected:int, # index of the other response
                 id:str|None=None, # the pair's id in the file, if the layout has one
@@ -279,40 +332,49 @@ def listed_pair(chosen:int, # index of the preferred response
     if fields: p["fields"] = dict(fields)
     return p
 
+# %% ../nbs/02_schema.ipynb #6336346b
 def pair_indices(q:Query) -> list[tuple[int, int]]:
-    "The (chosen, rejected) index pairs of `q`: those listed in `q.pairs` (ties left out), else every rank-different pair, best first."
+    "(chosen, rejected) index pairs of `q`: as listed (ties left out), else all rank-different."
     if q.ranking is None: return []
-    if q.pairs is not None: return [(p["chosen"], p["rejected"]) for p in q.pairs if not p.get("tie")]
+    if q.pairs is not None: return [(p["chosen"],
+                                     p["rejected"]) for p in q.pairs if not p.get("tie")]
     order = sorted(range(len(q.responses)), key=lambda i: q.ranking[i])
-    return [(i, j) for a, i in enumerate(order) for j in order[a + 1:] if q.ranking[i] < q.ranking[j]]
+    return [(i,
+             j) for a, i in enumerate(order) for j in order[a + 1:] if q.ranking[i] < q.ranking[j]]
 
 # %% ../nbs/02_schema.ipynb #b3597f0b
 def _listed(q:Query) -> list[tuple[int, int, str|None, bool]]:
     "(chosen, rejected, id, tie) for each pair of `q`, as listed or derived."
     if q.ranking is None: return []
-    if q.pairs is not None: return [(p["chosen"], p["rejected"], p.get("id"), bool(p.get("tie"))) for p in q.pairs]
+    if q.pairs is not None: return [(p["chosen"], p["rejected"], p.get("id"),
+                                     bool(p.get("tie"))) for p in q.pairs]
     return [(i, j, None, False) for i, j in pair_indices(q)]
 
 def expand_pairs(q:Query) -> Iterator[dict]:
-    "One record per pair of `q` (as listed, or every rank-different pair), with both responses' annotations."
+    "One record per pair of `q` (as listed, or every rank-different one), with both annotations."
     ranks = dense_ranks(q.ranking) if q.ranking is not None else None
     for n, (i, j, pid, tie) in enumerate(_listed(q)):
         c, r = q.responses[i], q.responses[j]
         margin = None if c.reward is None or r.reward is None else c.reward - r.reward
-        rec = {"id": pid if pid is not None else f"{q.id}_{n}", "query_id": q.id, "images": q.images, "question": q.question,
-               "category": q.category, "chosen": c.text, "rejected": r.text, "chosen_index": i, "rejected_index": j,
+        rec = {"id": pid if pid is not None else f"{q.id}_{n}", "query_id": q.id,
+               "images": q.images, "question": q.question,
+               "category": q.category, "chosen": c.text, "rejected": r.text, "chosen_index": i,
+               "rejected_index": j,
                "chosen_rank": ranks[i], "rejected_rank": ranks[j],
                "chosen_scores": c.scores, "rejected_scores": r.scores,
-               "chosen_reason": c.critique or joined_reasons(c), "rejected_reason": r.critique or joined_reasons(r),
+               "chosen_reason": c.critique or joined_reasons(c),
+               "rejected_reason": r.critique or joined_reasons(r),
                "margin": margin}
         if tie: rec["is_tie"] = True
         yield rec
 
+# %% ../nbs/02_schema.ipynb #2316911c
 def joined_reasons(r:Response) -> str|None:
     "The three score reasons as one critique, when no expanded critique exists."
     if not r.reasons: return None
     score = lambda d: f" ({r.scores[d]}/5)" if r.scores and d in r.scores else ""
-    return " ".join(f"{d.capitalize()}{score(d)}: {r.reasons[d]}" for d in DIMENSIONS if r.reasons.get(d))
+    return " ".join(f"{d.capitalize()}{score(d)}: {r.reasons[d]}"
+                    for d in DIMENSIONS if r.reasons.get(d))
 
 # %% ../nbs/02_schema.ipynb #ebe5a647
 def identical_texts(q:Query) -> list[tuple[int, int]]:
@@ -324,31 +386,38 @@ def identical_texts(q:Query) -> list[tuple[int, int]]:
         seen.setdefault(r.text, []).append(j)
     return out
 
+# %% ../nbs/02_schema.ipynb #acbd6795
 def refuse_identical_texts(q:Query):
-    "Raise `DataError` (no file or line: the reader adds them) if `q` has one text at two different ranks."
+    "Raise `DataError` (the reader adds file and line) if `q` has one text at two different ranks."
     if hit := identical_texts(q):
         i, j = hit[0]
-        raise DataError(None, None, f"responses.{j}.text", f"is the text of response {i} too, ranked {q.ranking[j]} against {q.ranking[i]}: "
-                                                         "a pair of one text with itself (set identical_texts=warn to keep it)")
+        raise DataError(None, None, f"responses.{j}.text",
+                        f"is the text of response {i} too, ranked {q.ranking[j]} against "
+                        f"{q.ranking[i]}: "
+                                                         "a pair of one text with itself (set "
+                                                         "identical_texts=warn to keep it)")
 
 # %% ../nbs/02_schema.ipynb #ca2e0b19
 def all_tied(q:Query) -> bool:
     "Whether an annotated query's responses all share one rank."
     return q.ranking is not None and len(set(q.ranking)) == 1
 
+# %% ../nbs/02_schema.ipynb #eb1eff5e
 def add_tie_response(q:Query, # an annotated query whose responses are all tied
-                     response:Response, # the annotator's extra response; its `added` says which kind
+                     response:Response, # the annotator's extra response (`added` says which kind)
                     ) -> Query:
     "Append a tie-rule response: a positive ranks first, a negative last."
-    if not all_tied(q): raise ValueError(f"{q.id}: the tie rule applies only when all responses share one rank")
-    if response.added not in ("positive", "negative"): raise ValueError("the added response must have added='positive' or 'negative'")
+    if not all_tied(q): raise ValueError(f"{q.id}: the tie rule applies only when all responses "
+                                         "share one rank")
+    if response.added not in ("positive",
+                              "negative"): raise ValueError("the added response must have "
+                                                            "added='positive' or 'negative'")
     q.responses.append(response)
-    q.ranking = [2] * (len(q.ranking)) + [1] if response.added == "positive" else [1] * len(q.ranking) + [2]
+    k = len(q.ranking)
+    q.ranking = [2] * k + [1] if response.added == "positive" else [1] * k + [2]
     return q
 
 # %% ../nbs/02_schema.ipynb #50f2e20a
-from collections import Counter
-
 def query_stats(queries) -> dict:
     "Counts per category, score histograms, tie rates and pairs per query."
     cats, hist, pairs_hist = Counter(), {d: Counter() for d in DIMENSIONS}, Counter()
@@ -368,13 +437,13 @@ def query_stats(queries) -> dict:
     n_pairs = sum(p * c for p, c in pairs_hist.items())
     return {"queries": n, "annotated": n_annotated, "per_category": dict(sorted(cats.items())),
             "scores": {d: {s: hist[d][s] for s in range(1, 6)} for d in DIMENSIONS},
-            "queries_with_ties": n_tied_queries, "tied_response_pairs": tied_pairs, "response_pairs": all_pairs,
+            "queries_with_ties": n_tied_queries, "tied_response_pairs": tied_pairs,
+            "response_pairs": all_pairs,
             "tie_rule_additions": n_added, "pairs": n_pairs,
-            "pairs_per_query": {"mean": n_pairs / max(1, n_annotated), "histogram": dict(sorted(pairs_hist.items()))}}
+            "pairs_per_query": {"mean": n_pairs / max(1, n_annotated),
+                                "histogram": dict(sorted(pairs_hist.items()))}}
 
 # %% ../nbs/02_schema.ipynb #f6bbc64d
-import numpy as np
-
 def krippendorff_alpha(units:list[list[float]], # for each unit, the values the annotators gave it
                        metric:str="ordinal", # "ordinal", "interval" or "nominal"
                       ) -> float:
@@ -391,7 +460,8 @@ def krippendorff_alpha(units:list[list[float]], # for each unit, the values the 
                 if a != b: o[idx[u[a]], idx[u[b]]] += 1 / (m - 1)
     n_c = o.sum(1); n = n_c.sum()
     if metric == "nominal": delta = 1.0 - np.eye(len(values))
-    elif metric == "interval": v = np.asarray(values, float); delta = (v[:, None] - v[None, :]) ** 2
+    elif metric == "interval": v = np.asarray(values,
+                                              float); delta = (v[:, None] - v[None, :]) ** 2
     elif metric == "ordinal":
         cum = np.cumsum(n_c)
         delta = np.zeros_like(o)
@@ -404,6 +474,7 @@ def krippendorff_alpha(units:list[list[float]], # for each unit, the values the 
     d_e = (np.outer(n_c, n_c) * delta).sum() / (n * (n - 1))
     return float(1 - d_o / d_e) if d_e > 0 else 1.0
 
+# %% ../nbs/02_schema.ipynb #4277604b
 def kendall_tau_b(x:list, y:list) -> float:
     "Kendall's tau-b between two rankings of the same items (ties allowed)."
     conc = disc = tx = ty = 0
@@ -419,10 +490,10 @@ def kendall_tau_b(x:list, y:list) -> float:
     return float((conc - disc) / denom) if denom else float("nan")
 
 # %% ../nbs/02_schema.ipynb #2d0b2cef
-def agreement(queries, # annotated `Query`s; several records of one id from different annotators are compared
+def agreement(queries, # annotated `Query`s; records of one id by different annotators are compared
               seed:int=0, # seed of the bootstrap interval on tau
              ) -> dict:
-    "Krippendorff's alpha per score dimension and mean Kendall's tau-b between annotators' rankings."
+    "Krippendorff's alpha per score dimension, mean Kendall's tau-b between annotators' rankings."
     by_id = {}
     for q in queries:
         if q.annotated: by_id.setdefault(q.id, []).append(q)
@@ -433,7 +504,8 @@ def agreement(queries, # annotated `Query`s; several records of one id from diff
         units = []
         for group in multi.values():
             k = min(len(q.responses) for q in group)
-            units += [[q.responses[i].scores[d] for q in group if q.responses[i].scores] for i in range(k)]
+            units += [[q.responses[i].scores[d] for q in group if q.responses[i].scores]
+                      for i in range(k)]
         out[f"alpha_{d}"] = krippendorff_alpha(units)
     taus = []
     for group in multi.values():
@@ -448,38 +520,42 @@ def agreement(queries, # annotated `Query`s; several records of one id from diff
 # %% ../nbs/02_schema.ipynb #144434f9
 def group_row(q:Query) -> dict:
     "The training row of a query group."
+    rewards = [float("nan") if r.reward is None else float(r.reward) for r in q.responses]
     return {"id": q.id, "question": q.question, "category": q.category, "images": list(q.images),
             "responses": [r.text for r in q.responses], "models": [r.model for r in q.responses],
             "scores": [[(r.scores or {}).get(d, 0) for d in DIMENSIONS] for r in q.responses],
             "critiques": [r.critique or joined_reasons(r) or "" for r in q.responses],
-            "rewards": [float("nan") if r.reward is None else float(r.reward) for r in q.responses],
+            "rewards": rewards,
             "ranking": dense_ranks(q.ranking or []), "pairs": [list(p) for p in pair_indices(q)]}
 
+# %% ../nbs/02_schema.ipynb #07a55ceb
 def group_features():
     "The Arrow schema of a query-group row."
-    import datasets
+    import datasets  # here, not at the top: only the training-data writer and reader need it
+    V, Seq = datasets.Value, datasets.Sequence
     return datasets.Features({
-        "id": datasets.Value("string"), "question": datasets.Value("string"), "category": datasets.Value("string"),
-        "images": datasets.Sequence(datasets.Value("string")), "responses": datasets.Sequence(datasets.Value("string")),
-        "models": datasets.Sequence(datasets.Value("string")), "scores": datasets.Sequence(datasets.Sequence(datasets.Value("int8"))),
-        "critiques": datasets.Sequence(datasets.Value("string")), "rewards": datasets.Sequence(datasets.Value("float32")),
-        "ranking": datasets.Sequence(datasets.Value("int16")), "pairs": datasets.Sequence(datasets.Sequence(datasets.Value("int16")))})
+        "id": V("string"), "question": V("string"), "category": V("string"),
+        "images": Seq(V("string")), "responses": Seq(V("string")), "models": Seq(V("string")),
+        "scores": Seq(Seq(V("int8"))), "critiques": Seq(V("string")), "rewards": Seq(V("float32")),
+        "ranking": Seq(V("int16")), "pairs": Seq(Seq(V("int16")))})
 
+# %% ../nbs/02_schema.ipynb #938301e5
 def _group_rows_from_file(path):
     "Group rows of a validated query file, one at a time."
     for _, rec in read_jsonl(path): yield group_row(parse_query(rec, path))
 
 def save_groups(source, # a validated query JSONL file (streamed), or a list of `Query`s
-                path, # folder for the Arrow dataset (written in a staging folder, then renamed into place)
+                path, # folder for the Arrow dataset (written beside it, then renamed into place)
                ):
-    "Write query groups as a Hugging Face dataset (Arrow) at `path`; a file source is streamed in bounded memory."
-    import datasets, shutil, tempfile as _tf
+    "Write query groups as a Hugging Face (Arrow) dataset at `path`; a file is streamed."
+    import datasets  # here, not at the top: only the training-data writer and reader need it
     if isinstance(source, (str, Path)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        cache = _tf.mkdtemp(dir=Path(path).parent, prefix=".groups-cache-", suffix=".partial")
+        cache = tempfile.mkdtemp(dir=Path(path).parent, prefix=".groups-cache-", suffix=".partial")
         try:
             ds = datasets.Dataset.from_generator(_group_rows_from_file, features=group_features(),
-                                                 gen_kwargs={"path": str(source)}, cache_dir=cache, keep_in_memory=False)
+                                                 gen_kwargs={"path": str(source)}, cache_dir=cache,
+                                                 keep_in_memory=False)
             with atomic_dir(path) as tmp: ds.save_to_disk(str(tmp))
         finally: shutil.rmtree(cache, ignore_errors=True)
         return load_groups(path)
@@ -487,6 +563,7 @@ def save_groups(source, # a validated query JSONL file (streamed), or a list of 
     with atomic_dir(path) as tmp: ds.save_to_disk(str(tmp))
     return ds
 
+# %% ../nbs/02_schema.ipynb #553c8868
 def _incomplete(path:Path) -> str|None:
     "What is missing from a saved dataset folder, or None if it looks whole."
     if not path.is_dir(): return "not found (run `mmrlhf pairs` to write it)"
@@ -495,16 +572,19 @@ def _incomplete(path:Path) -> str|None:
         try: meta[name] = json.loads((path / name).read_text(encoding="utf-8"))
         except FileNotFoundError: return f"has no {name}"
         except (ValueError, OSError) as e: return f"{name} is empty or damaged ({e})"
-    missing = [f["filename"] for f in meta["state.json"].get("_data_files", []) if not (path / f["filename"]).is_file()]
+    files = [f["filename"] for f in meta["state.json"].get("_data_files", [])]
+    missing = [f for f in files if not (path / f).is_file()]
     return f"misses its data file(s) {missing}" if missing else None
 
 def load_groups(path):
-    "Open query groups saved by `save_groups` (memory-mapped); an incomplete folder raises `DataError`."
-    import datasets
+    "Open query groups saved by `save_groups` (memory-mapped); an incomplete one is a `DataError`."
+    import datasets  # here, not at the top: only the training-data writer and reader need it
     path = Path(path)
     why = _incomplete(path)
     if why is None:
         try: return datasets.load_from_disk(str(path))
         except Exception as e: why = f"can't be opened ({type(e).__name__}: {e})"
-    raise DataError(path, None, None, f"query groups folder {why}; it is incomplete (a run stopped while writing it?): "
+    raise DataError(path, None, None,
+                    f"query groups folder {why}; it is incomplete (a run stopped while writing "
+                    "it?): "
                                       "write it again with `mmrlhf pairs`")

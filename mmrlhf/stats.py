@@ -9,11 +9,10 @@ __all__ = ['Score', 'score', 'bootstrap_ci', 'paired_bootstrap', 'permutation_te
 # %% ../nbs/13_stats.ipynb #9e225640
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from .core import mean_ci
-from typing import Callable
 
 # %% ../nbs/13_stats.ipynb #827be342
 @dataclass(repr=False)
@@ -33,7 +32,8 @@ class Score:
         if outcomes: d.update(outcomes=[float(o) for o in self.outcomes], ids=list(self.ids))
         return d
 
-def score(outcomes:Sequence, # one number or bool per item (a judge's unparsed replies must be dropped or filled first)
+# %% ../nbs/13_stats.ipynb #d831e8cc
+def score(outcomes:Sequence, # one number or bool per item (no None: drop or fill unparsed replies)
           ids:Sequence|None=None, # item ids, in the same order (default: 0, 1, ...)
           confidence:float=0.95, # coverage of the interval
           n_boot:int=2000, # bootstrap resamples
@@ -42,20 +42,15 @@ def score(outcomes:Sequence, # one number or bool per item (a judge's unparsed r
     "The mean of `outcomes` as a `Score` with a percentile-bootstrap interval."
     outcomes = list(outcomes)
     ids = list(range(len(outcomes))) if ids is None else list(ids)
-    if len(ids) != len(outcomes): raise ValueError(f"score: {len(outcomes)} outcomes but {len(ids)} ids")
-    if any(o is None for o in outcomes): raise ValueError("score: some outcomes are None (unparsed judge replies?); drop or fill them first")
+    if len(ids) != len(outcomes):
+        raise ValueError(f"score: {len(outcomes)} outcomes but {len(ids)} ids")
+    if any(o is None for o in outcomes):
+        raise ValueError("score: some outcomes are None (unparsed judge replies?); "
+                         "drop or fill them first")
     value, low, high = mean_ci(outcomes, confidence, n_boot, seed)
     return Score(value, low, high, len(outcomes), outcomes, ids)
 
 # %% ../nbs/13_stats.ipynb #cff2e84a
-def _chunked_means(x:np.ndarray, n_boot:int, rng, chunk:int=256) -> np.ndarray:
-    "Means of `n_boot` bootstrap resamples of `x`, drawn in chunks to bound memory."
-    out = np.empty(n_boot)
-    for s in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - s)
-        out[s:s + m] = x[rng.integers(0, x.size, size=(m, x.size))].mean(1)
-    return out
-
 def bootstrap_ci(values:Sequence, # one number per item
                  stat:Callable=np.mean, # statistic of a 1-D array (np.mean, np.median, ...)
                  n_boot:int=2000, # bootstrap resamples
@@ -71,11 +66,24 @@ def bootstrap_ci(values:Sequence, # one number per item
     a = (1 - confidence) / 2
     return float(stat(x)), float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
 
+# %% ../nbs/13_stats.ipynb #aeb95870
 def _paired(a, b, name):
+    "`a` and `b` as float arrays, checked to be paired item by item."
     a, b = np.asarray(list(a), dtype=float), np.asarray(list(b), dtype=float)
-    if a.shape != b.shape or a.ndim != 1: raise ValueError(f"{name}: a and b must be 1-D and paired item by item, got shapes {a.shape} and {b.shape}")
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"{name}: a and b must be 1-D and paired item by item, "
+                         f"got shapes {a.shape} and {b.shape}")
     if a.size == 0: raise ValueError(f"{name}: no items")
     return a, b
+
+# %% ../nbs/13_stats.ipynb #220dbec1
+def _chunked_means(x:np.ndarray, n_boot:int, rng, chunk:int=256) -> np.ndarray:
+    "Means of `n_boot` bootstrap resamples of `x`, drawn in chunks to bound memory."
+    out = np.empty(n_boot)
+    for s in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - s)
+        out[s:s + m] = x[rng.integers(0, x.size, size=(m, x.size))].mean(1)
+    return out
 
 def paired_bootstrap(a:Sequence, # model A's outcome on each item
                      b:Sequence, # model B's outcome on the same items, same order
@@ -89,8 +97,10 @@ def paired_bootstrap(a:Sequence, # model A's outcome on each item
     boots = _chunked_means(d, n_boot, np.random.default_rng(seed))
     q = (1 - confidence) / 2
     p = (1 + np.sum(np.abs(boots - obs) >= abs(obs) - 1e-12)) / (n_boot + 1)
-    return {"diff": obs, "low": float(np.quantile(boots, q)), "high": float(np.quantile(boots, 1 - q)), "p": float(min(1.0, p)), "n": int(d.size)}
+    low, high = float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))
+    return {"diff": obs, "low": low, "high": high, "p": float(min(1.0, p)), "n": int(d.size)}
 
+# %% ../nbs/13_stats.ipynb #41764f18
 def permutation_test(a:Sequence, # model A's outcome on each item
                      b:Sequence, # model B's outcome on the same items, same order
                      n_perm:int=10_000, # random sign flips (exact enumeration when 2**n <= n_perm)
@@ -105,82 +115,99 @@ def permutation_test(a:Sequence, # model A's outcome on each item
     else:
         rng, hits = np.random.default_rng(seed), 0
         for s in range(0, n_perm, 256):
-            m = min(256, n_perm - s)
-            hits += int(np.sum(np.abs((rng.choice([-1.0, 1.0], size=(m, n)) * d).mean(1)) >= obs - 1e-12))
+            flips = rng.choice([-1.0, 1.0], size=(min(256, n_perm - s), n))
+            hits += int(np.sum(np.abs((flips * d).mean(1)) >= obs - 1e-12))
         p, exact = (1 + hits) / (n_perm + 1), False
     return {"diff": float(d.mean()), "p": p, "n": int(n), "exact": exact}
 
 # %% ../nbs/13_stats.ipynb #796bb62d
 def mcnemar(a:Sequence, # model A right (1/True) or wrong (0/False) on each item
             b:Sequence, # model B on the same items, same order
-            exact:bool|None=None, # exact binomial test; None: exact when there are fewer than 25 discordant items
+            exact:bool|None=None, # exact binomial test; None: exact below 25 discordant items
            ) -> dict:
-    "McNemar's test on paired binary outcomes: the statistic, the two-sided p-value and the discordant counts."
+    "McNemar's test on paired right/wrong outcomes: statistic, two-sided p, discordant counts."
     a, b = _paired(a, b, "mcnemar")
-    if not np.isin(a, (0, 1)).all() or not np.isin(b, (0, 1)).all(): raise ValueError("mcnemar: outcomes must be 0/1 or booleans")
+    if not np.isin(a, (0, 1)).all() or not np.isin(b, (0, 1)).all():
+        raise ValueError("mcnemar: outcomes must be 0/1 or booleans")
     n10, n01 = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))
     n = n10 + n01
     if exact is None: exact = n < 25
-    if n == 0: return {"statistic": 0.0, "p": 1.0, "method": "exact" if exact else "chi2", "a_only": 0, "b_only": 0}
+    method = "exact" if exact else "chi2"
+    if n == 0: return {"statistic": 0.0, "p": 1.0, "method": method, "a_only": 0, "b_only": 0}
     if exact:
         k = min(n10, n01)
         stat, p = float(k), min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
     else:
         stat = (abs(n10 - n01) - 1) ** 2 / n
-        p = math.erfc(math.sqrt(stat / 2))  # survival function of chi-square with 1 degree of freedom
-    return {"statistic": float(stat), "p": float(p), "method": "exact" if exact else "chi2", "a_only": n10, "b_only": n01}
+        p = math.erfc(math.sqrt(stat / 2))  # survival function of chi-square, 1 degree of freedom
+    return {"statistic": float(stat), "p": float(p), "method": method,
+            "a_only": n10, "b_only": n01}
 
+# %% ../nbs/13_stats.ipynb #423a2bdb
 def holm(pvalues:Sequence[float], # one p-value per hypothesis (e.g. per benchmark)
          alpha:float=0.05, # family-wise error rate
         ) -> tuple[list[float], list[bool]]:
     "Holm-adjusted p-values and reject flags, in input order."
     p = np.asarray(list(pvalues), dtype=float); m = p.size
     if m == 0: return [], []
-    if np.isnan(p).any() or (p < 0).any() or (p > 1).any(): raise ValueError("holm: p-values must lie in [0, 1]")
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError("holm: p-values must lie in [0, 1]")
     order = np.argsort(p, kind="stable")
     adj_sorted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     adj = np.empty(m); adj[order] = adj_sorted
     return adj.tolist(), (adj <= alpha).tolist()
 
-def aggregate_seeds(values_by_seed:dict|Sequence, # seed -> value (a number or a `Score`), or a list of values
+# %% ../nbs/13_stats.ipynb #d5bb125e
+def aggregate_seeds(values_by_seed:dict|Sequence, # seed -> value (number or `Score`), or a list
                    ) -> dict:
     "Mean, sample standard deviation (None for one seed) and every seed's value."
-    per = dict(values_by_seed) if isinstance(values_by_seed, dict) else dict(enumerate(values_by_seed))
+    per = values_by_seed if isinstance(values_by_seed, dict) else dict(enumerate(values_by_seed))
     per = {k: float(v.value if isinstance(v, Score) else v) for k, v in per.items()}
     if not per: raise ValueError("aggregate_seeds: no values")
     x = np.array(list(per.values()))
-    return {"mean": float(x.mean()), "sd": float(x.std(ddof=1)) if x.size > 1 else None, "n": int(x.size), "per_seed": per}
+    sd = float(x.std(ddof=1)) if x.size > 1 else None
+    return {"mean": float(x.mean()), "sd": sd, "n": int(x.size), "per_seed": per}
 
 # %% ../nbs/13_stats.ipynb #2c6939d2
 def compare(a:Score, # the baseline's score on a benchmark (e.g. before alignment)
             b:Score, # the other model's score on the same benchmark (e.g. after)
             n_boot:int=10_000, # bootstrap resamples for the interval
             seed:int=0, # seed of the resampling
-            allow_missing:bool=False, # pair only the items both scored (else differing items are an error)
+            allow_missing:bool=False, # pair only the items both scored (else: an error)
            ) -> dict:
-    "B − A on the items both scored: the two means, the difference, its paired-bootstrap interval, a p-value and the test used."
+    "B − A on the items both scored: the means, the difference, its interval, a p-value, the test."
     ia = {i: k for k, i in enumerate(a.ids)}; ib = {i: k for k, i in enumerate(b.ids)}
-    if len(ia) != len(a.ids) or len(ib) != len(b.ids): raise ValueError("compare: duplicate item ids in a score")
+    if len(ia) != len(a.ids) or len(ib) != len(b.ids):
+        raise ValueError("compare: duplicate item ids in a score")
     common = [i for i in a.ids if i in ib]
     if not allow_missing and (len(common) != len(ia) or len(common) != len(ib)):
-        raise ValueError(f"compare: the scores cover different items ({len(ia) - len(common)} only in A, {len(ib) - len(common)} only in B); pass allow_missing=True to pair the {len(common)} shared ones")
+        only_a, only_b = len(ia) - len(common), len(ib) - len(common)
+        raise ValueError(f"compare: the scores cover different items ({only_a} only in A, "
+                         f"{only_b} only in B); pass allow_missing=True to pair the "
+                         f"{len(common)} shared ones")
     if not common: raise ValueError("compare: no items in common")
-    x = np.array([float(a.outcomes[ia[i]]) for i in common]); y = np.array([float(b.outcomes[ib[i]]) for i in common])
+    x = np.array([float(a.outcomes[ia[i]]) for i in common])
+    y = np.array([float(b.outcomes[ib[i]]) for i in common])
     boot = paired_bootstrap(y, x, n_boot, seed)
     binary = np.isin(x, (0, 1)).all() and np.isin(y, (0, 1)).all()
-    p, test = (mcnemar(y, x)["p"], "McNemar") if binary else (permutation_test(y, x, n_boot, seed)["p"], "permutation")
-    return {"a": float(x.mean()), "b": float(y.mean()), "diff": boot["diff"], "low": boot["low"], "high": boot["high"],
-            "ci": [boot["low"], boot["high"]], "p": p, "test": test, "n": len(common)}
+    if binary: p, test = mcnemar(y, x)["p"], "McNemar"
+    else: p, test = permutation_test(y, x, n_boot, seed)["p"], "permutation"
+    return {"a": float(x.mean()), "b": float(y.mean()), "diff": boot["diff"], "low": boot["low"],
+            "high": boot["high"], "ci": [boot["low"], boot["high"]], "p": p, "test": test,
+            "n": len(common)}
 
+# %% ../nbs/13_stats.ipynb #c0a89fae
 def compare_benchmarks(a:dict, # benchmark (or (benchmark, metric)) -> the baseline's `Score`
                        b:dict, # the same keys -> the other model's `Score`
                        alpha:float=0.05, # family-wise error rate for Holm's correction
-                       metric:str="score", # the metric's name in the rows when keys are plain benchmark names
+                       metric:str="score", # the rows' metric name when keys are plain names
                        **kw, # passed to `compare`
                       ) -> list[dict]:
-    "One row per key both share: `compare`'s result plus the Holm-adjusted p-value and whether it is significant."
-    keys = [k for k in a if k in b]
-    rows = [{"benchmark": k[0] if isinstance(k, tuple) else k, "metric": k[1] if isinstance(k, tuple) else metric, **compare(a[k], b[k], **kw)} for k in keys]
+    "One row per key both share: `compare`'s result, the Holm-adjusted p-value, its significance."
+    rows = []
+    for k in (k for k in a if k in b):
+        bench, met = k if isinstance(k, tuple) else (k, metric)
+        rows.append({"benchmark": bench, "metric": met, **compare(a[k], b[k], **kw)})
     adj, rej = holm([r["p"] for r in rows], alpha)
     for r, p, s in zip(rows, adj, rej): r.update(p_holm=p, significant=s)
     return rows

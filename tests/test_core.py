@@ -124,7 +124,7 @@ def test_global_mean_is_the_same_however_the_batch_is_split(tmp_path):
 
 
 def test_resume_skips_an_incomplete_checkpoint(tmp_path):
-    import json, shutil
+    import json
     _queries(tmp_path)
     straight, _ = _toy(tmp_path, "straight", batch=1, accum=1, steps=4)
     _toy(tmp_path, "run", batch=1, accum=1, steps=2)

@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 
 from mmrlhf.core import ConfigError, DataError
-from mmrlhf.critiques import (MARKER, ExpandConfig, check_prompt, LocalBackend, contradictions, expand_critiques, expand_prompt, human_comment, parse_expansion, run_expand_critiques, stand_in_expansion)
-from mmrlhf.evaluate import JudgeError, StandInServer
-from mmrlhf.formats import PairsConfig
+from mmrlhf.critiques import (MARKER, ExpandConfig, check_prompt, LocalBackend, contradictions,
+                              expand_critiques, expand_prompt, human_comment, parse_expansion,
+                              run_expand_critiques, stand_in_expansion)
+from mmrlhf.judge import JudgeError, StandInServer
+from mmrlhf.formats import PairsConfig, run_pairs
 from mmrlhf.schema import Response, read_queries
-from mmrlhf.formats import run_pairs
 from mmrlhf.world import SynthConfig, write_world
 
 
@@ -144,7 +145,7 @@ def test_existing_critiques_are_kept_unless_overwrite(world, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from mmrlhf.evaluate import load_policy
+    from mmrlhf.models import load_policy
     return load_policy("tiny:qwen2_vl", 0)
 
 

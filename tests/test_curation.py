@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from mmrlhf.core import ConfigError, DataError, write_jsonl
-from mmrlhf.curation import (CurateConfig, categorise, clip_model, embed_pool, find_duplicates, load_embeddings, near_duplicates, read_pool, run_curate, sample_balanced)
-from mmrlhf.world import SynthConfig, write_world
+from mmrlhf.configs import CurateConfig
+from mmrlhf.curation import (categorise, clip_model, embed_pool, find_duplicates, load_embeddings,
+                             near_duplicates, read_pool, run_curate, sample_balanced)
+from mmrlhf.configs import SynthConfig
+from mmrlhf.world import write_world
 
 
 @pytest.fixture(scope="module")

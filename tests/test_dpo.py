@@ -36,14 +36,14 @@ def test_delta_policies():
     h = torch.zeros(3)
     delta = torch.tensor([-2.0, float("nan"), 2.0])
     with pytest.raises(ValueError, match="1 of 3 pairs have no reward margin"): pair_betas(delta, h)  # the default refuses
-    b, keep = pair_betas(delta, h, missing_delta="fixed")  # clamp, fixed
+    b, keep = pair_betas(delta, h, MMDPOSettings(missing_delta="fixed"))  # clamp, fixed
     assert torch.allclose(b, torch.tensor([0.1, 0.1, float(dynamic_beta(2.0))])) and keep.all()
-    b, keep = pair_betas(delta, h, negative_delta="skip", missing_delta="skip")
+    b, keep = pair_betas(delta, h, MMDPOSettings(negative_delta="skip", missing_delta="skip"))
     assert keep.tolist() == [False, False, True]
-    b, _ = pair_betas(delta, h, negative_delta="keep", missing_delta="fixed")
+    b, _ = pair_betas(delta, h, MMDPOSettings(negative_delta="keep", missing_delta="fixed"))
     assert b[0] < 0.1
-    with pytest.raises(ValueError, match="no reward margin"): pair_betas(delta, h, missing_delta="error")
-    with pytest.raises(ValueError, match="beta_mode"): pair_betas(delta, h, beta_mode="adaptive")
+    with pytest.raises(ValueError, match="no reward margin"): pair_betas(delta, h, MMDPOSettings(missing_delta="error"))
+    with pytest.raises(ConfigError, match="beta_mode"): pair_betas(delta, h, MMDPOSettings(beta_mode="adaptive"))
     losses, _, _ = mmdpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3), delta, negative_delta="skip", missing_delta="skip")
     assert losses.tolist()[:2] == [0.0, 0.0] and abs(losses[2].item() - math.log(2)) < 1e-6
 
@@ -156,7 +156,7 @@ def test_sft_term_and_w_follow_the_policies():
     assert float(m["dpo"]) == pytest.approx(-math.log(1 / (1 + math.exp(-0.1 * (1 + 0.5 * (1 - math.exp(-0.5))) * h))), rel=1e-6)
     # beta_mode=implicit without w: the release's ls_factor_weight 0.1, not the dynamic rule's 0.5
     a = torch.tensor([0.1, 0.4, -0.2, 0.3, 1.5, -0.9, 0.0, 0.2, 0.5, -0.1])
-    b, _ = pair_betas(None, a, beta_mode="implicit", generator=torch.Generator().manual_seed(0))
+    b, _ = pair_betas(None, a, MMDPOSettings(beta_mode="implicit"), generator=torch.Generator().manual_seed(0))
     p = torch.exp(-0.5 * ((a - a.mean()) / (a.std() + 1e-7)) ** 2)
     drawn = torch.multinomial(p, 8, replacement=False, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(b, 0.1 * (1 + 0.1 * (a[drawn].mean() - a.mean())).expand(10))
@@ -430,3 +430,14 @@ def test_ref_logps_refuses_nonfinite(tmp_path):
     assert not (tmp_path / "ref" / "queries.jsonl").exists()
     shard = tmp_path / "ref" / "ref-shards" / "rank0.jsonl"
     assert not shard.exists() or "NaN" not in shard.read_text()
+
+
+def test_the_delta_policy_travels_whole():
+    "A command's δ policy reaches the loss field by field; unknown rules are refused before any model loads."
+    cfg = TrainDPOConfig(beta=0.2, w=0.3, k=0.4, beta_mode="fixed", gamma=0.5, negative_delta="skip",
+                         missing_delta="skip")
+    s = MMDPOSettings.of(cfg)
+    assert s == MMDPOSettings(0.2, 0.3, 0.4, "fixed", 0.5, "skip", "skip")
+    for name, value in [("beta_mode", "adaptive"), ("negative_delta", "drop"), ("missing_delta", "ignore")]:
+        with pytest.raises(ConfigError, match=f"{name}: expected one of"):
+            MMDPOSettings.of(TrainDPOConfig(**{name: value}))

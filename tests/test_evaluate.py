@@ -7,7 +7,12 @@ from scipy import stats
 
 from mmrlhf.core import DataError
 from mmrlhf.curation import InMemory
-from mmrlhf.evaluate import (JudgeClient, JudgeError, Score, StandInServer, aggregate_seeds, attack_success, bootstrap_ci, compare, compare_benchmarks, drop_contaminated, exact_match, hallucination_rating, holm, is_refusal, leakage_report, mcnemar, mcq_correct, mcq_letter, mmhal_metrics, paired_bootstrap, permutation_test, read_reply_cache, refusal_metrics, score, word_ngrams)
+from mmrlhf.evaluate import (attack_success, drop_contaminated, exact_match, hallucination_rating,
+                             is_refusal, leakage_report, mcq_correct, mcq_letter, mmhal_metrics,
+                             refusal_metrics, word_ngrams)
+from mmrlhf.judge import JudgeClient, JudgeError, StandInServer, read_reply_cache
+from mmrlhf.stats import (Score, aggregate_seeds, bootstrap_ci, compare, compare_benchmarks, holm,
+                          mcnemar, paired_bootstrap, permutation_test, score)
 
 
 # ---------------------------------------------------------------- answers
@@ -386,27 +391,27 @@ def test_reply_cache_bytes_that_are_not_utf8(tmp_path):
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.6)])
 def test_row_sampler_draws_from_the_tempered_softmax(temperature, top_p):
     import torch
-    from mmrlhf.evaluate import _row_sampler
+    from mmrlhf.models import row_sampler
     p = np.array([0.5, 0.3, 0.15, 0.05, 0.0])
     want = p ** (1 / temperature); want /= want.sum()
     if top_p < 1:   # the nucleus: the most likely tokens until their mass reaches top_p (here 0.5 + 0.3)
         keep = np.cumsum(want) - want < top_p; want = np.where(keep, want, 0); want /= want.sum()
     n = 6000
     scores = torch.log(torch.tensor(p, dtype=torch.float32)).repeat(n, 1)
-    out = _row_sampler(list(range(n)), temperature, top_p)(torch.zeros(n, 1, dtype=torch.long), scores)
+    out = row_sampler(list(range(n)), temperature, top_p)(torch.zeros(n, 1, dtype=torch.long), scores)
     picks = out.argmax(-1).numpy()
     assert (torch.isfinite(out).sum(-1) == 1).all()                       # one token left per row: greedy takes it
     counts = np.bincount(picks, minlength=p.size)
     assert counts[want == 0].sum() == 0
     sel = want > 0
     assert stats.chisquare(counts[sel], n * want[sel]).pvalue > 1e-3
-    again = _row_sampler(list(range(n)), temperature, top_p)(torch.zeros(n, 1, dtype=torch.long), scores).argmax(-1).numpy()
+    again = row_sampler(list(range(n)), temperature, top_p)(torch.zeros(n, 1, dtype=torch.long), scores).argmax(-1).numpy()
     assert (again == picks).all()                                          # the same seeds, the same draws
 
 
 def test_input_fingerprint_is_the_sha256_of_question_category_and_image_bytes(tmp_path):
     import hashlib
-    from mmrlhf.evaluate import input_fingerprints
+    from mmrlhf.respond import input_fingerprints
     (tmp_path / "img").mkdir(); (tmp_path / "img" / "a.png").write_bytes(b"pixels one")
     items = [{"id": "x", "question": "What is it?", "category": "short", "images": ["img/a.png"]}]
     expected = hashlib.sha256(json.dumps(["What is it?", "short", ["img/a.png"]]).encode() + b"pixels one").hexdigest()[:16]

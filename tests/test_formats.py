@@ -1,14 +1,16 @@
 "Published layouts: lossless round trips, pair sets kept through every layout, and bad input named by file, line and field."
-import json, warnings
+import json
 from pathlib import Path
 
 import pytest
 
 from mmrlhf.core import DataError, read_jsonl, write_jsonl
-from mmrlhf.formats import (FORMATS, PAIR_FORMATS, convert, from_llamafactory, from_release, from_reward_bench, from_swift, from_trl, group_pairs, parse_ranking, ranking_string, read_dpo_pairs, read_format, read_release, read_reward_bench, to_dpo_pairs, to_llamafactory, to_release, to_reward_bench, to_swift, to_trl, write_dpo_pairs, write_release, write_reward_bench)
-from mmrlhf.world import oracle_annotate
-from mmrlhf.schema import pair_indices, parse_query, query_record, read_queries, write_queries
-from mmrlhf.world import make_query, world_record
+from mmrlhf.formats import (FORMATS, PAIR_FORMATS, convert, from_llamafactory, from_release, from_reward_bench,
+                            from_swift, from_trl, group_pairs, parse_ranking, ranking_string, read_dpo_pairs,
+                            read_format, read_release, read_reward_bench, to_dpo_pairs, to_llamafactory, to_release,
+                            to_reward_bench, to_swift, to_trl, write_dpo_pairs, write_release, write_reward_bench)
+from mmrlhf.schema import pair_indices, parse_query, query_record, write_queries
+from mmrlhf.world import make_query, oracle_annotate, world_record
 
 RELEASE = {"id": "ai2d_azuregpt_4569", "question": "Which stage comes after the larva?", "answer": "The pupa.",
            "image": "long/ai2d/4569.png",

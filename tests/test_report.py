@@ -4,7 +4,10 @@ import copy, json, os, re
 import pytest
 
 from mmrlhf.core import DataError
-from mmrlhf.report import (ReportConfig, check_comparison, check_rewardbench, check_run, example_inputs, find_chromium, render_census, report_html, run_report, scores_figure, terminal_summary, write_report)
+from mmrlhf.configs import ReportConfig
+from mmrlhf.report import (check_comparison, check_rewardbench, check_run, example_inputs,
+                           find_chromium, render_census, report_html, run_report, scores_figure,
+                           terminal_summary, write_report)
 
 
 @pytest.fixture(scope="module")

@@ -673,3 +673,12 @@ def test_generation_prompts_are_cut_to_max_length(pairs_world, tmp_path):
     scored = [json.loads(l) for l in (tmp_path / "s" / "queries.jsonl").read_text().splitlines()]
     assert scored[0]["responses"][0]["text"] == recs[0]["responses"][0]["text"]   # the data keeps the whole response
     assert all(isinstance(r["reward"], float) for q in scored for r in q["responses"])
+
+
+@pytest.mark.parametrize("steps", [1, 19, 20, 39, 100, 300, 1234])
+def test_training_arguments_keep_the_former_schedule(steps, tmp_path):
+    "The shared mapping gives train-reward its former warmup (steps // 20) and logging (steps // 10)."
+    from mmrlhf.configs import TrainRewardConfig
+    args = TrainRewardConfig(steps=steps, out=str(tmp_path)).training_arguments()
+    assert (args.warmup_steps, args.logging_steps) == (max(1, steps // 20), max(1, steps // 10))
+    assert (args.max_steps, args.learning_rate, args.lr_scheduler_type.value) == (steps, 2e-3, "cosine")

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from mmrlhf.core import DataError
-from mmrlhf.schema import (DataErrors, ReadReport, Response, add_tie_response, agreement, expand_pairs, pair_indices, parse_query, query_record, read_queries, write_queries)
-from mmrlhf.formats import PairsConfig
-from mmrlhf.world import oracle_annotate
+from mmrlhf.schema import (DataErrors, ReadReport, Response, add_tie_response, agreement, expand_pairs,
+                           pair_indices, parse_query, query_record, read_queries, write_queries)
+from mmrlhf.configs import PairsConfig, SynthConfig
 from mmrlhf.formats import run_pairs
-from mmrlhf.world import SynthConfig, make_query, world_record, write_world
+from mmrlhf.world import annotated_query, make_query, oracle_annotate, world_record, write_world
 
 SCORES = {"helpfulness": 4, "faithfulness": 5, "ethics": 5}
 GOOD = {"id": "q1", "question": "What is it?", "category": "short", "images": ["a.png"],
@@ -152,7 +152,7 @@ def world_query(seed, i, **kw):
 def test_oracle_orders_the_world_and_applies_the_tie_rule():
     added = {"positive": 0, "negative": 0}
     for i in range(600):
-        q = annotated_query(9, i, k=2)
+        q = annotated_query(9, i, make_query(9, i, k=2))
         ranks = dict(zip(range(len(q.responses)), q.ranking))
         clean = [ranks[i] for i, r in enumerate(q.responses) if not r.defects]
         flawed = [ranks[i] for i, r in enumerate(q.responses) if r.defects]
@@ -250,7 +250,7 @@ def test_pairs_keeps_a_pair_file_as_read(tmp_path):
 
 def test_ranking_forms_are_one_ranking(tmp_path):
     from mmrlhf.schema import group_row, save_groups, load_groups
-    from mmrlhf.formats import PAIR_FORMATS, to_release
+    from mmrlhf.formats import PAIR_FORMATS
     forms = {"dense": [1, 2, 2, 3], "competition": [1, 2, 2, 4], "gapped": [1, 3, 3, 3000]}
     made = {}
     for name, ranking in forms.items():

@@ -1,4 +1,4 @@
-"The offline docs site: nbdev's layout (no directives, no hidden cells, docs after definitions), math, demo report."
+"The docs site: nbdev's layout (no directives or hidden cells, docs after each def), math, report."
 import html, importlib.util, json, os, re, shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -13,7 +13,7 @@ site = importlib.util.module_from_spec(spec); spec.loader.exec_module(site)
 def _notebook_exporting(module:str) -> Path:
     "The notebook with `#| default_exp module`, found by reading every numbered notebook's JSON."
     hits = [nb for nb in sorted((ROOT / "nbs").glob("[0-9]*.ipynb"))
-            if re.search(rf'#\|\s*default_exp\s+{module}\\n|#\|\s*default_exp\s+{module}"', nb.read_text())]
+            if re.search(rf'#\|\s*default_exp\s+{module}(\\n|")', nb.read_text())]
     assert len(hits) == 1, f"expected one notebook exporting {module}, found {hits}"
     return hits[0]
 
@@ -26,7 +26,7 @@ def _sources(nb:Path) -> list:
 class _Blocks(HTMLParser):
     "The page's top-level blocks in <main>, in order: ('cell', its text) or ('doc', its id)."
     def __init__(self):
-        super().__init__(); self.blocks, self.depth, self.main, self.cur = [], 0, None, None
+        super().__init__(); self.blocks, self.main, self.cur = [], None, None
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "main": self.main = 0; return
@@ -46,6 +46,11 @@ def _blocks(page:str) -> list:
     p = _Blocks(); p.feed(page); return p.blocks
 
 
+def text(fragment:str) -> str:
+    "An HTML fragment's text."
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment)).strip()
+
+
 def _code_text(page:str) -> str:
     "The text of the page's code cells' inputs (tags stripped)."
     chunks = re.findall(r'<div class="highlight[^"]*"><pre>(.*?)</pre>', page, re.S)
@@ -63,13 +68,18 @@ def dpo_site(tmp_path_factory):
 
 
 def test_link_check_finds_broken_links_and_remote_scripts(tmp_path):
-    (tmp_path / "a.html").write_text("<a href='b.html#x'>ok</a><a href='c.html'>no page</a><a href='b.html#nope'>no anchor</a>"
-                                     "<a href='https://example.org'>external</a><a href='00_core.ipynb'>a notebook</a>"
-                                     "<script src='https://cdn.example.org/mathjax.js'></script><script src='local.js'></script>")
-    (tmp_path / "b.html").write_text("<h2 id='x'>x</h2><a href='#x'>self</a><link rel=stylesheet href='//cdn.example.org/a.css'>")
+    (tmp_path / "a.html").write_text(
+        "<a href='b.html#x'>ok</a><a href='c.html'>no page</a><a href='b.html#nope'>no anchor</a>"
+        "<a href='https://example.org'>external</a><a href='00_core.ipynb'>a notebook</a>"
+        "<script src='https://cdn.example.org/mathjax.js'></script>"
+        "<script src='local.js'></script>")
+    (tmp_path / "b.html").write_text(
+        "<h2 id='x'>x</h2><a href='#x'>self</a>"
+        "<link rel=stylesheet href='//cdn.example.org/a.css'>")
     bad = site.check_links(tmp_path)
     assert len(bad) == 5, bad
-    assert any("no page c.html" in b for b in bad) and any("#nope" in b for b in bad) and any("notebook" in b for b in bad)
+    assert any("no page c.html" in b for b in bad) and any("#nope" in b for b in bad)
+    assert any("notebook" in b for b in bad)
     assert sum("from the web" in b for b in bad) == 2
 
 
@@ -79,14 +89,15 @@ def test_pages_follow_notebook_order_and_are_found_by_module():
     assert names[0] == "index" and names[1:] == numbered
     nb = _notebook_exporting("dpo")
     assert site.page_of("dpo") == nb.stem and site.module_of(nb) == "dpo"
-    h1 = re.search(r"^# (.+)$", next(s for t, s in _sources(nb) if t == "markdown"), re.M).group(1).strip()
-    assert site.title_of(nb) == h1
+    md = next(s for t, s in _sources(nb) if t == "markdown")
+    assert site.title_of(nb) == re.search(r"^# (.+)$", md, re.M).group(1).strip()
 
 
 def test_directives_and_hidden_cells_are_left_out(tmp_path):
     "A notebook with every kind of directive: only what nbdev shows reaches the page."
     core = _notebook_exporting("core")
-    export = next(s for t, s in _sources(core) if t == "code" and re.match(r"#\|\s*export\s*\n(def|class) ", s))
+    export = next(s for t, s in _sources(core)
+                  if t == "code" and re.match(r"#\|\s*export\s*\n(def|class) ", s))
     name = re.match(r"#\|\s*export\s*\n(?:def|class) (\w+)", export).group(1)
     code = lambda src, out=None: nbformat.v4.new_code_cell(src, outputs=[nbformat.v4.new_output(
         "stream", name="stdout", text=out)] if out else [])
@@ -104,12 +115,15 @@ def test_directives_and_hidden_cells_are_left_out(tmp_path):
     path = tmp_path / "99_synthetic.ipynb"; nbformat.write(nb, str(path))
     page, problems = site.build_page(path, path.stem, [(path.stem, "synthetic")])
     assert problems == []
-    for absent in ("DEFAULT_EXP_MARKER", "HIDDEN_MARKER", "HIDDEN_OUTPUT_MARKER", "INCLUDE_FALSE_MARKER",
-                   "ECHO_FALSE_MARKER", "SILENCED_OUTPUT_MARKER", "#|", "default_exp", "eval: false"):
+    for absent in ("DEFAULT_EXP_MARKER", "HIDDEN_MARKER", "HIDDEN_OUTPUT_MARKER",
+                   "INCLUDE_FALSE_MARKER", "ECHO_FALSE_MARKER", "SILENCED_OUTPUT_MARKER", "#|",
+                   "default_exp", "eval: false", "another_directive"):
         assert absent not in page, absent
-    for shown in ("ECHOED_OUTPUT_MARKER", "OUTPUT_FALSE_CODE", "SHOWN_MARKER"): assert shown in page, shown
+    for shown in ("ECHOED_OUTPUT_MARKER", "OUTPUT_FALSE_CODE", "SHOWN_MARKER"):
+        assert shown in page, shown
     blocks = _blocks(page)
-    i = next(i for i, b in enumerate(blocks) if b[0] == "cell" and re.search(rf"(def|class) {name}\b", b[2]))
+    i = next(i for i, b in enumerate(blocks)
+             if b[0] == "cell" and re.search(rf"(def|class) {name}\b", b[2]))
     assert blocks[i + 1][:2] == ["doc", name], blocks[i + 1][:2]
     assert "after the definition" in blocks[i + 2][2]
 
@@ -119,12 +133,13 @@ def test_every_exported_definition_is_followed_by_its_doc(dpo_site):
     nb = _notebook_exporting("dpo")
     cells = [s for t, s in _sources(nb) if t == "code"]
     exports = [s for s in cells if re.match(r"\s*#\|\s*exports?\b", s) and "#| hide" not in s]
-    defined = [(m.group(1), s) for s in exports for m in re.finditer(r"^(?:async def|def|class) ([A-Za-z]\w*)", s, re.M)]
+    defined = [(m.group(1), s) for s in exports
+               for m in re.finditer(r"^(?:async def|def|class) ([A-Za-z]\w*)", s, re.M)]
     assert defined, "the dpo notebook exports no function or class"
     blocks = _blocks(page)
     for fn, src in defined:
-        first = src.splitlines()[1] if src.splitlines()[0].startswith("#|") else src.splitlines()[0]
-        i = next(i for i, b in enumerate(blocks) if b[0] == "cell" and first.strip() in b[2])
+        i = next(i for i, b in enumerate(blocks)
+                 if b[0] == "cell" and re.search(rf"^(async def|def|class) {fn}\b", b[2], re.M))
         following = []
         for b in blocks[i + 1:]:
             if b[0] != "doc": break
@@ -135,7 +150,8 @@ def test_every_exported_definition_is_followed_by_its_doc(dpo_site):
     hidden = {l.strip() for s in cells if re.search(r"#\|\s*hide\b", s) for l in s.splitlines()}
     code = _code_text(page)
     for line in hidden - {l.strip() for l in shown.splitlines()}:
-        if len(line) > 12 and not line.startswith("#"): assert line not in code, f"hidden line shown: {line}"
+        if len(line) > 12 and not line.startswith("#"):
+            assert line not in code, f"hidden line shown: {line}"
     assert "#|" not in code
 
 
@@ -149,11 +165,15 @@ def test_parameter_table_has_the_notebooks_docments(dpo_site):
         for m in re.finditer(r"^def ([A-Za-z]\w*)\((.*?)\)\s*(?:->[^:]*)?:\s*\n", s, re.M | re.S):
             doc = re.search(rf"<div class=\"doc\" id=\"{m.group(1)}\">(.*?)</table>", page, re.S)
             assert doc, f"{m.group(1)}: no doc block with a parameter table"
-            rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", doc.group(1), re.S)
-            for p, comment in re.findall(r"^\s*(?:def \w+\()?(\w+)\s*(?::[^=,#\n]*)?(?:=[^#\n]*)?,?\s*#\s*(.+)$", m.group(2), re.M):
-                row = next((r for r in rows if html.unescape(re.sub("<[^>]+>", "", r[0])) == p), None)
+            cell = r"<td>(.*?)</td>"
+            found = re.findall(f"<tr>{cell * 4}</tr>", doc.group(1), re.S)
+            rows = [[text(x) for x in r] for r in found]
+            # one parameter on a line, then its comment: `name:type=default, # comment`
+            one = r"^\s*(?:def \w+\()?(\w+)\s*(?::[^=,#\n]*)?(?:=[^,#\n]*)?,?\s*#\s*(.+)$"
+            for p, comment in re.findall(one, m.group(2), re.M):
+                row = next((r for r in rows if r[0] == p), None)
                 assert row, f"{m.group(1)}: no row for parameter {p}"
-                assert html.unescape(re.sub("<[^>]+>", "", row[3])).strip() == comment.strip().replace("`", "")
+                assert row[3] == comment.strip().replace("`", ""), (m.group(1), p, row)
                 checked += 1
     assert checked >= 5, f"only {checked} documented parameters found in the dpo notebook"
 
@@ -187,7 +207,8 @@ def test_demo_report_is_built_from_the_committed_demo_inputs(tmp_path):
     src = json.loads((site.DEMO_REPORT / "source.json").read_text())
     page = site.demo_report(tmp_path).read_text(encoding="utf-8")
     title = re.search(r"<title>(.*?)</title>", page, re.S).group(1)
-    assert "demo" in title and src["date"] in html.unescape(title) and "mmrlhf demo" in html.unescape(title)
+    title = html.unescape(title)
+    assert "demo report" in title and src["date"] in title and src["command"] in title
     for f in ("before.json", "after.json"):
         assert html.escape(json.loads((site.DEMO_REPORT / f).read_text())["model"]) in page
     assert "made-up" not in page
@@ -196,9 +217,12 @@ def test_demo_report_is_built_from_the_committed_demo_inputs(tmp_path):
 def test_refresh_copies_a_demo_runs_report_inputs(tmp_path):
     run = tmp_path / "run"
     for src, name in site.DEMO_FILES.items():
-        (run / src).parent.mkdir(parents=True, exist_ok=True); shutil.copy(site.DEMO_REPORT / name, run / src)
+        (run / src).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(site.DEMO_REPORT / name, run / src)
     dest = site.refresh_demo_report(run, tmp_path / "inputs")
-    for src, name in site.DEMO_FILES.items(): assert (dest / name).read_bytes() == (run / src).read_bytes()
+    for src, name in site.DEMO_FILES.items():
+        assert (dest / name).read_bytes() == (run / src).read_bytes()
     assert json.loads((dest / "source.json").read_text())["command"].startswith("mmrlhf demo")
     (run / "reward" / "rewardbench.json").unlink()
-    with pytest.raises(site.SiteError, match="rewardbench.json"): site.refresh_demo_report(run, tmp_path / "again")
+    with pytest.raises(site.SiteError, match="rewardbench.json"):
+        site.refresh_demo_report(run, tmp_path / "again")

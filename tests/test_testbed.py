@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mmrlhf.world import make_query, query_media
-from mmrlhf.testbed import FAMILIES, build_tiny_vlm, chat_batch, generate_text, load_vlm, save_vlm
+from mmrlhf.models import chat_batch, generate_text, load_vlm, save_vlm
+from mmrlhf.testbed import FAMILIES, build_tiny_vlm
 
 QUERIES = [make_query(5, i) for i in range(40)]
 IMAGE_Q = next(q for q in QUERIES if q.category == "long")

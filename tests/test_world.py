@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mmrlhf.world import DEFECTS, SynthConfig, check_response, make_query, write_world
+from mmrlhf.configs import SynthConfig
+from mmrlhf.world import DEFECTS, check_response, make_query, write_world
 
 FAITHFULNESS = {k for k, (dim, _, _) in DEFECTS.items() if dim == "faithfulness"}
 
@@ -18,7 +19,8 @@ def digest(folder: Path) -> str:
 
 
 def test_same_seed_same_bytes_across_processes(tmp_path):
-    code = "import sys; from mmrlhf.world import SynthConfig, write_world; write_world(SynthConfig(out=sys.argv[1], n_queries=60, seed=11))"
+    code = ("import sys; from mmrlhf.configs import SynthConfig; from mmrlhf.world import write_world; "
+            "write_world(SynthConfig(out=sys.argv[1], n_queries=60, seed=11))")
     for name, hashseed in (("a", "1"), ("b", "2")):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, env={**os.environ, "PYTHONHASHSEED": hashseed})
     write_world(SynthConfig(out=str(tmp_path / "c"), n_queries=60, seed=12))
