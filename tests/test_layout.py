@@ -86,3 +86,15 @@ def test_configs_module_is_light():
     code = f"import sys, mmrlhf.configs; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_the_readme_map_says_what_each_room_imports():
+    "The table's last column is the import graph computed from the code (the roof rooms say 'anything below')."
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\|\s*`\d\d_\w+`\s*\|\s*`(\w+)`\s*\|.*\|\s*([^|]*?)\s*\|\s*$", readme, re.M)
+    g, order = graph(), notebook_order()
+    assert len(rows) == len(order)
+    for module, said in rows:
+        if said == "anything below": assert module in ROOF; continue
+        named = set() if said == "—" else {s.strip() for s in said.split(",")}
+        assert named == g[module], (module, named, g[module])
