@@ -13,7 +13,8 @@ import argparse, importlib, sys
 
 # %% ../nbs/19_cli.ipynb #0f2f0603
 import mmrlhf
-from .core import add_config_args, config_from_args, ConfigError, DataError, DataErrors
+from .core import (add_config_args, config_from_args, ConfigError, DataError, DataErrors,
+                         moved_names)
 from .configs import (AnnotateAgreementConfig, AnnotateConfig, AnnotateExportConfig,
                             CurateConfig, DemoConfig, EvalConfig, EvalRewardBenchConfig,
                             ExpandConfig, PairsConfig, RefLogpsConfig, ReportConfig,
@@ -103,3 +104,10 @@ def _run_as_module() -> bool:
     return __name__ == "__main__" and spec is not None and spec.name == "mmrlhf.cli"
 
 if _run_as_module(): sys.exit(main())
+
+# %% ../nbs/19_cli.ipynb #099a8799
+__getattr__ = moved_names("mmrlhf.cli", {
+    "checker_defects": "mmrlhf.world",
+    "run_demo": "mmrlhf.pipeline",
+    "run_synth": "mmrlhf.world",
+})

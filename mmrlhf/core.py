@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = ['opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config_args', 'config_from_args', 'seed_everything',
            'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps', 'DataError', 'DataErrors',
            'decode_json_line', 'json_line', 'read_jsonl', 'write_jsonl', 'resolve_image_path', 'load_image', 'mean_ci',
-           'last_complete_checkpoint', 'GlobalMeanTrainer', 'plugin']
+           'last_complete_checkpoint', 'GlobalMeanTrainer', 'plugin', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #939603ce
 import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, tempfile, types
@@ -452,3 +452,15 @@ def plugin(group:str, # an entry-point group, e.g. `mmrlhf.model_sources`
     from importlib.metadata import entry_points
     found = [ep for ep in entry_points(group=group) if ep.name == name]
     return found[0].load() if found else None
+
+# %% ../nbs/00_core.ipynb #cdfb64d2
+def moved_names(module:str, # the old home, e.g. `mmrlhf.schema`
+                moves:dict, # name -> its new module, e.g. {"run_pairs": "mmrlhf.formats"}
+               ):
+    "A module `__getattr__` that resolves each moved name from its new module, with a warning."
+    def __getattr__(name):
+        if name not in moves: raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        import importlib  # here: the new home is imported only when an old name is used
+        warnings.warn(f"{module}.{name} moved to {moves[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(moves[name]), name)
+    return __getattr__

@@ -30,8 +30,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 # %% ../nbs/12_dpo.ipynb #3cb25c26
 from .core import (atomic_dir, clean_stale_temps, ConfigError, DataError, GlobalMeanTrainer,
-                         last_complete_checkpoint, write_text)
-from .configs import MAX_LENGTH, DeltaPolicy, RefLogpsConfig, TrainDPOConfig
+                         last_complete_checkpoint, moved_names, write_text)
+from .configs import DeltaPolicy, MAX_LENGTH, RefLogpsConfig, TrainDPOConfig
 from .schema import pair_indices, query_medium, read_queries, write_queries
 from .models import apply_lora, load_base, save_vlm
 from .logprobs import encode_groups, freeze_vision, length_plan, response_logps
@@ -641,3 +641,8 @@ def run_train_dpo(cfg:TrainDPOConfig) -> Path:
         print(f"MM-DPO policy trained on {len(train)} queries "
               f"({sum(len(e.pairs) for e in train)} pairs) in {final}")
     return final
+
+# %% ../nbs/12_dpo.ipynb #975f0ee5
+__getattr__ = moved_names("mmrlhf.dpo", {
+    "world_dpo_examples": "mmrlhf.world",
+})

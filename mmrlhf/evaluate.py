@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 # %% ../nbs/14_evaluate.ipynb #af0eda06
-from .core import clean_stale_temps, ConfigError, plugin, write_text
+from .core import clean_stale_temps, ConfigError, moved_names, plugin, write_text
 from .configs import EvalConfig
 from .schema import query_medium, read_queries
 from .models import load_policy
@@ -31,7 +31,7 @@ from .curation import clip_model, dedup_index, Embedded, InMemory
 from .respond import (check_resume, decoding_settings, finished_predictions,
                             generate_predictions, input_fingerprints, item_medium,
                             model_fingerprint, read_benchmark)
-from .stats import compare_benchmarks, Score, score
+from .stats import compare_benchmarks, score, Score
 
 # %% ../nbs/14_evaluate.ipynb #68c81579
 _PUNCT = str.maketrans({c: " " for c in string.punctuation.replace("'", "")} | {"'": ""})
@@ -567,3 +567,23 @@ def run_eval(cfg:EvalConfig) -> dict:
     cfg.save(out / "eval-config.yaml")
     for (b, metric), s in sorted(run_scores(run).items()): print(f"{b:28} {metric:14} {s}")
     return run
+
+# %% ../nbs/14_evaluate.ipynb #2e13f69b
+__getattr__ = moved_names("mmrlhf.evaluate", {
+    "drop_torn_line": "mmrlhf.judge",
+    "read_reply_cache": "mmrlhf.judge",
+    "JudgeError": "mmrlhf.judge",
+    "StandInServer": "mmrlhf.judge",
+    "bootstrap_ci": "mmrlhf.stats",
+    "paired_bootstrap": "mmrlhf.stats",
+    "permutation_test": "mmrlhf.stats",
+    "mcnemar": "mmrlhf.stats",
+    "holm": "mmrlhf.stats",
+    "aggregate_seeds": "mmrlhf.stats",
+    "compare": "mmrlhf.stats",
+    "item_seed": "mmrlhf.respond",
+    "generate_batch": "mmrlhf.respond",
+    "settings_path": "mmrlhf.respond",
+    "RespondConfig": "mmrlhf.configs",
+    "run_respond": "mmrlhf.respond",
+})

@@ -28,7 +28,7 @@ from transformers import Trainer
 
 # %% ../nbs/11_reward.ipynb #2ad627b2
 from .core import (atomic_dir, clean_stale_temps, DataError, GlobalMeanTrainer,
-                         last_complete_checkpoint, mean_ci, read_jsonl, write_jsonl)
+                         last_complete_checkpoint, mean_ci, moved_names, read_jsonl, write_jsonl)
 from .configs import EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig
 from .schema import (DIMENSIONS, expand_pairs, joined_reasons, pair_indices, query_medium,
                            read_queries, write_queries)
@@ -705,3 +705,8 @@ def run_eval_rewardbench(cfg:EvalRewardBenchConfig) -> dict:
     metrics = rewardbench_metrics(results, seed=cfg.seed)
     print(json.dumps(metrics, indent=1))
     return metrics
+
+# %% ../nbs/11_reward.ipynb #c9372a36
+__getattr__ = moved_names("mmrlhf.reward", {
+    "world_reward_examples": "mmrlhf.world",
+})

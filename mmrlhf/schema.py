@@ -22,8 +22,8 @@ from typing import Iterator
 import numpy as np
 
 # %% ../nbs/02_schema.ipynb #a044d36e
-from .core import (atomic_dir, atomic_write, DataError, DataErrors,
-                         decode_json_line, json_line, load_image, mean_ci, read_jsonl,
+from .core import (atomic_dir, atomic_write, DataError, DataErrors, decode_json_line,
+                         json_line, load_image, mean_ci, moved_names, read_jsonl,
                          resolve_image_path)
 
 # %% ../nbs/02_schema.ipynb #93eda1d2
@@ -588,3 +588,11 @@ def load_groups(path):
                     f"query groups folder {why}; it is incomplete (a run stopped while writing "
                     "it?): "
                                       "write it again with `mmrlhf pairs`")
+
+# %% ../nbs/02_schema.ipynb #5e96905e
+__getattr__ = moved_names("mmrlhf.schema", {
+    "oracle_scores": "mmrlhf.world",
+    "oracle_annotate": "mmrlhf.world",
+    "PairsConfig": "mmrlhf.configs",
+    "run_pairs": "mmrlhf.formats",
+})
