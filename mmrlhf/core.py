@@ -12,8 +12,8 @@ __all__ = ['opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config
            'last_complete_checkpoint', 'GlobalMeanTrainer', 'plugin', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #939603ce
-import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, tempfile, types
-import typing
+import argparse, contextlib, dataclasses, functools, json, math, os, random, re, shutil, tempfile
+import types, typing
 import warnings
 from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
@@ -162,6 +162,7 @@ def add_config_args(parser:argparse.ArgumentParser, # the (sub)parser to fill
                         help="more settings, e.g. seed=3")
     return parser
 
+# %% ../nbs/00_core.ipynb #824a0b15
 def config_from_args(cls, # the `Config` subclass to build
                      args:argparse.Namespace, # parsed by a parser that `add_config_args` filled
                     ):
@@ -211,6 +212,7 @@ def write_text(path, text:str):
     "Write `text` to `path` atomically."
     with atomic_write(path) as f: f.write(text)
 
+# %% ../nbs/00_core.ipynb #c1d8f6cd
 def write_bytes(path, data:bytes):
     "Write `data` to `path` atomically."
     with atomic_write(path, "wb") as f: f.write(data)
@@ -307,6 +309,7 @@ def decode_json_line(raw:bytes, # one line of a JSONL file, as read
                         "missing one")
     return rec
 
+# %% ../nbs/00_core.ipynb #ed4ea869
 def json_line(rec:dict, # a JSON-serialisable record
               path, # the file it goes to, for the error
               n:int, # its record number in that file, for the error
@@ -319,6 +322,7 @@ def json_line(rec:dict, # a JSON-serialisable record
                          "infinite; "
                          "refusing to write invalid JSON") from None
 
+# %% ../nbs/00_core.ipynb #9be32b21
 def read_jsonl(path, # a file with one JSON object per line (UTF-8)
               ) -> typing.Iterator[tuple[int, dict]]:
     "Yield `(line_number, record)` for each non-blank line; the first bad line raises `DataError`."
@@ -327,6 +331,7 @@ def read_jsonl(path, # a file with one JSON object per line (UTF-8)
         for i, raw in enumerate(f, 1):
             if raw.strip(): yield i, decode_json_line(raw, path, i)
 
+# %% ../nbs/00_core.ipynb #31dfcb26
 def write_jsonl(path, # the file to write (atomically)
                 records:typing.Iterable[dict], # JSON-serialisable mappings, finite numbers only
                ) -> int:
@@ -351,6 +356,7 @@ def resolve_image_path(root, # the configured image root
                                                        f"root {root}")
     return full
 
+# %% ../nbs/00_core.ipynb #ea30652e
 def load_image(root, # the configured image root
                rel:str, # the image's path relative to `root`
               ):
@@ -444,6 +450,7 @@ class GlobalMeanTrainer:
         self.accelerator.wait_for_everyone()
 
 # %% ../nbs/00_core.ipynb #067f08c9
+@functools.cache  # entry points do not change while a process runs; looked up once per name
 def plugin(group:str, # an entry-point group, e.g. `mmrlhf.model_sources`
            name:str, # the entry point's name in that group, e.g. `tiny`
           ):
@@ -461,6 +468,7 @@ def moved_names(module:str, # the old home, e.g. `mmrlhf.schema`
     def __getattr__(name):
         if name not in moves: raise AttributeError(f"module {module!r} has no attribute {name!r}")
         import importlib  # here: the new home is imported only when an old name is used
-        warnings.warn(f"{module}.{name} moved to {moves[name]}.{name}", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"{module}.{name} moved to {moves[name]}.{name}", DeprecationWarning,
+                      stacklevel=2)
         return getattr(importlib.import_module(moves[name]), name)
     return __getattr__

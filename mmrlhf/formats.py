@@ -509,17 +509,18 @@ def write_pair_file(queries, # annotated `Query`s
                     extras:dict|None=None, # more fields per line (from the layout's reader)
                     pairs:dict|None=None, # the pairs per query id (from the layout's reader)
                    ) -> int:
-    "Write each query's lines in a pair layout to one file, atomically; return the number of lines."
+    "Write each query's lines in a pair layout to one file, atomically; return the line count."
     return write_jsonl(path, (rec for q in queries for rec in to_lines(q, extras, pairs)))
 
 # %% ../nbs/03_formats.ipynb #e214e79c
-def read_dpo_pairs(path, extras=None, pairs=None, default_category=None, keep_pairs=False) -> list[Query]:
+def read_dpo_pairs(path, extras=None, pairs=None, default_category=None,
+                   keep_pairs=False) -> list[Query]:
     "The query groups of a `dpo_pairs.jsonl` file (the options: `read_pair_file`)"
     return read_pair_file(path, group_pairs, extras, pairs, default_category, keep_pairs)
 
 # %% ../nbs/03_formats.ipynb #cd27e2aa
 def write_dpo_pairs(queries, path, extras=None, pairs=None) -> int:
-    "Write every pair of `queries` as `dpo_pairs.jsonl`, atomically; return the line count (the options: `write_pair_file`)"
+    "`write_pair_file` in the `dpo_pairs.jsonl` layout: every pair of `queries`, one per line."
     return write_pair_file(queries, path, to_dpo_pairs, extras, pairs)
 
 # %% ../nbs/03_formats.ipynb #eaff94b5
@@ -552,13 +553,14 @@ def from_reward_bench(records, # RewardBench lines: dicts, or `read_jsonl`'s (li
                     "reward_bench")
 
 # %% ../nbs/03_formats.ipynb #49bb9d25
-def read_reward_bench(path, extras=None, pairs=None, default_category=None, keep_pairs=False) -> list[Query]:
+def read_reward_bench(path, extras=None, pairs=None, default_category=None,
+                      keep_pairs=False) -> list[Query]:
     "The query groups of a RewardBench file (the options: `read_pair_file`)"
     return read_pair_file(path, from_reward_bench, extras, pairs, default_category, keep_pairs)
 
 # %% ../nbs/03_formats.ipynb #e9f90dac
 def write_reward_bench(queries, path, extras=None, pairs=None) -> int:
-    "Write `queries` as a RewardBench file, atomically; return the line count (the options: `write_pair_file`)"
+    "`write_pair_file` in the RewardBench layout: every pair of `queries`, one per line."
     return write_pair_file(queries, path, to_reward_bench, extras, pairs)
 
 # %% ../nbs/03_formats.ipynb #9c57674d
