@@ -226,8 +226,8 @@ class RespondConfig(Config):
     batch_size: int = opt(16, "queries per generate call")
     max_new_tokens: int = opt(256, "longest response")
     temperature: float = opt(0.7, "sampling temperature (0: greedy)")
-    seed: int = opt(0, "seed of sampling (model k, item i: from seed + k, i's id and the model) "
-                       "and of test-bed models")
+    seed: int = opt(0, "seed of sampling (model k, item i: seed + k, i's id and the model's "
+                       "weights) and of test-bed models")
 
 # %% ../nbs/01_configs.ipynb #11b96e7a
 @dataclass
@@ -380,7 +380,7 @@ class EvalConfig(Config):
     max_new_tokens: int = opt(96, "longest answer")
     system: str|None = opt(None, "a system message")
     temperature: float = opt(0.0, "0: greedy; above 0, each item is sampled from its own seed "
-                                  "(seed, id, model)")
+                                  "(seed, id, the model's weights)")
     checker: str = opt("shapes", "grader of items that carry a `truth` field: an installed "
                                  "`mmrlhf.checkers` entry point (shapes: the shapes world's)")
     judge_url: str|None = opt(None, "an OpenAI-compatible endpoint (e.g. "

@@ -236,12 +236,12 @@ def generate_predictions(model, processor,
                          max_new_tokens:int=96, # longest answer
                          system:str|None=None, # a system message
                          temperature:float=0.0, # 0: greedy
-                         seed:int=0, # seed of sampling (an item's is `item_seed(seed, id, name)`)
+                         seed:int=0, # seed of sampling (an item's: `item_seed(seed, id, weights)`)
                          source=None, # the benchmark file, for error messages
                          progress:bool=True, # print progress
-                         name:str="", # the model's name, part of each item's seed
+                         name:str="", # the model's name (recorded; seeds items when no `weights`)
                          top_p:float=1.0, # nucleus sampling's probability mass (temperature > 0)
-                         weights:str|None=None, # a fingerprint of the model's weights, recorded
+                         weights:str|None=None, # the weights' fingerprint: recorded; seeds items
                          fingerprints:dict|None=None, # `input_fingerprints(items, image_root)`
                         ) -> dict:
     "id -> the model's answer for every item, generated once; a resumed run writes the same file."
@@ -260,7 +260,7 @@ def generate_predictions(model, processor,
             chunk = items[s:s + batch_size]  # cut from the whole list: the same batches every run
             if all(it["id"] in done for it in chunk): continue
             media = [item_medium(it, image_root, source) for it in chunk]
-            seeds = [item_seed(seed, it["id"], name) for it in chunk]
+            seeds = [item_seed(seed, it["id"], weights or name) for it in chunk]
             prompts = [it["question"] for it in chunk]
             answers = generate_batch(model, processor, media, prompts, seeds, max_new_tokens,
                                      system, temperature, top_p)

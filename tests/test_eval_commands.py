@@ -173,6 +173,20 @@ def test_sampled_answers_do_not_depend_on_the_batch_split(tmp_path):
     assert (tmp_path / "p6.jsonl").read_bytes() == (tmp_path / "p1.jsonl").read_bytes()
 
 
+def test_sampled_answers_follow_the_weights_not_the_folder(tmp_path):
+    "One model saved in two folders draws the same sampled answers; other weights draw others."
+    pool = write_world(SynthConfig(out=str(tmp_path / "pool"), n_queries=6, seed=3))
+    for name, seed in (("a", 0), ("elsewhere/b", 0), ("c", 1)):
+        save_vlm(*build_tiny_vlm("llava_onevision", "tiny", seed=seed), tmp_path / "models" / name)
+    def answers(name):
+        out = tmp_path / "respond" / name.replace("/", "-")
+        run_respond(RespondConfig(data=str(pool), models=[str(tmp_path / "models" / name)], out=str(out),
+                                  max_new_tokens=8, batch_size=3, temperature=1.0, seed=4))
+        return (out / "answers-0.jsonl").read_bytes()
+    a, b, c = answers("a"), answers("elsewhere/b"), answers("c")
+    assert a == b and a != c
+
+
 def test_predictions_file_bad_bytes_and_a_torn_character(tmp_path):
     bench = write_world(SynthConfig(out=str(tmp_path / "w"), n_queries=3, seed=1))
     items = read_benchmark(bench)
