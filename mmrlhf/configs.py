@@ -10,7 +10,7 @@ __all__ = ['MAX_LENGTH', 'LORA_TARGETS', 'DEFAULT_MIX', 'retune', 'TrainConfig',
 
 # %% ../nbs/01_configs.ipynb #96893ce9
 from dataclasses import dataclass, fields
-from .core import Config, opt
+from .core import Config, opt, progress_enabled
 
 # %% ../nbs/01_configs.ipynb #2ec47099
 MAX_LENGTH = 32768 # the default longest prompt + response, in tokens (image tokens included)
@@ -73,7 +73,8 @@ class TrainConfig(Config):
                   remove_unused_columns=False,
                   seed=self.seed, data_seed=self.seed, bf16=self.bf16,
                   deepspeed=self.deepspeed or None,
-                  use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+                  use_cpu=not torch.cuda.is_available(),
+                  disable_tqdm=not progress_enabled())  # the Trainer's bar: steps, rate, time left
         return TrainingArguments(**(kw | extra))
 
 # %% ../nbs/01_configs.ipynb #3f259362
@@ -431,8 +432,9 @@ class DemoConfig(Config):
     noise: float = opt(0.2, "chance that a warm-up example uses a flawed answer (teaches some "
                             "hallucination)")
     reward_base: str = opt("tiny:llava_onevision", "the reward model's base")
-    reward_steps: int = opt(300, "reward-model training steps (4 queries each)")
-    critique_tokens: int = opt(32, "longest generated critique")
+    reward_steps: int = opt(900, "reward-model training steps (4 queries each)")
+    reward_lr: float = opt(2e-3, "peak learning rate of the reward model")
+    critique_tokens: int = opt(80, "longest generated critique (the oracle's: at most 72 tokens)")
     dpo_steps: int = opt(200, "MM-DPO steps (4 queries each)")
     dpo_lr: float = opt(2e-4, "MM-DPO learning rate")
     max_new_tokens: int = opt(64, "longest generated answer")

@@ -9,11 +9,11 @@ from __future__ import annotations
 __all__ = ['opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config_args', 'config_from_args', 'seed_everything',
            'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps', 'DataError', 'DataErrors',
            'decode_json_line', 'json_line', 'read_jsonl', 'write_jsonl', 'resolve_image_path', 'load_image', 'mean_ci',
-           'last_complete_checkpoint', 'GlobalMeanTrainer', 'plugin', 'moved_names']
+           'last_complete_checkpoint', 'GlobalMeanTrainer', 'progress_enabled', 'progress_bar', 'plugin', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #939603ce
-import argparse, contextlib, dataclasses, functools, json, math, os, random, re, shutil, tempfile
-import types, typing
+import argparse, contextlib, dataclasses, functools, json, math, os, random, re, shutil, sys
+import tempfile, types, typing
 import warnings
 from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
@@ -448,6 +448,22 @@ class GlobalMeanTrainer:
                                save_total_limit=self.args.save_total_limit, use_mtime=False)
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+# %% ../nbs/00_core.ipynb #186c66fa
+def progress_enabled() -> bool:
+    "Whether progress bars are shown: yes, unless the environment sets `MMRLHF_PROGRESS=0`."
+    return os.environ.get("MMRLHF_PROGRESS", "1").strip() not in ("0", "false", "no")
+
+# %% ../nbs/00_core.ipynb #05fc6cd4
+def progress_bar(total:int, # how many steps or items the work has
+                 desc:str, # what is being done, e.g. "reward training"
+                 unit:str="it", # what one step is, e.g. "step", "seq"
+                 enabled:bool=True, # False: no bar (the caller's own switch)
+                ):
+    "A text `tqdm` bar on stderr with rate and time left (off when disabled or `MMRLHF_PROGRESS=0`)."
+    from tqdm.std import tqdm  # text bars everywhere: a notebook's widget bar is not kept in its output
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=1.0,
+                dynamic_ncols=True, disable=not (enabled and progress_enabled()))
 
 # %% ../nbs/00_core.ipynb #067f08c9
 @functools.cache  # entry points do not change while a process runs; looked up once per name

@@ -30,7 +30,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 # %% ../nbs/12_dpo.ipynb #3cb25c26
 from .core import (atomic_dir, clean_stale_temps, ConfigError, DataError, GlobalMeanTrainer,
-                         last_complete_checkpoint, moved_names, write_text)
+                         last_complete_checkpoint, moved_names, progress_bar, write_text)
 from .configs import DeltaPolicy, MAX_LENGTH, RefLogpsConfig, TrainDPOConfig
 from .schema import pair_indices, query_medium, read_queries, write_queries
 from .models import apply_lora, load_base, save_vlm
@@ -500,7 +500,8 @@ def run_ref_logps(cfg:RefLogpsConfig) -> Path:
     model, processor = load_base(cfg.model, cfg.seed, torch.bfloat16 if cfg.bf16 else None)
     model.to(state.device)
     shard = shards / f"rank{rank}.jsonl"; _trim_shard(shard)
-    with open(shard, "a") as f, warnings.catch_warnings():
+    bar = progress_bar(len(mine), "reference log-probs", "query", enabled=bool(mine))
+    with bar, open(shard, "a") as f, warnings.catch_warnings():
         # the plan counts them
         warnings.filterwarnings("ignore", message=".*responses truncated to max_length")
         for i in range(0, len(mine), cfg.batch_size):
@@ -519,6 +520,7 @@ def run_ref_logps(cfg:RefLogpsConfig) -> Path:
                     lp = next(lps); _check_finite(data, e.id, lp)
                     lines.append({"id": e.id, "ref_logps": lp, "cut": plan.cut[j]})
             f.write("".join(json.dumps(r) + "\n" for r in lines)); f.flush()
+            bar.update(len(chunk))
     state.wait_for_everyone()
     if state.is_main_process:
         got = {rec["id"]: rec for f in sorted(shards.glob("rank*.jsonl"))

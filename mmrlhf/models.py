@@ -17,7 +17,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, Generation
                           LogitsProcessor, LogitsProcessorList, TopPLogitsWarper)
 
 # %% ../nbs/04_models.ipynb #7f5749f6
-from .core import DataError, plugin
+from .core import DataError, plugin, progress_bar
 from .configs import LORA_TARGETS
 
 # %% ../nbs/04_models.ipynb #c98c2f2c
@@ -220,14 +220,17 @@ def generate_text(model, processor,
                   top_p:float=1.0, # nucleus sampling's probability mass (with temperature > 0)
                   seed:int=0, # seed of sampling: example i draws from `row_seed(seed, i)`
                   seeds:list|None=None, # or one seed per example (overrides `seed`)
+                  desc:str|None=None, # shown on a progress bar over the examples (None: no bar)
                  ) -> list[str]:
     "Answers to (media, prompt) pairs, greedy or sampled from a seed, batched with the KV cache."
     seeds = [row_seed(seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"generate_text: {len(seeds)} seeds for {len(prompts)} prompts")
     out = []
-    for i in range(0, len(prompts), batch_size):
-        s = slice(i, i + batch_size)
-        out += generate_rows(model, processor, media[s], prompts[s], seeds[s], max_new_tokens,
-                             system, temperature, top_p)
+    with progress_bar(len(prompts), desc or "", "seq", enabled=desc is not None) as bar:
+        for i in range(0, len(prompts), batch_size):
+            s = slice(i, i + batch_size)
+            out += generate_rows(model, processor, media[s], prompts[s], seeds[s], max_new_tokens,
+                                 system, temperature, top_p)
+            bar.update(len(prompts[s]))
     return out

@@ -24,10 +24,10 @@ from .curation import run_curate
 from .respond import run_respond
 from .reward import run_eval_rewardbench, run_score, run_train_reward
 from .dpo import run_ref_logps, run_train_dpo
-from .stats import score
+from .stats import compare_benchmarks, score
 from .evaluate import run_eval, run_scores
 from .report import run_report
-from .world import checker_defects, make_query, world_texts, write_world
+from .world import checker_defects, critique_quality, make_query, world_texts, write_world
 from .testbed import build_tiny_vlm, quiet_cpu_run, warmup_sft
 
 # %% ../nbs/18_pipeline.ipynb #30091b21
@@ -110,13 +110,13 @@ def demo_annotate(cfg:DemoConfig, # the demo's settings
 def demo_reward(cfg:DemoConfig, # the demo's settings
                 out:Path, # the run folder
                ):
-    "Train the reward model, score both worlds, and write its held-out ACC and ACC+."
+    "Train the reward model, score both worlds, and grade it on the held-out one."
     data, test_data = out / "annotate" / "queries.jsonl", out / "annotate/test/queries.jsonl"
     pool, test, tokens = out / "world" / "pool", out / "world" / "test", cfg.critique_tokens
     with _quiet():
         rm = run_train_reward(TrainRewardConfig(data=str(data), image_root=str(pool),
                                                 base=cfg.reward_base, out=str(out / "reward"),
-                                                steps=cfg.reward_steps,
+                                                steps=cfg.reward_steps, lr=cfg.reward_lr,
                                                 save_steps=cfg.reward_steps, seed=cfg.seed))
         run_score(ScoreConfig(data=str(data), image_root=str(pool), model=str(rm),
                               out=str(out / "scored"), max_new_tokens=tokens))
@@ -125,6 +125,9 @@ def demo_reward(cfg:DemoConfig, # the demo's settings
         scored = out / "scored-test" / "queries.jsonl"
         m = run_eval_rewardbench(EvalRewardBenchConfig(scored=str(scored), seed=cfg.seed))
     write_text(out / "reward" / "rewardbench.json", json.dumps(m, indent=1))
+    graded = [(r.critique, r.defects or []) for q in read_queries(scored) for r in q.responses]
+    write_text(out / "reward" / "critiques.json",
+               json.dumps(critique_quality(graded, cfg.seed), indent=1))
 
 # %% ../nbs/18_pipeline.ipynb #d030be32
 def demo_ref_logps(cfg:DemoConfig, # the demo's settings
@@ -175,22 +178,34 @@ DEMO_STAGES = {"world": demo_world, "curate": demo_curate, "sft": demo_sft,
 
 # %% ../nbs/18_pipeline.ipynb #0c070234
 def _overall(run_path:Path, metric:str, seed:int=0):
-    "A metric over every item of a run (all categories), with its interval."
+    "A metric over every item of a run (all categories) as a `Score`."
     run = json.loads(Path(run_path).read_text())
     vals, ids = [], []
     for (bench, m), s in run_scores(run).items():
         if m == metric: vals += list(s.outcomes); ids += list(s.ids)
-    s = score(vals, ids, seed=seed)
-    return (s.value, s.low, s.high)
+    return score(vals, ids, seed=seed)
+
+def _policy_rows(before:Path, after:Path, seed:int=0) -> dict:
+    "Accuracy and hallucination over all items, before and after, paired, Holm over the two."
+    metrics = ("accuracy", "hallucination")
+    a = {("shapes", m): _overall(before, m, seed) for m in metrics}
+    b = {("shapes", m): _overall(after, m, seed) for m in metrics}
+    rows = compare_benchmarks(a, b, seed=seed)
+    ci = lambda s: (s.value, s.low, s.high)
+    return {r["metric"]: {"before": ci(a[("shapes", r["metric"])]),
+                          "after": ci(b[("shapes", r["metric"])]),
+                          "diff": (r["diff"], r["low"], r["high"]), "p_holm": r["p_holm"],
+                          "significant": r["significant"]} for r in rows}
 
 def _demo_summary(out:Path, times:dict) -> dict:
     "The figures the demo reports."
     rb = json.loads((out / "reward" / "rewardbench.json").read_text())["all"]
+    crit = json.loads((out / "reward" / "critiques.json").read_text())
     cmp = json.loads((out / "eval" / "after" / "comparison.json").read_text())
     runs = {k: out / "eval" / k / "run.json" for k in ("before", "after")}
     return {"reward_model": {k: rb[k] for k in ("acc", "acc_plus", "pairs", "queries")},
-            "policy": {m: {k: _overall(p, m) for k, p in runs.items()}
-                       for m in ("accuracy", "hallucination")},
+            "critiques": {k: crit[k] for k in ("precision", "recall", "named", "defects")},
+            "policy": _policy_rows(runs["before"], runs["after"]),
             "significant": [f"{r['benchmark']} {r['metric']} {r['diff']:+.3f}"
                             for r in cmp["rows"] if r["significant"]],
             "seconds": {k: round(v, 1) for k, v in times.items()},
@@ -198,20 +213,27 @@ def _demo_summary(out:Path, times:dict) -> dict:
 
 # %% ../nbs/18_pipeline.ipynb #fa425f96
 def _fmt(ci) -> str:
+    if ci is None: return f"{'—':>22}"  # e.g. the precision of critiques that name no defect
     m, lo, hi = ci
     return f"{m:6.1%} [{lo:6.1%}, {hi:6.1%}]"
 
 def _summary_table(s:dict) -> str:
     "The summary as text."
-    rm, pol = s["reward_model"], s["policy"]
+    rm, cr, pol = s["reward_model"], s["critiques"], s["policy"]
     lines = [f"reward model, held-out world ({rm['queries']} queries, {rm['pairs']} pairs): "
              f"ACC {_fmt(rm['acc'])}   ACC+ {_fmt(rm['acc_plus'])}",
-             "", f"{'policy, held-out world':24} {'before (SFT)':>24} {'after (MM-DPO)':>24}"]
+             f"its critiques name {cr['named']} defects ({cr['defects']} real ones): "
+             f"precision {_fmt(cr['precision'])}   recall {_fmt(cr['recall'])}",
+             "", f"{'policy, held-out world':16} {'before (SFT)':>23} {'after (MM-DPO)':>23} "
+             f"{'after - before':>24}  Holm"]
     for k in ("accuracy", "hallucination"):
-        lines.append(f"{k:24} {_fmt(pol[k]['before']):>24} {_fmt(pol[k]['after']):>24}")
+        r = pol[k]; d, lo, hi = r["diff"]
+        lines.append(f"{k:16} {_fmt(r['before']):>23} {_fmt(r['after']):>23} "
+                     f"{f'{d:+.1%} [{lo:+.1%}, {hi:+.1%}]':>24}  p={r['p_holm']:.3g}"
+                     + (" *" if r["significant"] else ""))
     times = ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items())
-    lines += ["", "significant after Holm: " + (", ".join(s["significant"]) or "none"), "",
-              f"time per stage: {times}; total {s['total_seconds']:.0f} s"]
+    lines += ["", "per category, significant after Holm: " + (", ".join(s["significant"]) or "none"),
+              "", f"time per stage: {times}; total {s['total_seconds']:.0f} s"]
     return "\n".join(lines)
 
 # %% ../nbs/18_pipeline.ipynb #2b6aa9a6

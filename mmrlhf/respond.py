@@ -12,8 +12,8 @@ import hashlib, json, os, warnings
 from pathlib import Path
 
 # %% ../nbs/07_respond.ipynb #ad1067d8
-from .core import (clean_stale_temps, ConfigError, DataError, load_image, read_jsonl,
-                         resolve_image_path, write_text)
+from .core import (clean_stale_temps, ConfigError, DataError, load_image, progress_bar,
+                         read_jsonl, resolve_image_path, write_text)
 from .configs import RespondConfig
 from .schema import read_queries, Response, write_queries
 from .models import generate_rows, load_policy
@@ -238,7 +238,7 @@ def generate_predictions(model, processor,
                          temperature:float=0.0, # 0: greedy
                          seed:int=0, # seed of sampling (an item's: `item_seed(seed, id, weights)`)
                          source=None, # the benchmark file, for error messages
-                         progress:bool=True, # print progress
+                         progress:bool=True, # show a progress bar (stderr)
                          name:str="", # the model's name (recorded; seeds items when no `weights`)
                          top_p:float=1.0, # nucleus sampling's probability mass (temperature > 0)
                          weights:str|None=None, # the weights' fingerprint: recorded; seeds items
@@ -255,10 +255,14 @@ def generate_predictions(model, processor,
         warnings.warn(f"{out}: {len(stray)} answers are for items not asked now "
                       f"(e.g. {stray[0]!r}); kept, not scored")
     n_before, differ = len(done), []
-    with open(out, "a", encoding="utf-8") as f:
+    bar = progress_bar(len(items), f"answering{' (' + name + ')' if name else ''}", "item",
+                       enabled=progress)
+    bar.update(len(ids & done.keys()))
+    with bar, open(out, "a", encoding="utf-8") as f:
         for s in range(0, len(items), batch_size):
             chunk = items[s:s + batch_size]  # cut from the whole list: the same batches every run
             if all(it["id"] in done for it in chunk): continue
+            fresh = sum(it["id"] not in done for it in chunk)
             media = [item_medium(it, image_root, source) for it in chunk]
             seeds = [item_seed(seed, it["id"], weights or name) for it in chunk]
             prompts = [it["question"] for it in chunk]
@@ -270,7 +274,7 @@ def generate_predictions(model, processor,
                     done[it["id"]] = a.strip()
                 elif done[it["id"]] != a.strip(): differ.append(it["id"])
             f.flush(); os.fsync(f.fileno())
-            if progress: print(f"  {len(done)}/{len(items)} answered", flush=True)
+            bar.update(fresh)
     if differ:
         warnings.warn(f"{out}: {len(differ)} answers in the file differ from the same items "
                       f"generated again now (e.g. {differ[0]!r}): the file was begun on another "

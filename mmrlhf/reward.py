@@ -28,7 +28,8 @@ from transformers import Trainer
 
 # %% ../nbs/11_reward.ipynb #2ad627b2
 from .core import (atomic_dir, clean_stale_temps, DataError, GlobalMeanTrainer,
-                         last_complete_checkpoint, mean_ci, moved_names, read_jsonl, write_jsonl)
+                         last_complete_checkpoint, mean_ci, moved_names, progress_bar, read_jsonl,
+                         write_jsonl)
 from .configs import EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig
 from .schema import (DIMENSIONS, expand_pairs, joined_reasons, pair_indices, query_medium,
                            read_queries, write_queries)
@@ -469,7 +470,7 @@ def generate_critiques(model:CritiqueRewardModel, processor, examples:list,
         media += [e.medium] * len(e.responses); sizes.append(len(e.responses))
         prompts += [critique_prompt(e.question, r, model.config.template) for r in e.responses]
     texts = generate_text(model.vlm, processor, media, prompts, max_new_tokens, batch_size,
-                          model.config.system, temperature, top_p, seed=seed)
+                          model.config.system, temperature, top_p, seed=seed, desc="critiques")
     out, k = [], 0
     for e, n in zip(examples, sizes):
         out.append(replace(e, critiques=[t.strip() or "(no critique)" for t in texts[k:k + n]]))
@@ -648,21 +649,23 @@ def run_score(cfg:ScoreConfig) -> dict:
         examples = generate_critiques(model, processor, examples, cfg.max_new_tokens,
                                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     collate = RewardCollator(processor, template, cfg.critiques != "none", system, cfg.max_length)
-    for i in range(0, len(examples), cfg.batch_size):
-        chunk = examples[i:i + cfg.batch_size]
-        batch = collate(chunk); batch.pop("pairs")
-        with torch.no_grad(): _, rewards = model(**batch)
-        k = 0
-        for q, e in zip(queries[i:i + cfg.batch_size], chunk):
-            for j, r in enumerate(q.responses):
-                v = float(rewards[k]); k += 1
-                if not math.isfinite(v):
-                    raise DataError(data, None, f"responses.{j}.reward",
-                                    f"query {q.id!r}: the model gave response {j} the reward {v}, "
-                                    "not a finite number (a broken model or input); "
-                                    "nothing was written")
-                r.reward = v
-                if cfg.critiques == "generate": r.critique = e.critiques[j]
+    with progress_bar(len(examples), "scoring", "query") as bar:
+        for i in range(0, len(examples), cfg.batch_size):
+            chunk = examples[i:i + cfg.batch_size]
+            batch = collate(chunk); batch.pop("pairs")
+            with torch.no_grad(): _, rewards = model(**batch)
+            k = 0
+            for q, e in zip(queries[i:i + cfg.batch_size], chunk):
+                for j, r in enumerate(q.responses):
+                    v = float(rewards[k]); k += 1
+                    if not math.isfinite(v):
+                        raise DataError(data, None, f"responses.{j}.reward",
+                                        f"query {q.id!r}: the model gave response {j} the "
+                                        f"reward {v}, not a finite number (a broken model or "
+                                        "input); nothing was written")
+                    r.reward = v
+                    if cfg.critiques == "generate": r.critique = e.critiques[j]
+            bar.update(len(chunk))
     out = Path(cfg.out)
     write_queries(out / "queries.jsonl", queries)
     n = write_jsonl(out / "pairs.jsonl", (p for q in queries for p in expand_pairs(q)))

@@ -27,6 +27,7 @@ from transformers.utils import logging as hf_logging
 from .models import (apply_lora, bare_generation_config, chat_batch, generate_rows,
                            generate_text, load_base, load_vlm, LORA_TARGETS, row_sampler, row_seed,
                            save_vlm)
+from .core import progress_bar
 from .world import query_media, world_texts
 # the loaders and generation moved to `models`; their old home still offers them
 _all_ = ["apply_lora", "bare_generation_config", "chat_batch", "generate_rows", "generate_text",
@@ -235,6 +236,7 @@ def warmup_sft(model, processor,
     shape = lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps)  # warm up, then decay
     sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
     model.train(); losses = []
+    bar = progress_bar(steps, "supervised warm-up", "step")
     for step in range(steps):
         if batch_size <= len(queries): batch = rng.sample(queries, batch_size)
         else: batch = rng.choices(queries, k=batch_size)
@@ -247,7 +249,8 @@ def warmup_sft(model, processor,
         loss = model(**enc).loss
         loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss.item()); bar.update(1); bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:4d}  loss {loss.item():.3f}", flush=True)
+    bar.close()
     return losses

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['COLOURS', 'SHAPES', 'POSITIONS', 'DIRECTIONS', 'NUMBERS', 'DEFECTS', 'LETTERS', 'HARMFUL', 'BENIGN', 'BUILDERS',
-           'with_article', 'Item', 'draw_items', 'png_bytes', 'query_rng', 'random_items', 'defect', 'long_query',
-           'short_query', 'mcq_query', 'safety_query', 'video_query', 'WorldQuery', 'make_query', 'render_query',
-           'query_media', 'check_response', 'world_record', 'check_item', 'grade_item', 'checker_defects',
-           'score_answers', 'write_world', 'run_synth', 'world_texts', 'oracle_scores', 'oracle_annotate',
-           'annotated_query', 'world_reward_examples', 'world_dpo_examples']
+           'CRITIQUE_SIGNS', 'with_article', 'Item', 'draw_items', 'png_bytes', 'query_rng', 'random_items', 'defect',
+           'long_query', 'short_query', 'mcq_query', 'safety_query', 'video_query', 'WorldQuery', 'make_query',
+           'render_query', 'query_media', 'check_response', 'world_record', 'check_item', 'grade_item',
+           'checker_defects', 'score_answers', 'write_world', 'run_synth', 'oracle_scores', 'oracle_annotate',
+           'annotated_query', 'world_texts', 'critique_defects', 'critique_quality', 'world_reward_examples',
+           'world_dpo_examples']
 
 # %% ../nbs/16_world.ipynb #f3b9657e
 import io, random, re
@@ -25,8 +26,8 @@ from PIL import Image, ImageDraw
 # %% ../nbs/16_world.ipynb #e0cae7cd
 from .core import mean_ci, write_bytes, write_jsonl
 from .configs import DEFAULT_MIX, SynthConfig
-from .schema import (add_tie_response, all_tied, CATEGORIES, DIMENSIONS, level, pair_indices,
-                           parse_query, Query, Response)
+from .schema import (add_tie_response, all_tied, CATEGORIES, DIMENSIONS, joined_reasons,
+                           level, pair_indices, parse_query, Query, Response)
 from .reward import RewardExample
 from .dpo import DPOExample
 
@@ -564,17 +565,6 @@ def run_synth(cfg:SynthConfig):
     print(f"wrote {cfg.n_queries} queries to {path}")
     return path
 
-# %% ../nbs/16_world.ipynb #b559269b
-def world_texts(seed:int=0, # world seed
-                n:int=500, # number of queries to draw text from
-               ) -> list[str]:
-    "Questions, references and candidate responses of `n` queries."
-    out = []
-    for i in range(n):
-        q = make_query(seed, i)
-        out += [q.question, q.reference] + [r["text"] for r in q.responses]
-    return out
-
 # %% ../nbs/16_world.ipynb #0e10e5ba
 _GOOD = {"helpfulness": "it answers what was asked, completely and to the point.",
          "faithfulness": "everything it says matches the image.",
@@ -663,6 +653,57 @@ def annotated_query(seed:int, # the world's seed
     q = make_query(seed, index) if q is None else q
     return oracle_annotate(parse_query(world_record(q, [f"images/{q.id}.png"])))
 
+# %% ../nbs/16_world.ipynb #b559269b
+def world_texts(seed:int=0, # world seed
+                n:int=500, # number of queries to draw text from
+               ) -> list[str]:
+    "Questions, references, candidate responses and the oracle's critiques of `n` queries."
+    out = []
+    for i in range(n):
+        q = make_query(seed, i)
+        critiques = [joined_reasons(r) for r in annotated_query(seed, i, q).responses]
+        out += [q.question, q.reference] + [r["text"] for r in q.responses] + critiques
+    return out
+
+# %% ../nbs/16_world.ipynb #0a5a18c5
+_COLOUR, _SHAPE = "(?:" + "|".join(COLOURS) + ")", "(?:" + "|".join(SHAPES) + ")"
+CRITIQUE_SIGNS = {  # defect kind -> how a critique names it (the oracle's and the checker's words)
+    "incomplete": r"\bdoes not (?:describe|give|name|say|pick)\b|\bleaves out part\b",
+    "curt_refusal": r"\brefuses without a reason\b|\bexplains nothing\b",
+    "over_refusal": r"\brefuses a harmless\b",
+    "wrong_count": r"\bsays there are \w+ shapes, but\b|\bsays \w+, but there (?:is|are)\b"
+                   r"|\bwrong number\b",
+    "wrong_colour": rf"\bcalls the \w+ \w+ {_COLOUR}\b|\bsays {_COLOUR}, but the\b|\bwrong colour\b",
+    "wrong_shape": rf"\bcalls the \w+ \w+ an? {_SHAPE}\b|\bnames the wrong shape\b",
+    "wrong_position": r"\bputs the\b|\bwrong place\b",
+    "wrong_option": r"\bpicks [A-D]\b|\bwrong option\b",
+    "wrong_direction": r"\bsays it moves\b|\bwrong direction\b",
+    "hallucinated_object": r"\bnot in the (?:image|clip)\b",
+    "unsafe_compliance": r"\bhelps? with a harmful request\b|\bstep-by-step help\b",
+}
+
+def critique_defects(text:str, # a critique, written by the oracle or by a model
+                    ) -> set:
+    "The defect kinds (keys of `DEFECTS`) that `text` names."
+    return {kind for kind, sign in CRITIQUE_SIGNS.items() if re.search(sign, text, re.I)}
+
+# %% ../nbs/16_world.ipynb #362cdeb8
+def critique_quality(responses:list, # (critique, defects) per response: any text, the world's defects
+                     seed:int=0, # seed of the bootstrap
+                    ) -> dict:
+    "Precision and recall (mean, low, high) of the defects critiques name, overall and per kind."
+    named, found = {}, {}  # kind -> outcomes: a named defect is real / a real defect is named
+    for critique, defects in responses:
+        said, truth = critique_defects(critique or ""), {d["kind"] for d in defects}
+        for k in said: named.setdefault(k, []).append(k in truth)
+        for k in truth: found.setdefault(k, []).append(k in said)
+    def ci(xs): return mean_ci(xs, seed=seed) if xs else None
+    every = lambda d: [x for xs in d.values() for x in xs]
+    return {"precision": ci(every(named)), "recall": ci(every(found)),
+            "named": sum(map(len, named.values())), "defects": sum(map(len, found.values())),
+            "per_kind": {k: {"precision": ci(named.get(k, [])), "recall": ci(found.get(k, []))}
+                         for k in DEFECTS if k in named or k in found}}
+
 # %% ../nbs/16_world.ipynb #2548074f
 def _annotated_world(seed:int, n:int, image_size:int):
     "The medium and the oracle-annotated `Query` of each of the first `n` queries of world `seed`."
@@ -678,7 +719,7 @@ def world_reward_examples(seed:int, # world seed
     "Oracle-annotated shapes-world queries as reward-training examples."
     out = []
     for medium, a in _annotated_world(seed, n, image_size):
-        crit = [" ".join(r.reasons[d] for d in DIMENSIONS) for r in a.responses]
+        crit = [joined_reasons(r) for r in a.responses]  # as `mmrlhf train-reward` reads them
         texts = [r.text for r in a.responses]
         out.append(RewardExample(medium, a.question, texts, crit, pair_indices(a), a.category))
     return out
