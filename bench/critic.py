@@ -122,7 +122,7 @@ def main():
     meta = {"machine": cpu, "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
             "command": "bench/critic.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
-                                                     if k not in ("rows", "out")), "torch": torch.__version__}
+                                                     if k not in ("rows", "out", "dry")), "torch": torch.__version__}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("wrote", out)
 

@@ -460,8 +460,8 @@ def progress_bar(total:int, # how many steps or items the work has
                  unit:str="it", # what one step is, e.g. "step", "seq"
                  enabled:bool=True, # False: no bar (the caller's own switch)
                 ):
-    "A text `tqdm` bar on stderr with rate and time left (off when disabled or `MMRLHF_PROGRESS=0`)."
-    from tqdm.std import tqdm  # text bars everywhere: a notebook's widget bar is not kept in its output
+    "A text `tqdm` bar on stderr: rate and time left (off if disabled or `MMRLHF_PROGRESS=0`)."
+    from tqdm.std import tqdm  # a text bar everywhere: a widget bar is not kept in a notebook
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=1.0,
                 dynamic_ncols=True, disable=not (enabled and progress_enabled()))
 

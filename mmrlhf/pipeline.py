@@ -232,7 +232,8 @@ def _summary_table(s:dict) -> str:
                      f"{f'{d:+.1%} [{lo:+.1%}, {hi:+.1%}]':>24}  p={r['p_holm']:.3g}"
                      + (" *" if r["significant"] else ""))
     times = ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items())
-    lines += ["", "per category, significant after Holm: " + (", ".join(s["significant"]) or "none"),
+    per_category = ", ".join(s["significant"]) or "none"
+    lines += ["", "per category, significant after Holm: " + per_category,
               "", f"time per stage: {times}; total {s['total_seconds']:.0f} s"]
     return "\n".join(lines)
 

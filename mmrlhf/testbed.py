@@ -249,7 +249,8 @@ def warmup_sft(model, processor,
         loss = model(**enc).loss
         loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        losses.append(loss.item()); bar.update(1); bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        losses.append(loss.item())
+        bar.update(1); bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:4d}  loss {loss.item():.3f}", flush=True)
     bar.close()

@@ -673,7 +673,8 @@ CRITIQUE_SIGNS = {  # defect kind -> how a critique names it (the oracle's and t
     "over_refusal": r"\brefuses a harmless\b",
     "wrong_count": r"\bsays there are \w+ shapes, but\b|\bsays \w+, but there (?:is|are)\b"
                    r"|\bwrong number\b",
-    "wrong_colour": rf"\bcalls the \w+ \w+ {_COLOUR}\b|\bsays {_COLOUR}, but the\b|\bwrong colour\b",
+    "wrong_colour": rf"\bcalls the \w+ \w+ {_COLOUR}\b|\bsays {_COLOUR}, but the\b"
+                    r"|\bwrong colour\b",
     "wrong_shape": rf"\bcalls the \w+ \w+ an? {_SHAPE}\b|\bnames the wrong shape\b",
     "wrong_position": r"\bputs the\b|\bwrong place\b",
     "wrong_option": r"\bpicks [A-D]\b|\bwrong option\b",
@@ -688,7 +689,7 @@ def critique_defects(text:str, # a critique, written by the oracle or by a model
     return {kind for kind, sign in CRITIQUE_SIGNS.items() if re.search(sign, text, re.I)}
 
 # %% ../nbs/16_world.ipynb #362cdeb8
-def critique_quality(responses:list, # (critique, defects) per response: any text, the world's defects
+def critique_quality(responses:list, # per response: (its critique, its defects in the world)
                      seed:int=0, # seed of the bootstrap
                     ) -> dict:
     "Precision and recall (mean, low, high) of the defects critiques name, overall and per kind."
