@@ -15,7 +15,8 @@ import argparse, importlib, sys
 import mmrlhf
 from .core import (add_config_args, config_from_args, ConfigError, DataError, DataErrors,
                          moved_names)
-from .configs import (AnnotateAgreementConfig, AnnotateConfig, AnnotateExportConfig,
+from .configs import (AblateConfig, AnnotateAgreementConfig, AnnotateConfig,
+                            AnnotateExportConfig,
                             CurateConfig, DemoConfig, EvalConfig, EvalRewardBenchConfig,
                             ExpandConfig, PairsConfig, RefLogpsConfig, ReportConfig,
                             RespondConfig, ScoreConfig, SynthConfig, TrainDPOConfig,
@@ -61,6 +62,8 @@ COMMANDS = {  # name -> (settings, "module:function" that runs them, summary)
                "one offline HTML report (plotly inlined) comparing evaluation runs, with a "
                "terminal summary"),
     "demo": (DemoConfig, "pipeline:run_demo", "run the whole pipeline on the shapes world"),
+    "ablate": (AblateConfig, "pipeline:run_ablate",
+               "the paper's ablations on a finished demo run, over seeds, with paired tests"),
 }
 
 # %% ../nbs/19_cli.ipynb #03a113ce

@@ -6,7 +6,7 @@
 __all__ = ['MAX_LENGTH', 'LORA_TARGETS', 'DEFAULT_MIX', 'retune', 'TrainConfig', 'DeltaPolicy', 'TrainRewardConfig',
            'TrainDPOConfig', 'PairsConfig', 'CurateConfig', 'RespondConfig', 'AnnotateConfig', 'AnnotateExportConfig',
            'AnnotateAgreementConfig', 'ExpandConfig', 'ScoreConfig', 'EvalRewardBenchConfig', 'RefLogpsConfig',
-           'EvalConfig', 'ReportConfig', 'SynthConfig', 'DemoConfig']
+           'EvalConfig', 'ReportConfig', 'SynthConfig', 'DemoConfig', 'AblateConfig']
 
 # %% ../nbs/01_configs.ipynb #96893ce9
 from dataclasses import dataclass, fields
@@ -439,3 +439,17 @@ class DemoConfig(Config):
     dpo_lr: float = opt(2e-4, "MM-DPO learning rate")
     max_new_tokens: int = opt(64, "longest generated answer")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
+
+# %% ../nbs/01_configs.ipynb #aa45e52a
+@dataclass
+class AblateConfig(Config):
+    "Settings of `mmrlhf ablate`: the paper's ablations on a finished demo run, over seeds."
+    run: str = opt("runs/demo", "a finished `mmrlhf demo` run folder")
+    out: str|None = opt(None, "output folder (default: <run>/ablate; a second run resumes)")
+    studies: list[str] = opt(["reward", "beta", "grid"],
+                             "reward (critique vs scalar reward model), beta (fixed, dynamic and "
+                             "implicit β) and grid (dynamic β over w and k)")
+    seeds: list[int] = opt([0, 1, 2], "training seeds of the reward and beta studies")
+    grid_w: list[float] = opt([0.25, 0.5, 1.0], "values of w in the grid study")
+    grid_k: list[float] = opt([0.25, 0.5, 1.0], "values of k in the grid study")
+    grid_seed: int = opt(0, "training seed of the grid study")

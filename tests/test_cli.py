@@ -89,8 +89,22 @@ def test_demo_end_to_end_tiny(tmp_path):
     second = json.loads((tmp_path / "e" / "summary.json").read_text())
     untimed = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "total_seconds")}
     assert untimed(second) == untimed(summary)
-    for f in ("scored-test/queries.jsonl", "ref/queries.jsonl", "eval/after/predictions.jsonl"):
+    for f in ("scored-test/queries.jsonl", "eval/after/predictions.jsonl",
+              "dpo/final/model.safetensors"):
         assert (tmp_path / "e" / f).read_bytes() == (out / f).read_bytes(), f
+    def unnamed(path):  # the policy's answers are named by its folder, which differs
+        recs = [json.loads(l) for l in path.read_text().splitlines()]
+        for q in recs:
+            for r in q["responses"]: r.pop("model")
+        return recs
+    assert unnamed(tmp_path / "e" / "ref/queries.jsonl") == unnamed(out / "ref/queries.jsonl")
+    # the ablations on the first run: one seed, a 1 x 1 grid
+    r = run("ablate", "run=d", "seeds=[0]", "grid_w=[0.5]", "grid_k=[1.0]", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "ablate" / "results.json").read_text())
+    assert set(res) == {"reward", "beta", "grid"}
+    assert [t["variant"] for t in res["beta"]["tests"]] == ["dynamic"] * 2 + ["implicit"] * 2
+    assert "critique vs scalar" in r.stdout and "fixed β:" in r.stdout
 
 
 @pytest.mark.parametrize("command", ["synth", "demo"])
