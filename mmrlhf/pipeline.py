@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DEMO_STAGES', 'POLICY_METRICS', 'ABLATIONS', 'demo_world', 'demo_curate', 'demo_sft', 'demo_respond', 'demo_annotate',
            'demo_reward', 'demo_ref_logps', 'demo_dpo', 'demo_evaluate', 'run_demo', 'ablate_reward', 'ablate_beta',
-           'ablate_grid', 'run_ablate']
+           'ablate_grid', 'ablate_table', 'run_ablate']
 
 # %% ../nbs/18_pipeline.ipynb #4699fb21
 import io, json, time
@@ -424,7 +424,7 @@ ABLATIONS = ("reward", "beta", "grid")
 
 def _ci(s:Score) -> tuple: return (s.value, s.low, s.high)
 
-def _ablate_table(results:dict) -> str:
+def ablate_table(results:dict) -> str:
     "The ablation's results as text: per study, mean ± sd over seeds and the paired tests."
     lines = []
     def tests(rows):
@@ -477,5 +477,5 @@ def run_ablate(cfg:AblateConfig) -> dict:
     if "grid" in cfg.studies:
         results["grid"] = ablate_grid(demo, run, out, cfg.grid_w, cfg.grid_k, cfg.grid_seed, say)
     write_text(out / "results.json", json.dumps(results, indent=1))
-    say(f"done: {out / 'results.json'}\n\n" + _ablate_table(results))
+    say(f"done: {out / 'results.json'}\n\n" + ablate_table(results))
     return results
