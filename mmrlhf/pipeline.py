@@ -288,19 +288,21 @@ def _pair_outcomes(scored:Path, # scored queries (`mmrlhf score` output)
             ids.append(f"{q.id}/{c}>{r}")
     return score(outcomes, ids, seed=seed)
 
-# %% ../nbs/18_pipeline.ipynb #c95433db
+# %% ../nbs/18_pipeline.ipynb #5747ad97
 def _holm_rows(rows:list, alpha:float=0.05) -> list:
     "Add Holm-adjusted p-values and significance to every row of a study."
     adj, rej = holm([r["p"] for r in rows], alpha)
     for r, p, s in zip(rows, adj, rej): r.update(p_holm=p, significant=bool(s))
     return rows
 
+# %% ../nbs/18_pipeline.ipynb #5ba186fd
 def _spread(values:list) -> dict:
     "Mean and standard deviation over seeds (sd 0 for a single seed)."
     x = np.asarray(values, dtype=float)
     return {"mean": float(x.mean()), "sd": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
             "per_seed": [float(v) for v in x]}
 
+# %% ../nbs/18_pipeline.ipynb #142f78d1
 def ablate_reward(demo:DemoConfig, # the run's demo settings
                   run:Path, # the finished demo run
                   out:Path, # the ablation's folder
@@ -327,9 +329,10 @@ def ablate_reward(demo:DemoConfig, # the run's demo settings
                    for k in ("acc", "acc_plus")} for v in ("scalar", "critique")}
     return {"rows": rows, "tests": _holm_rows(tests), "summary": summary}
 
-# %% ../nbs/18_pipeline.ipynb #99badc96
+# %% ../nbs/18_pipeline.ipynb #471a0a54
 POLICY_METRICS = ("accuracy", "hallucination")
 
+# %% ../nbs/18_pipeline.ipynb #4f0e9536
 def _dpo_variant(demo:DemoConfig, # the run's demo settings
                  run:Path, # the finished demo run
                  out:Path, # this variant's folder
@@ -349,6 +352,7 @@ def _dpo_variant(demo:DemoConfig, # the run's demo settings
                             bench_name="shapes", max_new_tokens=demo.max_new_tokens,
                             seed=demo.seed))
 
+# %% ../nbs/18_pipeline.ipynb #70a80e63
 def _betas(out:Path) -> dict|None:
     "The spread of β over the pairs of the variant's last logged steps (from its Trainer log)."
     states = sorted(out.glob("checkpoint-*/trainer_state.json"))
@@ -358,11 +362,12 @@ def _betas(out:Path) -> dict|None:
     keys = ("min", "q25", "median", "q75", "max", "mean")
     return {k: logs[-1].get(f"mmdpo/beta_{k}") for k in keys}
 
-# %% ../nbs/18_pipeline.ipynb #a23f5982
+# %% ../nbs/18_pipeline.ipynb #82fe385e
 def _policy_scores(folder:Path, seed:int) -> dict:
     "Held-out accuracy and hallucination (over all items) of one trained variant."
     return {m: _overall(folder / "eval" / "run.json", m, seed) for m in POLICY_METRICS}
 
+# %% ../nbs/18_pipeline.ipynb #4157645f
 def _against_fixed(scores:dict, # (variant name, seed) -> metric -> `Score`
                    variants:list, # the variant names to compare with "fixed"
                    seeds:list, # the seeds each was trained with
@@ -372,6 +377,7 @@ def _against_fixed(scores:dict, # (variant name, seed) -> metric -> `Score`
                         **compare(scores["fixed", s][m], scores[v, s][m], seed=s)}
                        for v in variants for s in seeds for m in POLICY_METRICS])
 
+# %% ../nbs/18_pipeline.ipynb #97becf2e
 def ablate_beta(demo:DemoConfig, # the run's demo settings
                 run:Path, # the finished demo run
                 out:Path, # the ablation's folder
@@ -419,11 +425,13 @@ def ablate_grid(demo:DemoConfig, # the run's demo settings
     return {"rows": rows, "tests": _against_fixed(scores, names, [seed]),
             "fixed": {m: _ci(s) for m, s in scores["fixed", seed].items()}}
 
-# %% ../nbs/18_pipeline.ipynb #71bc66b0
+# %% ../nbs/18_pipeline.ipynb #52956b38
 ABLATIONS = ("reward", "beta", "grid")
 
+# %% ../nbs/18_pipeline.ipynb #478e5b35
 def _ci(s:Score) -> tuple: return (s.value, s.low, s.high)
 
+# %% ../nbs/18_pipeline.ipynb #63d3a78e
 def ablate_table(results:dict) -> str:
     "The ablation's results as text: per study, mean ± sd over seeds and the paired tests."
     lines = []
