@@ -13,8 +13,8 @@ The rows, cumulative: `as before` is the demo as it was (a tokenizer trained wit
 critique is ~144 tokens, cut at 32; 300 steps); then the whole critique generated; then a tokenizer that knows the
 words (~56 tokens); then 900 and 1,500 steps; score-only at the same steps for comparison.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/critic.py                 # every row (about 15 minutes on 2 cores)
-    OMP_NUM_THREADS=2 .venv/bin/python bench/critic.py --rows fixed-900 scalar-900 --seed 1
+    OMP_NUM_THREADS=1 .venv/bin/python bench/critic.py                 # every row (about 17 minutes on one core)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/critic.py --rows fixed-900 scalar-900 --seed 1
 """
 from __future__ import annotations
 
