@@ -414,6 +414,8 @@ class SynthConfig(Config):
     frames: int = opt(4, "frames per video clip")
     mix: dict = opt(dict(DEFAULT_MIX), "category -> sampling weight")
     p_no_correct: float = opt(0.1, "chance that no candidate response is correct")
+    exclude: str|None = opt(None, "a queries.jsonl whose queries (same scene, same question) "
+                                  "this world leaves out, drawing later ones instead")
 
 # %% ../nbs/01_configs.ipynb #eea940e4
 @dataclass
@@ -426,6 +428,8 @@ class DemoConfig(Config):
     n_pool: int = opt(1200, "queries in the instruction pool")
     n_curated: int = opt(400, "queries the curation keeps")
     n_test: int = opt(200, "queries in the held-out test world")
+    vision_steps: int = opt(200, "steps of the vision warm-up before it (0: none), the stand-in "
+                                 "for a pretrained vision encoder")
     warmup_steps: int = opt(350, "steps of the supervised warm-up")
     batch_size: int = opt(16, "examples per warm-up step")
     lr: float = opt(1.5e-3, "peak learning rate of the warm-up")

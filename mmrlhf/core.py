@@ -136,8 +136,9 @@ def _type_name(tp) -> str:
 def config_table(cls) -> str:
     "A markdown table of a config's fields: name, type, default and help."
     rows = ["| setting | type | default | meaning |", "|---|---|---|---|"]
+    cell = lambda s: str(s).replace("|", "\\|")  # a `|` inside a cell would end it
     for name, (tp, default, help_) in cls.field_help().items():
-        rows.append(f"| `{name}` | {_type_name(tp)} | `{default!r}` | {help_} |")
+        rows.append(f"| `{name}` | {cell(_type_name(tp))} | `{default!r}` | {cell(help_)} |")
     return "\n".join(rows)
 
 # %% ../nbs/00_core.ipynb #77badcce

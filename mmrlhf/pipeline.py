@@ -30,8 +30,9 @@ from .dpo import run_ref_logps, run_train_dpo
 from .stats import compare, compare_benchmarks, holm, Score, score
 from .evaluate import run_eval, run_scores
 from .report import run_report
-from .world import checker_defects, critique_quality, make_query, world_texts, write_world
-from .testbed import build_tiny_vlm, quiet_cpu_run, warmup_sft
+from .world import (checker_defects, critique_quality, make_query, world_overlap,
+                          world_texts, write_world)
+from .testbed import build_tiny_vlm, pretrain_vision, quiet_cpu_run, warmup_sft
 
 # %% ../nbs/18_pipeline.ipynb #30091b21
 def _stage(out:Path, name:str, say, fn):
@@ -51,10 +52,13 @@ def _quiet(): return redirect_stdout(io.StringIO())
 def demo_world(cfg:DemoConfig, # the demo's settings
                out:Path, # the run folder
               ):
-    "The instruction pool and the held-out test world (the next seed)."
+    "The instruction pool, and a held-out world of the next seed that repeats none of its queries."
     world = out / "world"
-    write_world(SynthConfig(out=str(world / "pool"), n_queries=cfg.n_pool, seed=cfg.seed))
-    write_world(SynthConfig(out=str(world / "test"), n_queries=cfg.n_test, seed=cfg.seed + 1))
+    pool = write_world(SynthConfig(out=str(world / "pool"), n_queries=cfg.n_pool, seed=cfg.seed))
+    test = write_world(SynthConfig(out=str(world / "test"), n_queries=cfg.n_test,
+                                   seed=cfg.seed + 1, exclude=str(pool)))
+    write_text(world / "leakage.json", json.dumps(world_overlap(pool, test), indent=1))
+
 
 # %% ../nbs/18_pipeline.ipynb #30a2f9c8
 def demo_curate(cfg:DemoConfig, # the demo's settings
@@ -70,9 +74,14 @@ def demo_curate(cfg:DemoConfig, # the demo's settings
 def demo_sft(cfg:DemoConfig, # the demo's settings
              out:Path, # the run folder
             ):
-    "A test-bed policy warmed up on the pool (partly on flawed answers), saved to `models/sft`."
+    "A test-bed policy: vision warm-up, then SFT on the pool (some flawed answers); `models/sft`."
     model, processor = build_tiny_vlm(cfg.family, cfg.size, texts=world_texts(cfg.seed, 500),
                                       seed=cfg.seed)
+    if cfg.vision_steps:
+        log = pretrain_vision(model, processor, cfg.vision_steps, seed=cfg.seed)[-10:]
+        cells = {k: round(sum(r[k] for r in log) / len(log), 4) for k in ("shape", "colour")}
+        write_text(out / "models" / "vision.json", json.dumps(dict(steps=cfg.vision_steps,
+                                                                     last_10_steps=cells)))
     warmup_sft(model, processor, [make_query(cfg.seed, i) for i in range(cfg.n_pool)],
                cfg.warmup_steps, cfg.batch_size, cfg.lr, cfg.noise, cfg.seed, log_every=0)
     save_vlm(model, processor, out / "models" / "sft")
@@ -206,7 +215,9 @@ def _demo_summary(out:Path, times:dict) -> dict:
     crit = json.loads((out / "reward" / "critiques.json").read_text())
     cmp = json.loads((out / "eval" / "after" / "comparison.json").read_text())
     runs = {k: out / "eval" / k / "run.json" for k in ("before", "after")}
-    return {"reward_model": {k: rb[k] for k in ("acc", "acc_plus", "pairs", "queries")},
+    leak = json.loads((out / "world" / "leakage.json").read_text())
+    return {"leakage": leak,
+            "reward_model": {k: rb[k] for k in ("acc", "acc_plus", "pairs", "queries")},
             "critiques": {k: crit[k] for k in ("precision", "recall", "named", "defects")},
             "policy": _policy_rows(runs["before"], runs["after"]),
             "significant": [f"{r['benchmark']} {r['metric']} {r['diff']:+.3f}"
@@ -222,8 +233,11 @@ def _fmt(ci) -> str:
 
 def _summary_table(s:dict) -> str:
     "The summary as text."
-    rm, cr, pol = s["reward_model"], s["critiques"], s["policy"]
-    lines = [f"reward model, held-out world ({rm['queries']} queries, {rm['pairs']} pairs): "
+    rm, cr, pol, lk = s["reward_model"], s["critiques"], s["policy"], s["leakage"]
+    lines = [f"held-out world: {lk['test_queries']} queries; repeating a pool query "
+             f"{lk['same_query']}, a pool image {lk['same_images']}; a pool scene with another "
+             f"question {lk['same_scene_other_question']}",
+             f"reward model, held-out world ({rm['queries']} queries, {rm['pairs']} pairs): "
              f"ACC {_fmt(rm['acc'])}   ACC+ {_fmt(rm['acc_plus'])}",
              f"its critiques name {cr['named']} defects ({cr['defects']} real ones): "
              f"precision {_fmt(cr['precision'])}   recall {_fmt(cr['recall'])}",

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['BASE_SPECIALS', 'FAMILIES', 'SIZES', 'tiny_model', 'small_model', 'quiet_cpu_run', 'train_tokenizer',
-           'chatml_template', 'build_tiny_vlm', 'n_params', 'warmup_sft', 'apply_lora', 'bare_generation_config',
-           'chat_batch', 'generate_rows', 'generate_text', 'load_base', 'load_vlm', 'LORA_TARGETS', 'row_sampler',
-           'row_seed', 'save_vlm']
+           'chatml_template', 'build_tiny_vlm', 'n_params', 'warmup_sft', 'cell_labels', 'vision_encoder',
+           'vision_grid', 'cell_pool', 'pretrain_vision', 'apply_lora', 'bare_generation_config', 'chat_batch',
+           'generate_rows', 'generate_text', 'load_base', 'load_vlm', 'LORA_TARGETS', 'row_sampler', 'row_seed',
+           'save_vlm']
 
 # %% ../nbs/17_testbed.ipynb #db52436b
-import os, random
+import math, os, random
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (PreTrainedTokenizerFast, LlavaOnevisionConfig,
@@ -28,7 +29,7 @@ from .models import (apply_lora, bare_generation_config, chat_batch, generate_ro
                            generate_text, load_base, load_vlm, LORA_TARGETS, row_sampler, row_seed,
                            save_vlm)
 from .core import progress_bar
-from .world import query_media, world_texts
+from .world import COLOURS, draw_items, query_media, random_items, SHAPES, world_texts
 # the loaders and generation moved to `models`; their old home still offers them
 _all_ = ["apply_lora", "bare_generation_config", "chat_batch", "generate_rows", "generate_text",
          "load_base", "load_vlm", "LORA_TARGETS", "row_sampler", "row_seed", "save_vlm"]
@@ -255,3 +256,94 @@ def warmup_sft(model, processor,
             print(f"step {step:4d}  loss {loss.item():.3f}", flush=True)
     bar.close()
     return losses
+
+# %% ../nbs/17_testbed.ipynb #65a1630c
+def cell_labels(items:list, # the scene's `Item`s
+               ) -> tuple[list[int], list[int]]:
+    "Per cell of the 3×3 grid, in reading order: the shape's and the colour's class (0: empty)."
+    shapes, colours = [0] * 9, [0] * 9
+    for it in items:
+        shapes[it.row * 3 + it.col] = 1 + SHAPES.index(it.shape)
+        colours[it.row * 3 + it.col] = 1 + list(COLOURS).index(it.colour)
+    return shapes, colours
+
+
+# %% ../nbs/17_testbed.ipynb #eeaea47b
+def vision_encoder(model) -> torch.nn.Module:
+    "The vision encoder of a test-bed VLM (Qwen: `visual`; LLaVA-OneVision: `vision_tower`)."
+    base = model.model
+    return base.visual if hasattr(base, "visual") else base.vision_tower
+
+
+# %% ../nbs/17_testbed.ipynb #56385caf
+def vision_grid(model, processor,
+                images:list, # PIL images, all the same size
+               ) -> torch.Tensor:
+    "Encoder features of single images as `[images, tokens, dim]`, tokens in reading order."
+    enc = processor.image_processor(images, return_tensors="pt")
+    encoder = vision_encoder(model)
+    if hasattr(model.model, "visual"):
+        pixels, grid = enc["pixel_values"].to(model.device), enc["image_grid_thw"].to(model.device)
+        feats = encoder(pixels, grid_thw=grid).pooler_output
+        return feats.reshape(len(images), -1, feats.shape[-1])
+    return encoder(pixel_values=enc["pixel_values"][:, 0].to(model.device)).last_hidden_state
+
+
+# %% ../nbs/17_testbed.ipynb #00fcec22
+def cell_pool(n_tokens:int, # tokens of a square grid
+             ) -> torch.Tensor:
+    "`[tokens, 9]` weights averaging a square token grid over each cell, by shared area."
+    g = math.isqrt(n_tokens)
+    if g * g != n_tokens: raise ValueError(f"{n_tokens} tokens do not form a square grid")
+    edges = torch.arange(g + 1) / g
+    lo, hi = torch.arange(3) / 3, torch.arange(1, 4) / 3
+    side = (torch.minimum(edges[1:, None], hi) - torch.maximum(edges[:-1, None], lo)).clamp(min=0)
+    area = torch.einsum("ri,cj->rcij", side, side).reshape(n_tokens, 9)  # token (r, c), cell (i, j)
+    return area / area.sum(0, keepdim=True)
+
+
+# %% ../nbs/17_testbed.ipynb #70ebb9cf
+def pretrain_vision(model, processor,
+                    steps:int=200, # optimiser steps
+                    batch_size:int=64, # freshly drawn scenes per step
+                    lr:float=3e-3, # peak learning rate
+                    seed:int=0, # seed of the scenes and of the heads' initial weights
+                    image_size:int=64, # side of the rendered scenes
+                   ) -> list[dict]:
+    "Teach the vision encoder each cell's shape and colour; returns loss and accuracy per step."
+    rng, encoder = random.Random(f"vision-warm-up/{seed}"), vision_encoder(model)
+    model.train()
+    def batch():
+        scenes = [random_items(rng) for _ in range(batch_size)]
+        labels = [cell_labels(items) for items in scenes]
+        return ([draw_items(items, image_size) for items in scenes],
+                torch.tensor([s for s, _ in labels]), torch.tensor([c for _, c in labels]))
+    images, shapes, colours = batch()
+    feats = vision_grid(model, processor, images)
+    pool = cell_pool(feats.shape[1]).to(feats)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        heads = torch.nn.Linear(feats.shape[-1], 1 + len(SHAPES) + 1 + len(COLOURS)).to(feats)
+    params = list(encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    shape = lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps)  # warm up, then decay
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
+    log, bar = [], progress_bar(steps, "vision warm-up", "step")
+    for step in range(steps):
+        if step: images, shapes, colours = batch(); feats = vision_grid(model, processor, images)
+        logits = heads(torch.einsum("btd,tc->bcd", feats, pool))
+        ls, lc = logits[..., :1 + len(SHAPES)], logits[..., 1 + len(SHAPES):]
+        shapes, colours = shapes.to(logits.device), colours.to(logits.device)
+        loss = (torch.nn.functional.cross_entropy(ls.flatten(0, 1), shapes.flatten())
+                + torch.nn.functional.cross_entropy(lc.flatten(0, 1), colours.flatten()))
+        loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        full = shapes > 0
+        log.append(dict(loss=loss.item(),
+                        shape=(ls.argmax(-1) == shapes)[full].float().mean().item(),
+                        colour=(lc.argmax(-1) == colours)[full].float().mean().item()))
+        bar.update(1); bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
+    bar.close(); model.eval()
+    return log
+

@@ -10,12 +10,12 @@ __all__ = ['COLOURS', 'SHAPES', 'POSITIONS', 'DIRECTIONS', 'NUMBERS', 'DEFECTS',
            'CRITIQUE_SIGNS', 'with_article', 'Item', 'draw_items', 'png_bytes', 'query_rng', 'random_items', 'defect',
            'long_query', 'short_query', 'mcq_query', 'safety_query', 'video_query', 'WorldQuery', 'make_query',
            'render_query', 'query_media', 'check_response', 'world_record', 'check_item', 'grade_item',
-           'checker_defects', 'score_answers', 'write_world', 'run_synth', 'oracle_scores', 'oracle_annotate',
-           'annotated_query', 'world_texts', 'critique_defects', 'critique_quality', 'world_reward_examples',
-           'world_dpo_examples']
+           'checker_defects', 'score_answers', 'write_world', 'run_synth', 'query_key', 'world_overlap',
+           'oracle_scores', 'oracle_annotate', 'annotated_query', 'world_texts', 'critique_defects', 'critique_quality',
+           'world_reward_examples', 'world_dpo_examples']
 
 # %% ../nbs/16_world.ipynb #f3b9657e
-import io, random, re
+import hashlib, io, random, re
 from types import SimpleNamespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 # %% ../nbs/16_world.ipynb #e0cae7cd
-from .core import mean_ci, write_bytes, write_jsonl
+from .core import ConfigError, mean_ci, read_jsonl, write_bytes, write_jsonl
 from .configs import DEFAULT_MIX, SynthConfig
 from .schema import (add_tie_response, all_tied, CATEGORIES, DIMENSIONS, joined_reasons,
                            level, pair_indices, parse_query, Query, Response)
@@ -545,17 +545,25 @@ def write_world(cfg:SynthConfig) -> Path:
     "Generate the world described by `cfg`; return the path of its `queries.jsonl`."
     out = Path(cfg.out)
     if cfg.k < 2: raise ValueError(f"k: need at least 2 responses per query, got {cfg.k}")
+    if cfg.exclude and cfg.start:
+        raise ConfigError("exclude: works on a whole world (start 0), not on shards")
+    seen = {query_key(r) for _, r in read_jsonl(cfg.exclude)} if cfg.exclude else set()
     def records():
-        for index in range(cfg.start, cfg.start + cfg.n_queries):
+        index, written = cfg.start, 0
+        while written < cfg.n_queries:
             q = make_query(cfg.seed, index, cfg.k, cfg.mix, cfg.frames, cfg.p_no_correct)
+            index += 1
+            if seen and query_key(world_record(q, [])) in seen: continue
             paths = []
             for t, im in enumerate(render_query(q, cfg.image_size)):
                 rel = f"images/{q.id}.png" if q.frames == 1 else f"images/{q.id}/frame{t}.png"
                 write_bytes(out / rel, png_bytes(im)); paths.append(rel)
+            written += 1
             yield world_record(q, paths)
     name = "queries.jsonl" if cfg.start == 0 else f"queries-{cfg.start:09d}.jsonl"
     write_jsonl(out / name, records())
     return out / name
+
 
 # %% ../nbs/16_world.ipynb #898b740d
 def run_synth(cfg:SynthConfig):
@@ -564,6 +572,34 @@ def run_synth(cfg:SynthConfig):
     cfg.save(Path(cfg.out) / "synth-config.yaml")
     print(f"wrote {cfg.n_queries} queries to {path}")
     return path
+
+# %% ../nbs/16_world.ipynb #adf27df2
+def query_key(record:dict, # a line of a world's `queries.jsonl`
+             ) -> tuple:
+    "What a query asks about what: its question, its scene's cells, and a clip's motion."
+    truth = record["truth"]
+    cells = ((it["row"], it["col"], it["shape"], it["colour"]) for it in truth["items"])
+    scene = tuple(sorted(cells))
+    motion = (truth["item"], truth["answer"]) if record["category"] == "video" else None
+    return record["question"], scene, motion
+
+
+# %% ../nbs/16_world.ipynb #411f10e9
+def world_overlap(train:str|Path, # a training world's `queries.jsonl`
+                  test:str|Path, # a test world's `queries.jsonl`
+                 ) -> dict:
+    "Test queries whose images, query or scene the training world already holds."
+    def images(path, rec):
+        return hashlib.sha256(b"".join((Path(path).parent / p).read_bytes()
+                                       for p in rec["images"])).hexdigest()
+    seen = [(images(train, r), query_key(r)) for _, r in read_jsonl(train)]
+    pixels, keys = {h for h, _ in seen}, {k for _, k in seen}
+    scenes = {k[1] for k in keys}
+    held = [(images(test, r), query_key(r)) for _, r in read_jsonl(test)]
+    return {"test_queries": len(held), "same_images": sum(h in pixels for h, _ in held),
+            "same_query": sum(k in keys for _, k in held),
+            "same_scene_other_question": sum(k not in keys and k[1] in scenes for _, k in held)}
+
 
 # %% ../nbs/16_world.ipynb #0e10e5ba
 _GOOD = {"helpfulness": "it answers what was asked, completely and to the point.",

@@ -63,7 +63,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 
 def test_demo_end_to_end_tiny(tmp_path):
     args = ["demo", "--out", "d", "size=tiny", "n_pool=40", "n_curated=20", "n_test=10",
-            "warmup_steps=4", "batch_size=4", "reward_steps=2",
+            "vision_steps=2", "warmup_steps=4", "batch_size=4", "reward_steps=2",
             "critique_tokens=6", "dpo_steps=2", "max_new_tokens=8"]
     r = run(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

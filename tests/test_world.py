@@ -69,3 +69,31 @@ def test_video_frames_show_motion():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="k"): write_world(SynthConfig(out="unused", k=1))
     with pytest.raises(ValueError, match="unknown categories"): make_query(0, 0, mix={"poems": 1.0})
+
+
+def test_excluded_world_repeats_no_query_of_the_other(tmp_path):
+    import json
+    from mmrlhf.core import ConfigError
+    from mmrlhf.world import world_overlap
+    pool = write_world(SynthConfig(out=str(tmp_path / "pool"), n_queries=400))
+    plain = write_world(SynthConfig(out=str(tmp_path / "plain"), n_queries=300, seed=1))
+    kept = write_world(SynthConfig(out=str(tmp_path / "kept"), n_queries=300, seed=1,
+                                   exclude=str(pool)))
+    rows = lambda p: [json.loads(line) for line in p.read_text().splitlines()]
+    # the repeats counted here by hand: same question, same shapes and colours in the same cells
+    def key(r):
+        return r["question"], sorted((i["row"], i["col"], i["shape"], i["colour"])
+                                     for i in r["truth"]["items"])
+    pool_keys = [key(r) for r in rows(pool) if r["category"] != "video"]
+    repeats = [r["id"] for r in rows(plain) if r["category"] != "video" and key(r) in pool_keys]
+    assert repeats, "the check needs a world pair with repeats to show anything"
+    kept_rows = rows(kept)
+    assert len(kept_rows) == 300 and not set(repeats) & {r["id"] for r in kept_rows}
+    assert not any(key(r) in pool_keys for r in kept_rows if r["category"] != "video")
+    # the queries that were kept are the plain world's, byte for byte, in the same order
+    plain_rows = {r["id"]: r for r in rows(plain)}
+    assert all(plain_rows[r["id"]] == r for r in kept_rows if r["id"] in plain_rows)
+    assert world_overlap(pool, plain)["same_query"] >= len(repeats)
+    assert world_overlap(pool, kept)["same_query"] == 0
+    with pytest.raises(ConfigError, match="exclude: works on a whole world"):
+        write_world(SynthConfig(out=str(tmp_path / "x"), start=10, exclude=str(pool)))
