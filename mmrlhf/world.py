@@ -732,10 +732,11 @@ def critique_quality(responses:list, # per response: (its critique, its defects 
     named, found = {}, {}  # kind -> outcomes: a named defect is real / a real defect is named
     for critique, defects in responses:
         said, truth = critique_defects(critique or ""), {d["kind"] for d in defects}
-        for k in said: named.setdefault(k, []).append(k in truth)
-        for k in truth: found.setdefault(k, []).append(k in said)
+        # sorted: a set's order changes from process to process (string hashing is salted)
+        for k in sorted(said): named.setdefault(k, []).append(k in truth)
+        for k in sorted(truth): found.setdefault(k, []).append(k in said)
     def ci(xs): return mean_ci(xs, seed=seed) if xs else None
-    every = lambda d: [x for xs in d.values() for x in xs]
+    every = lambda d: [x for k in sorted(d) for x in d[k]]
     return {"precision": ci(every(named)), "recall": ci(every(found)),
             "named": sum(map(len, named.values())), "defects": sum(map(len, found.values())),
             "per_kind": {k: {"precision": ci(named.get(k, [])), "recall": ci(found.get(k, []))}

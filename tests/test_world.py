@@ -97,3 +97,4 @@ def test_excluded_world_repeats_no_query_of_the_other(tmp_path):
     assert world_overlap(pool, kept)["same_query"] == 0
     with pytest.raises(ConfigError, match="exclude: works on a whole world"):
         write_world(SynthConfig(out=str(tmp_path / "x"), start=10, exclude=str(pool)))
+
