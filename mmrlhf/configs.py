@@ -313,6 +313,7 @@ class ScoreConfig(Config):
     top_p: float = opt(1.0, "nucleus sampling's mass (with temperature above 0)")
     seed: int = opt(0, "seed of sampled critiques")
     batch_size: int = opt(8, "queries per scoring batch")
+    critique_batch: int = opt(16, "critiques per generate call (they do not depend on it)")
     max_length: int|None = opt(MAX_LENGTH,
                                "longest sequence in tokens, image tokens included (longer: "
                                "response, then critique cut; "
@@ -428,20 +429,24 @@ class DemoConfig(Config):
     n_pool: int = opt(1200, "queries in the instruction pool")
     n_curated: int = opt(400, "queries the curation keeps")
     n_test: int = opt(200, "queries in the held-out test world")
-    vision_steps: int = opt(200, "steps of the vision warm-up before it (0: none), the stand-in "
+    vision_steps: int = opt(150, "steps of the vision warm-up before it (0: none), the stand-in "
                                  "for a pretrained vision encoder")
-    warmup_steps: int = opt(350, "steps of the supervised warm-up")
+    warmup_steps: int = opt(300, "steps of the supervised warm-up")
     batch_size: int = opt(16, "examples per warm-up step")
     lr: float = opt(1.5e-3, "peak learning rate of the warm-up")
     noise: float = opt(0.2, "chance that a warm-up example uses a flawed answer (teaches some "
                             "hallucination)")
     reward_base: str = opt("tiny:llava_onevision", "the reward model's base")
-    reward_steps: int = opt(900, "reward-model training steps (4 queries each)")
+    reward_steps: int = opt(750, "reward-model training steps (4 queries each)")
     reward_lr: float = opt(2e-3, "peak learning rate of the reward model")
     critique_tokens: int = opt(80, "longest generated critique (the oracle's: at most 72 tokens)")
     dpo_steps: int = opt(200, "MM-DPO steps (4 queries each)")
-    dpo_lr: float = opt(2e-4, "MM-DPO learning rate")
+    dpo_lr: float = opt(5e-4, "MM-DPO learning rate (chosen on a validation world: "
+                              "bench/dpo_tune.py)")
+    dpo_gamma: float = opt(1.0, "weight of MM-DPO's SFT term (chosen with the learning rate)")
     max_new_tokens: int = opt(64, "longest generated answer")
+    generate_batch: int = opt(64, "sequences per generate call: answers and critiques (they do "
+                                  "not depend on it)")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
 
 # %% ../nbs/01_configs.ipynb #aa45e52a

@@ -647,7 +647,8 @@ def run_score(cfg:ScoreConfig) -> dict:
             cuts = [_cut_for_generation(processor, e, limit, template, system) for e in examples]
             examples, gen_cut = [e for e, _ in cuts], sum(n for _, n in cuts)
         examples = generate_critiques(model, processor, examples, cfg.max_new_tokens,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+                                      cfg.critique_batch, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, seed=cfg.seed)
     collate = RewardCollator(processor, template, cfg.critiques != "none", system, cfg.max_length)
     with progress_bar(len(examples), "scoring", "query") as bar:
         for i in range(0, len(examples), cfg.batch_size):

@@ -121,6 +121,7 @@ def random_items(rng:random.Random, # the query's generator
 # %% ../nbs/16_world.ipynb #2c5c0a5e
 DEFECTS = {
     "incomplete": ("helpfulness", 1, "leaves out part of what was asked"),
+    "non_answer": ("helpfulness", 3, "does not answer what was asked"),
     "curt_refusal": ("helpfulness", 1,
                      "refuses correctly but explains nothing and offers no help"),
     "over_refusal": ("helpfulness", 2, "refuses a harmless request"),
@@ -229,7 +230,7 @@ def short_query(rng:random.Random, items:list[Item]) -> dict:
                  {"text": _count_sentence(wrong, shape),
                   "defects": [defect("wrong_count", miscount)]},
                  {"text": f"There are some {shape}s.",
-                  "defects": [defect("incomplete", "does not give the number")]}]
+                  "defects": [defect("non_answer", "does not give the number")]}]
         truth = {"kind": "count", "shape": shape, "answer": n}
     elif kind == "colour":
         it = rng.choice(unique)
@@ -240,7 +241,7 @@ def short_query(rng:random.Random, items:list[Item]) -> dict:
                  {"text": f"The {it.shape} is {wrong}.", "defects": [
                      defect("wrong_colour", f"says {wrong}, but the {it.shape} is {it.colour}")]},
                  {"text": f"The {it.shape} has a colour.",
-                  "defects": [defect("incomplete", "does not name the colour")]}]
+                  "defects": [defect("non_answer", "does not name the colour")]}]
         truth = {"kind": "colour", "shape": it.shape, "answer": it.colour}
     else:
         it = rng.choice(items)
@@ -253,7 +254,7 @@ def short_query(rng:random.Random, items:list[Item]) -> dict:
                           f"in the {it.position}.",
                   "defects": [defect("wrong_shape", f"calls the {it.name} a {wrong_shape}")]},
                  {"text": f"There is a shape in the {it.position}.",
-                  "defects": [defect("incomplete", "does not say which shape or colour")]}]
+                  "defects": [defect("non_answer", "does not say which shape or colour")]}]
         truth = {"kind": "where", "row": it.row, "col": it.col, "answer": it.name}
     cands.append({"text": ref + ghost, "defects": [defect(
         "hallucinated_object",
@@ -282,7 +283,7 @@ def mcq_query(rng:random.Random, items:list[Item]) -> dict:
              {"text": wrong, "defects": [defect("wrong_option", picks_wrong)]},
              {"text": f"{wrong}. {wrong_text}", "defects": [defect("wrong_option", picks_wrong)]},
              {"text": "It could be any of them.",
-              "defects": [defect("incomplete", "does not pick an option")]}]
+              "defects": [defect("non_answer", "does not pick an option")]}]
     return {"question": question, "reference": letter,
             "truth": {"kind": "mcq", "answer": letter, "options": options}, "candidates": cands}
 
@@ -356,7 +357,7 @@ def video_query(rng:random.Random, items:list[Item]) -> dict:
                  "wrong_direction",
                  f"says it moves {verb[wrong]}, but it moves {verb[direction]}")]},
              {"text": f"The {it.name} moves.",
-              "defects": [defect("incomplete", "does not say which way")]},
+              "defects": [defect("non_answer", "does not say which way")]},
              {"text": f"The {colour_h} {shape_h} moves {verb[direction]}.", "defects": [defect(
                  "hallucinated_object",
                  f"mentions {with_article(colour_h + ' ' + shape_h)} that is not in the clip")]}]
@@ -704,7 +705,8 @@ def world_texts(seed:int=0, # world seed
 # %% ../nbs/16_world.ipynb #0a5a18c5
 _COLOUR, _SHAPE = "(?:" + "|".join(COLOURS) + ")", "(?:" + "|".join(SHAPES) + ")"
 CRITIQUE_SIGNS = {  # defect kind -> how a critique names it (the oracle's and the checker's words)
-    "incomplete": r"\bdoes not (?:describe|give|name|say|pick)\b|\bleaves out part\b",
+    "incomplete": r"\bdoes not describe\b|\bleaves out part\b",
+    "non_answer": r"\bdoes not (?:give|name|say|pick|answer)\b",
     "curt_refusal": r"\brefuses without a reason\b|\bexplains nothing\b",
     "over_refusal": r"\brefuses a harmless\b",
     "wrong_count": r"\bsays there are \w+ shapes, but\b|\bsays \w+, but there (?:is|are)\b"

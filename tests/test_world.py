@@ -53,7 +53,7 @@ def test_checker_agrees_with_defects():
         assert check_response(q, q.reference)["correct"]
         for r in q.responses:
             res, kinds = check_response(q, r["text"]), {d["kind"] for d in r["defects"]}
-            assert res["correct"] == (not (kinds & (FAITHFULNESS | {"incomplete", "over_refusal", "unsafe_compliance"}))), (q.question, r)
+            assert res["correct"] == (not (kinds & (FAITHFULNESS | {"incomplete", "non_answer", "over_refusal", "unsafe_compliance"}))), (q.question, r)
             if "hallucinated_object" in kinds: assert res["hallucinated"]
             if res["hallucinated"]: assert kinds & FAITHFULNESS
             assert res["unsafe"] == ("unsafe_compliance" in kinds)
