@@ -422,10 +422,11 @@ out, batch_size, grad_accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 # Queries with different numbers of responses (2 to 4) and of pairs (1 to 6). A loss that is a mean over each process's
 # (or micro-batch's) own pairs and critiques weighs a pair by who shares its batch; the mean over the global batch does not.
 shapes = [(4, 4), (2, 1), (4, 6), (3, 2), (2, 1), (4, 5), (3, 1), (4, 3)]
-train = []
-for e, (k, p) in zip(world_reward_examples(0, 8), shapes):
+train, pool = [], list(world_reward_examples(0, 40))
+for k, p in shapes:  # the first unused query with at least p pairs among its first k responses
+    e = next(e for e in pool if len([1 for c, r in e.pairs if c < k and r < k]) >= p)
+    pool.remove(e)
     pairs = [(c, r) for c, r in e.pairs if c < k and r < k][:p]
-    assert len(pairs) == p, (k, p, e.pairs)
     train.append(replace(e, responses=e.responses[:k], critiques=e.critiques[:k], pairs=pairs))
 vlm, processor = build_tiny_vlm("llava_onevision", "tiny", seed=0)
 model = CritiqueRewardModel(vlm)
