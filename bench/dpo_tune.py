@@ -67,10 +67,10 @@ def main():
                                 exclude=str(run / "world" / "pool" / "queries.jsonl")))
     leak = world_overlap(run / "world" / "pool" / "queries.jsonl", valid / "queries.jsonl")
     print("validation world:", leak)
-    sft = overall(evaluate(run / "models" / "sft", valid / "queries.jsonl", tune / "sft" / "eval", demo),
-                  "accuracy", demo.seed)
-    base = {("shapes", m): overall(tune / "sft" / "eval" / "run.json", m, demo.seed) for m in METRICS}
-    print(f"SFT policy: accuracy {sft.value:.3f}, hallucination {base['shapes', 'hallucination'].value:.3f}")
+    sft_run = evaluate(run / "models" / "sft", valid / "queries.jsonl", tune / "sft" / "eval", demo)
+    base = {("shapes", m): overall(sft_run, m, demo.seed) for m in METRICS}
+    print(f"SFT policy: accuracy {base['shapes', 'accuracy'].value:.3f}, "
+          f"hallucination {base['shapes', 'hallucination'].value:.3f}")
     rows = []
     for name in args.rows:
         s, out, t0 = parse_row(name), tune / name, time.time()

@@ -54,7 +54,6 @@ def _stage(out:Path, name:str, say, fn):
 
 def _quiet(): return redirect_stdout(io.StringIO())
 
-
 # %% ../nbs/18_pipeline.ipynb #4ab8c3d6
 def demo_world(cfg:DemoConfig, # the demo's settings
                out:Path, # the run folder
@@ -279,7 +278,6 @@ def _same_settings(out:Path, # the run folder
                                + "; ".join(diff) + "); give the same settings to resume it, "
                                "or another `out` to start afresh")
 
-
 # %% ../nbs/18_pipeline.ipynb #2b6aa9a6
 def run_demo(cfg:DemoConfig) -> dict:
     "Run every stage on the shapes world (resumable); print and return the summary."
@@ -296,7 +294,6 @@ def run_demo(cfg:DemoConfig) -> dict:
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     say(f"done: report in {out / 'report.html'}\n\n" + _summary_table(summary))
     return summary
-
 
 # %% ../nbs/18_pipeline.ipynb #63c4262a
 def _reward_variant(demo:DemoConfig, # the run's demo settings
