@@ -428,7 +428,8 @@ class DemoConfig(Config):
     size: str = opt("small", "policy size preset: tiny or small")
     n_pool: int = opt(1200, "queries in the instruction pool")
     n_curated: int = opt(400, "queries the curation keeps")
-    n_test: int = opt(200, "queries in the held-out test world")
+    n_test: int = opt(600, "queries in the held-out test world (600 tell a 4-point change "
+                           "from noise)")
     vision_steps: int = opt(150, "steps of the vision warm-up before it (0: none), the stand-in "
                                  "for a pretrained vision encoder")
     warmup_steps: int = opt(300, "steps of the supervised warm-up")
@@ -437,10 +438,10 @@ class DemoConfig(Config):
     noise: float = opt(0.2, "chance that a warm-up example uses a flawed answer (teaches some "
                             "hallucination)")
     reward_base: str = opt("tiny:llava_onevision", "the reward model's base")
-    reward_steps: int = opt(750, "reward-model training steps (4 queries each)")
+    reward_steps: int = opt(650, "reward-model training steps (4 queries each)")
     reward_lr: float = opt(2e-3, "peak learning rate of the reward model")
     critique_tokens: int = opt(80, "longest generated critique (the oracle's: at most 72 tokens)")
-    dpo_steps: int = opt(200, "MM-DPO steps (4 queries each)")
+    dpo_steps: int = opt(300, "MM-DPO steps (4 queries each; chosen on a validation world)")
     dpo_lr: float = opt(5e-4, "MM-DPO learning rate (chosen on a validation world: "
                               "bench/dpo_tune.py)")
     dpo_gamma: float = opt(1.0, "weight of MM-DPO's SFT term (chosen with the learning rate)")
@@ -460,5 +461,5 @@ class AblateConfig(Config):
                              "implicit β) and grid (dynamic β over w and k)")
     seeds: list[int] = opt([0, 1, 2], "training seeds of the reward and beta studies")
     grid_w: list[float] = opt([0.25, 0.5, 1.0], "values of w in the grid study")
-    grid_k: list[float] = opt([0.25, 0.5, 1.0], "values of k in the grid study")
+    grid_k: list[float] = opt([0.5, 1.0], "values of k in the grid study")
     grid_seed: int = opt(0, "training seed of the grid study")
