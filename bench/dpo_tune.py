@@ -3,14 +3,14 @@
 The paper picked γ from {0, 0.1, 0.25, 0.5, 1.0} and the learning rate by a grid search per base model. This does
 the same for the demo's policy. Every row trains MM-DPO (dynamic β from the run's own reward-model δ) from a
 finished demo run's SFT policy on the run's scored pool, then answers a validation world greedily: seed + 2 (the
-test world is seed + 1), its first 200 queries, none repeating a query of the pool. Each row is compared with the
+test world is seed + 1), its first 600 queries (200 cannot tell a 4-point change from noise), none repeating a query of the pool. Each row is compared with the
 SFT policy on the same items (paired; McNemar; Holm over the two metrics of the row). The demo's held-out test
 world is not read.
 
     .venv/bin/python bench/dpo_tune.py --run runs/demo                            # the default rows
     .venv/bin/python bench/dpo_tune.py --run runs/demo --rows g1-lr2e-4-s200 g0.5-lr5e-4-s200
 
-A row's name is g<γ>-lr<learning rate>-s<steps>, with -v when the vision tower is trained too (the paper freezes it).
+A row's name is g<γ>-lr<learning rate>-s<steps>, with -b<β_ori> for another β_ori than 0.1 and -v when the vision tower is trained too (the paper freezes it).
 Rows already in <run>/tune are read, not retrained.
 """
 from __future__ import annotations
@@ -24,16 +24,18 @@ from mmrlhf.evaluate import run_eval, run_scores
 from mmrlhf.stats import compare_benchmarks, score
 from mmrlhf.world import world_overlap, write_world
 
-ROWS = ["g0.25-lr2e-4-s200", "g1-lr2e-4-s200", "g0.25-lr5e-4-s200", "g1-lr5e-4-s200",
-        "g0-lr2e-4-s200"]
+ROWS = ["g1-lr5e-4-s200", "g1-lr5e-4-s300", "g1-lr5e-4-s400", "g0.25-lr2e-4-s200",
+        "g0-lr5e-4-s200"]
 METRICS = ("accuracy", "hallucination")
 
 
 def parse_row(name:str) -> dict:
-    "g<γ>-lr<lr>-s<steps>[-v] -> the settings."
+    "g<γ>-lr<lr>-s<steps>[-b<β_ori>][-v] -> the settings."
     vision = name.endswith("-v"); name = name.removesuffix("-v")
+    name, _, beta = name.partition("-b")
     g, lr, s = name.split("-lr")[0][1:], name.split("-lr")[1].split("-s")[0], name.split("-s")[-1]
-    return {"gamma": float(g), "lr": float(lr), "steps": int(s), "train_vision": vision}
+    return {"gamma": float(g), "lr": float(lr), "steps": int(s), "beta": float(beta or 0.1),
+            "train_vision": vision}
 
 
 def overall(run_json:Path, metric:str, seed:int):
@@ -49,7 +51,8 @@ def evaluate(model:Path, bench:Path, out:Path, demo:DemoConfig):
     if (out / "run.json").exists(): return out / "run.json"
     with contextlib.redirect_stdout(io.StringIO()):
         run_eval(EvalConfig(model=str(model), name=out.parent.name, out=str(out), bench=str(bench),
-                            bench_name="shapes", max_new_tokens=demo.max_new_tokens, seed=demo.seed))
+                            bench_name="shapes", max_new_tokens=demo.max_new_tokens,
+                            batch_size=demo.generate_batch, seed=demo.seed))
     return out / "run.json"
 
 
@@ -57,7 +60,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a finished `mmrlhf demo` run folder")
     ap.add_argument("--rows", nargs="*", default=ROWS)
-    ap.add_argument("--n-valid", type=int, default=200)
+    ap.add_argument("--n-valid", type=int, default=600)
     args = ap.parse_args()
     run = Path(args.run); tune = run / "tune"
     demo = DemoConfig.from_yaml(run / "config.yaml")
@@ -79,7 +82,7 @@ def main():
                 run_train_dpo(TrainDPOConfig(data=str(run / "ref" / "queries.jsonl"),
                                              image_root=str(run / "world" / "pool"),
                                              base=str(run / "models" / "sft"), out=str(out),
-                                             steps=s["steps"], lr=s["lr"], gamma=s["gamma"],
+                                             steps=s["steps"], lr=s["lr"], gamma=s["gamma"], beta=s["beta"],
                                              train_vision=s["train_vision"],
                                              save_steps=s["steps"], logging_steps=max(1, s["steps"] // 5),
                                              seed=demo.seed))
