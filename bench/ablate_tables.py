@@ -11,6 +11,7 @@ import json, sys
 def pct(x:float) -> str: return f"{100 * x:.1f}%"
 def pts(x:float) -> str: return f"{100 * x:+.1f}".replace("-", "−")
 def pval(p:float) -> str: return f"{p:.2g}" if p < 0.995 else "1"
+def msd(m:dict) -> str: return f"{pct(m['mean'])} ± {100 * m['sd']:.1f}"
 
 
 def reward_table(r:dict) -> str:
@@ -20,8 +21,7 @@ def reward_table(r:dict) -> str:
     tests = ", ".join(f"{pts(t['diff'])} ({pval(t['p_holm'])})" for t in r["tests"] if t["metric"] == "acc")
     for name, label in (("scalar", "score only"), ("critique", "critique, own critiques")):
         m = s[name]
-        lines.append(f"| {label} | {pct(m['acc']['mean'])} ± {100 * m['acc']['sd']:.1f} | "
-                     f"{pct(m['acc_plus']['mean'])} ± {100 * m['acc_plus']['sd']:.1f} | "
+        lines.append(f"| {label} | {msd(m['acc'])} | {msd(m['acc_plus'])} | "
                      f"{tests if name == 'critique' else ''} |")
     return "\n".join(lines)
 
@@ -33,8 +33,7 @@ def beta_table(r:dict) -> str:
               "implicit": "implicit, batch-level (the release)"}
     for name, label in labels.items():
         m = s[name]; b = next(x["beta"] for x in r["rows"] if x["variant"] == name)
-        lines.append(f"| {label} | {pct(m['accuracy']['mean'])} ± {100 * m['accuracy']['sd']:.1f} | "
-                     f"{pct(m['hallucination']['mean'])} ± {100 * m['hallucination']['sd']:.1f} | "
+        lines.append(f"| {label} | {msd(m['accuracy'])} | {msd(m['hallucination'])} | "
                      f"{b['min']:.3f} to {b['max']:.3f}, median {b['median']:.3f} |")
     return "\n".join(lines)
 
