@@ -12,6 +12,8 @@ import json, sys
 from collections import defaultdict
 from pathlib import Path
 
+from mmrlhf.evaluate import run_scores
+
 
 def kind_counts(run:Path) -> dict:
     "{kind: {items, accuracy: [before, after], hallucination: [before, after]}} of a finished demo run."
@@ -20,12 +22,12 @@ def kind_counts(run:Path) -> dict:
         q = json.loads(line); kind[q["id"]] = q["truth"]["kind"]
     table = defaultdict(lambda: {"items": 0, "accuracy": [0, 0], "hallucination": [0, 0]})
     for j, side in enumerate(("before", "after")):
-        for bench in json.loads((run / "eval" / side / "run.json").read_text())["benchmarks"].values():
-            for metric in ("accuracy", "hallucination"):
-                o = bench["outcomes"][metric]
-                for i, x in zip(o["ids"], o["values"]):
-                    table[kind[i]][metric][j] += int(x)
-                    if j == 0 and metric == "accuracy": table[kind[i]]["items"] += 1
+        scores = run_scores(json.loads((run / "eval" / side / "run.json").read_text()))
+        for (_, metric), s in scores.items():
+            if metric not in ("accuracy", "hallucination"): continue
+            for i, x in zip(s.ids, s.outcomes):
+                table[kind[i]][metric][j] += int(x)
+                if j == 0 and metric == "accuracy": table[kind[i]]["items"] += 1
     return dict(sorted(table.items()))
 
 

@@ -3,14 +3,15 @@
 The paper picked γ from {0, 0.1, 0.25, 0.5, 1.0} and the learning rate by a grid search per base model. This does
 the same for the demo's policy. Every row trains MM-DPO (dynamic β from the run's own reward-model δ) from a
 finished demo run's SFT policy on the run's scored pool, then answers a validation world greedily: seed + 2 (the
-test world is seed + 1), its first 600 queries (200 cannot tell a 4-point change from noise), none repeating a query of the pool. Each row is compared with the
-SFT policy on the same items (paired; McNemar; Holm over the two metrics of the row). The demo's held-out test
-world is not read.
+test world is seed + 1), its first 600 queries (200 cannot tell a 4-point change from noise), none repeating a
+query of the pool. Each row is compared with the SFT policy on the same items (paired; McNemar; Holm over the two
+metrics of the row). The demo's held-out test world is not read.
 
     .venv/bin/python bench/dpo_tune.py --run runs/demo                            # the default rows
     .venv/bin/python bench/dpo_tune.py --run runs/demo --rows g1-lr2e-4-s200 g0.5-lr5e-4-s200
 
-A row's name is g<γ>-lr<learning rate>-s<steps>, with -b<β_ori> for another β_ori than 0.1 and -v when the vision tower is trained too (the paper freezes it).
+A row's name is g<γ>-lr<learning rate>-s<steps>, with -b<β_ori> for another β_ori than train-dpo's default and
+-v when the vision tower is trained too (the paper freezes it).
 Rows already in <run>/tune are read, not retrained.
 """
 from __future__ import annotations
@@ -24,8 +25,7 @@ from mmrlhf.evaluate import run_eval, run_scores
 from mmrlhf.stats import compare_benchmarks, score
 from mmrlhf.world import world_overlap, write_world
 
-ROWS = ["g1-lr5e-4-s200", "g1-lr5e-4-s300", "g1-lr5e-4-s400", "g0.25-lr2e-4-s200",
-        "g0-lr5e-4-s200"]
+ROWS = ["g1-lr5e-4-s200", "g1-lr5e-4-s300", "g1-lr5e-4-s400", "g0.25-lr2e-4-s300"]  # the recorded grid
 METRICS = ("accuracy", "hallucination")
 
 
@@ -34,8 +34,8 @@ def parse_row(name:str) -> dict:
     vision = name.endswith("-v"); name = name.removesuffix("-v")
     name, _, beta = name.partition("-b")
     g, lr, s = name.split("-lr")[0][1:], name.split("-lr")[1].split("-s")[0], name.split("-s")[-1]
-    return {"gamma": float(g), "lr": float(lr), "steps": int(s), "beta": float(beta or 0.1),
-            "train_vision": vision}
+    return {"gamma": float(g), "lr": float(lr), "steps": int(s),
+            "beta": float(beta) if beta else TrainDPOConfig().beta, "train_vision": vision}
 
 
 def overall(run_json:Path, metric:str, seed:int):
@@ -82,8 +82,8 @@ def main():
                 run_train_dpo(TrainDPOConfig(data=str(run / "ref" / "queries.jsonl"),
                                              image_root=str(run / "world" / "pool"),
                                              base=str(run / "models" / "sft"), out=str(out),
-                                             steps=s["steps"], lr=s["lr"], gamma=s["gamma"], beta=s["beta"],
-                                             train_vision=s["train_vision"],
+                                             steps=s["steps"], lr=s["lr"], gamma=s["gamma"],
+                                             beta=s["beta"], train_vision=s["train_vision"],
                                              save_steps=s["steps"], logging_steps=max(1, s["steps"] // 5),
                                              seed=demo.seed))
         run_json = evaluate(out / "final", valid / "queries.jsonl", out / "eval", demo)
