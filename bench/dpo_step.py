@@ -1,26 +1,39 @@
-"""DPO training-step throughput on a Qwen2-VL-shaped VLM: TRL's DPOTrainer vs our grouped and prefix-shared steps.
+"""DPO training-step throughput and memory on a Qwen2-VL-shaped VLM: TRL's DPOTrainer vs our grouped, prefix-shared and packed steps.
 
-One run, one model shape (random weights, same seed for every method), the same synthetic data:
+One run, one model shape (random weights, same seed for every method), the same synthetic data; each method runs in its
+own process (so each one's peak memory is its own):
 
-- `trl`: TRL DPOTrainer (sigmoid DPO), `--trl-batch` pairs per device step, reference model online (TRL cannot
-  precompute reference log-probs for VLMs), gradient checkpointing off (TRL's default is on: `trl_gc` runs that);
-- `grouped`: a step takes `--queries-per-step` queries with their K responses, one sequence per response (full layout),
-  reference log-probs precomputed by a separate reference pass (timed on its own), all K(K-1)/2 pairs' losses from the
-  K log-probs;
-- `shared`: the same, but image + prompt encoded once per query and the K responses continued from its KV cache.
+- `trl`: TRL DPOTrainer (sigmoid DPO), `--trl-batch` pairs per device step (default: as many pairs as one of our steps, so
+  memory compares at equal pairs per step), reference model online (TRL cannot precompute reference log-probs for VLMs);
+- `grouped`: a step takes `--queries-per-step` queries with their K responses, one sequence per response, reference
+  log-probs precomputed by a separate reference pass (timed on its own), all K(K-1)/2 pairs' losses from the K log-probs;
+- `shared`: the same, but image + prompt encoded once per query and the K responses continued from its KV cache (cannot
+  run under gradient checkpointing: skipped with `--grad-checkpointing`);
+- `packed`: one sequence per query, [image + prompt | r1 | ... | rK] under a block mask (the default layout of mmrlhf).
 
-Every step is timed from a batch already collated on the host (TRL: `on_step_begin` -> `on_step_end`; ours: the same
-span: move to device, forward, loss, backward, grad clip 1.0, AdamW, zero_grad), with `torch.cuda.synchronize`.
-bf16 autocast over fp32 weights on GPU, fp32 on CPU; fused AdamW for every method.
+`--grad-checkpointing` turns activation checkpointing on for every method, TRL included, in the same way
+(`mmrlhf.logprobs.enable_checkpointing`: non-reentrant, without transformers' input-gradient hooks, which would otherwise
+backpropagate through the frozen vision tower). The vision tower is frozen in every method (the paper's setting and
+`mmrlhf train-dpo`'s default) unless `--train-vision`. Every step is timed from a
+batch already collated on the host (TRL: `on_step_begin` -> `on_step_end`; ours: move to device, forward, loss,
+backward, grad clip 1.0, AdamW, zero_grad), with `torch.cuda.synchronize`. bf16 autocast over fp32 weights on GPU, fp32
+on CPU; fused AdamW for every method. Memory: CUDA peak on a GPU; on CPU the process's peak RSS and, sampled every 5 ms,
+the RSS rise during the timed steps over the RSS just before them (`step_rss_gib`, activations and gradients).
+
+Beside the measured ratios it prints the token-count limit: per pair TRL runs 2 policy sequences of P + R tokens through
+forward and backward (3 passes each) and 2 through the reference, 8 (P + R); one packed forward and backward of P + K R
+tokens serves K(K-1)/2 pairs, so the ratio is 4 K (K - 1) (P + R) / (3 (P + K R)) (16 (P + R) / (P + 4 R) at K = 4).
+It counts language-model tokens only: the vision tower, quadratic attention and TRL's per-step overheads add to it.
 
     PYTHONPATH=. python bench/dpo_step.py --preset cpu --out runs/bench-dpo/cpu.json
+    PYTHONPATH=. python bench/dpo_step.py --preset cpu-long --grad-checkpointing --out runs/bench-dpo/cpu-long-gc.json
     PYTHONPATH=. python bench/dpo_step.py --preset gpu --out runs/bench-dpo/gpu.json
     PYTHONPATH=. python bench/dpo_step.py --preset gpu --dry       # build the GPU shape, one tiny step per method
 """
 from __future__ import annotations
 
-import argparse, contextlib, copy, datetime, gc, itertools, json, os, platform, random, statistics, subprocess, sys
-import tempfile, time, warnings
+import argparse, contextlib, copy, datetime, gc, itertools, json, os, platform, random, resource, statistics
+import subprocess, sys, tempfile, threading, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +45,7 @@ try:
     import mmrlhf  # noqa: F401
 except ImportError:  # run from a checkout without installing: the repo root is the folder above bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmrlhf.logprobs import encode_groups, response_logps
+from mmrlhf.logprobs import enable_checkpointing, encode_groups, freeze_vision, response_logps
 from mmrlhf.testbed import chatml_template, train_tokenizer
 
 from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
@@ -47,14 +60,23 @@ PRESETS = {
     # ~5 M parameters, 64 image tokens, sequences of ~200 tokens: < 3 minutes on a 2-core CPU
     'cpu': dict(hidden=256, intermediate=704, layers=4, heads=4, kv_heads=2, v_hidden=128, v_layers=4, v_heads=4,
                 mlp_ratio=4, patch=4, image=64, vocab=None, tok_vocab=4096, K=4, words=55, prompt_words=12,
-                trl_batch=2, queries_per_step=1, warmup=3, steps=20),
+                trl_batch=None, queries_per_step=1, warmup=3, steps=20),
+    # the CPU preset's model with a long image prefix: 256 px -> 1,024 image tokens, ~1,170-token sequences
+    'cpu-long': dict(hidden=256, intermediate=704, layers=4, heads=4, kv_heads=2, v_hidden=128, v_layers=4, v_heads=4,
+                     mlp_ratio=4, patch=4, image=256, vocab=None, tok_vocab=4096, K=4, words=55, prompt_words=12,
+                     trl_batch=None, queries_per_step=1, warmup=1, steps=3),
     # the README anchor: 711 M parameters (text 16 x 1024, vocabulary 151,936; vision 16 x 1024), 756x756 image ->
     # 729 image tokens, K=4 responses of 200 words (~1,190-token sequences)
     'gpu': dict(hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=2, v_hidden=1024, v_layers=16, v_heads=16,
                 mlp_ratio=4, patch=14, image=756, vocab=151936, tok_vocab=4096, K=4, words=200, prompt_words=12,
-                trl_batch=2, queries_per_step=1, warmup=3, steps=10),
+                trl_batch=None, queries_per_step=1, warmup=3, steps=10),
+    # the same model at LLaVA-OneVision's any-resolution lengths: 2,380 px -> 7,225 image tokens, ~7,700-token sequences
+    'gpu-anyres': dict(hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=2, v_hidden=1024, v_layers=16,
+                       v_heads=16, mlp_ratio=4, patch=14, image=2380, vocab=151936, tok_vocab=4096, K=4, words=200,
+                       prompt_words=12, trl_batch=None, queries_per_step=1, warmup=2, steps=5),
 }
-METHODS = ('trl', 'grouped', 'shared', 'trl_gc')
+METHODS = ('trl', 'grouped', 'shared', 'packed')
+LAYOUT = dict(grouped='grouped', shared='shared', packed='packed')
 
 # ------------------------------------------------------------------------------------------------ loss
 try:
@@ -118,12 +140,16 @@ def build_config(p, tok):
                          vision_start_token_id=ids['<|vision_start|>'], vision_end_token_id=ids['<|vision_end|>'])
 
 
+TRAIN_VISION = False  # set from --train-vision: every method trains (or freezes) the vision tower alike
+
+
 def build_model(config, tok, device, seed):
-    "Random-weight policy, identical for every method (same seed, same device)."
+    "Random-weight policy, identical for every method (same seed, same device), vision tower frozen unless asked."
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration(config)
     model.to(device)
+    if not TRAIN_VISION: freeze_vision(model)
     gc_ = model.generation_config
     gc_.bos_token_id, gc_.eos_token_id, gc_.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     return model
@@ -177,6 +203,29 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
 
 
+def rss_gib():
+    "This process's resident memory now."
+    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30
+
+
+def max_rss_gib():
+    "This process's peak resident memory so far (Linux reports KiB)."
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class RSSPeak:
+    "The highest RSS seen (sampled every 5 ms) while the block runs, over the RSS when it began."
+    def __enter__(self):
+        self.base = self.peak = rss_gib(); self._stop = threading.Event()
+        def watch():
+            while not self._stop.wait(0.005): self.peak = max(self.peak, rss_gib())
+        self._t = threading.Thread(target=watch, daemon=True); self._t.start()
+        return self
+    def __exit__(self, *exc):
+        self._stop.set(); self._t.join(); self.peak = max(self.peak, rss_gib())
+        self.rise = self.peak - self.base
+
+
 def autocast(device, bf16):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -189,6 +238,7 @@ def to_device(batch, device):
 
 def seq_shape(batch):
     if 'full' in batch: return dict(layout='full', input_ids=list(batch['full']['input_ids'].shape))
+    if 'packed' in batch: return dict(layout='packed', input_ids=list(batch['packed']['input_ids'].shape))
     return dict(layout='shared', prefix_ids=list(batch['prefix']['input_ids'].shape),
                 response_ids=list(batch['response_ids'].shape))
 
@@ -221,24 +271,28 @@ def run_trl(p, config, processor, queries, device, seed, warmup, steps, bf16, gr
                      disable_tqdm=True, seed=seed, remove_unused_columns=False)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=processor,
                          callbacks=[timer])
+    if gradient_checkpointing:  # on, non-reentrant, without gradients through the frozen vision tower: as ours
+        enable_checkpointing(trainer.model)
     # one collated batch, for its shape and the host-side collation time (not part of the timed step)
     rows = [ds[i] for i in range(p['trl_batch'])]
     t = time.perf_counter(); b = trainer.data_collator(rows); collate_s = time.perf_counter() - t
     shape = dict(layout='trl (prompt+chosen | prompt+rejected)', input_ids=list(b['input_ids'].shape),
                  completion_tokens=int(b['completion_mask'].sum()))
-    trainer.train()
+    with RSSPeak() as rss: trainer.train()
     peak = peak_gib(device)
     times = timer.times[warmup:]
     res = dict(pairs_per_step=p['trl_batch'], sequences_per_step=2 * p['trl_batch'], images_encoded_per_step=4 * p['trl_batch'],
                step_s=statistics.median(times), step_s_all=timer.times, encode_s_per_step=collate_s,
                ref_s=None, peak_gib=peak, allocated_before_gib=base, batch=shape,
-               gradient_checkpointing=gradient_checkpointing)
+               gradient_checkpointing=gradient_checkpointing, step_rss_gib=rss.rise,
+               tokens_per_step=int(b['attention_mask'].sum()) * 2)
     del trainer, model, ref, ds, b
     reset_memory(device)
     return res
 
 
-def run_ours(p, config, processor, queries, device, seed, warmup, steps, bf16, share_prefix, loss_use):
+def run_ours(p, config, processor, queries, device, seed, warmup, steps, bf16, layout, loss_use,
+             gradient_checkpointing=False):
     base = reset_memory(device)
     model = build_model(config, processor.tokenizer, device, seed)
     qps, K = p['queries_per_step'], p['K']
@@ -247,7 +301,7 @@ def run_ours(p, config, processor, queries, device, seed, warmup, steps, bf16, s
     batches, enc = [], []
     for s in range(n_steps):
         t = time.perf_counter()
-        batches.append(encode_groups(processor, queries[s * qps:(s + 1) * qps], share_prefix=share_prefix))
+        batches.append(encode_groups(processor, queries[s * qps:(s + 1) * qps], layout=layout))
         enc.append(time.perf_counter() - t)
     # pair indices within the step's responses (responses ordered by query, K each)
     pairs = [(q * K + i, q * K + j) for q in range(qps) for i, j in query_pairs(K)]
@@ -263,10 +317,12 @@ def run_ours(p, config, processor, queries, device, seed, warmup, steps, bf16, s
             sync(device); ref_times.append(time.perf_counter() - t)
             ref_lp.append(lp.float())
     model.train()
+    if gradient_checkpointing: enable_checkpointing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     params = [q for q in model.parameters() if q.requires_grad]
     reset_memory(device)  # peak of training (weights + grads + optimizer + activations); the ref pass peaked lower
     times, losses = [], []
+    rss = RSSPeak().__enter__()
     for s, b in enumerate(batches):
         sync(device); t = time.perf_counter()
         bd = to_device(b, device)
@@ -279,9 +335,14 @@ def run_ours(p, config, processor, queries, device, seed, warmup, steps, bf16, s
         opt.step(); opt.zero_grad(set_to_none=True)
         sync(device); times.append(time.perf_counter() - t)
         losses.append(loss.item())
+    rss.__exit__(None, None, None)
     peak = peak_gib(device)
+    tokens = (int(batches[0]['packed']['doc'].ge(0).sum()) if layout == 'packed' else
+              int(batches[0]['full']['attention_mask'].sum()) if layout == 'grouped' else
+              int(batches[0]['prefix']['attention_mask'].sum() + batches[0]['response_mask'].sum()))
     res = dict(pairs_per_step=len(pairs), sequences_per_step=qps * K,
-               images_encoded_per_step=qps if share_prefix else qps * K,
+               images_encoded_per_step=qps if layout != 'grouped' else qps * K, step_rss_gib=rss.rise,
+               gradient_checkpointing=gradient_checkpointing, tokens_per_step=tokens,
                step_s=statistics.median(times[warmup:]), step_s_all=times,
                encode_s_per_step=statistics.median(enc), ref_s=statistics.median(ref_times[warmup:] or ref_times),
                ref_s_all=ref_times, peak_gib=peak, allocated_before_gib=base, batch=seq_shape(batches[0]),
@@ -314,28 +375,43 @@ def versions():
     return v
 
 
+LABEL = dict(trl="TRL DPOTrainer (reference online)", grouped="grouped: K full sequences, ref precomputed",
+             shared="prefix-shared: 1 image+prompt, K continuations from its cache",
+             packed="packed: [image+prompt | r1 | ... | rK], block mask")
+
+
+def token_limit(P, R, K):
+    "The token-count ratio: TRL's 8 (P + R) sequence-pass tokens per pair over the packed step's 3 (P + K R) / pairs."
+    return 4 * K * (K - 1) * (P + R) / (3 * (P + K * R))
+
+
 def table(report):
-    res, trl = report['results'], report['results'].get('trl')
-    label = dict(trl=f"TRL DPOTrainer ({report['preset']['trl_batch']} pairs/step, ref online)",
-                 trl_gc="TRL DPOTrainer, gradient checkpointing (TRL default)",
-                 grouped='grouped: K full sequences, ref precomputed', shared='prefix-shared: 1 image+prompt, K continuations')
-    lines = ["| method | pairs/step | median step s | pairs/s | x TRL | ref pass s/step | pairs/s incl. ref | x TRL incl. ref "
-             "| peak GiB | host encode s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x, d=2: '—' if x is None else f"{x:.{d}f}"
-    for m, r in res.items():
-        lines.append(f"| {label[m]} | {r['pairs_per_step']} | {f(r['step_s'], 3)} | {f(r['pairs_per_s'])} | "
-                     f"{f(r.get('x_trl'))} | {f(r['ref_s'], 3)} | {f(r.get('pairs_per_s_incl_ref'))} | "
-                     f"{f(r.get('x_trl_incl_ref'))} | {f(r['peak_gib'], 1)} | {f(r['encode_s_per_step'], 3)} |")
+    cpu = report['device'] == 'cpu'
+    mem = 'step RSS rise GiB | peak RSS GiB' if cpu else 'peak GiB | —'
+    lines = [f"| method | pairs/step | median step s | pairs/s | x TRL | ref pass s/step | x TRL incl. ref | {mem} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report['methods']:
+        if r.get('skipped'):
+            lines.append(f"| {LABEL[r['method']]} | skipped: {r['skipped']} |  |  |  |  |  |  |  |"); continue
+        m1, m2 = (r['step_rss_gib'], r['peak_rss_gib']) if cpu else (r['peak_gib'], None)
+        lines.append(f"| {LABEL[r['method']]} | {r['pairs_per_step']} | {f(r['step_s'], 3)} | {f(r['pairs_per_s'])} | "
+                     f"{f(r.get('x_trl'))} | {f(r['ref_s'], 3)} | {f(r.get('x_trl_incl_ref'))} | {f(m1, 3)} | {f(m2, 2)} |")
     return '\n'.join(lines)
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--preset', choices=PRESETS, default='cpu')
-    ap.add_argument('--methods', default='trl,grouped,shared', help=f"comma-separated, of {','.join(METHODS)}")
+    ap.add_argument('--methods', default='trl,grouped,shared,packed', help=f"comma-separated, of {','.join(METHODS)}")
+    ap.add_argument('--grad-checkpointing', action='store_true', help="activation checkpointing on for every method")
+    ap.add_argument('--train-vision', action='store_true',
+                    help="train the vision tower too, in every method (default: frozen in every method, as the paper "
+                         "and `mmrlhf train-dpo` do)")
     ap.add_argument('--warmup', type=int); ap.add_argument('--steps', type=int)
     ap.add_argument('--K', type=int); ap.add_argument('--words', type=int); ap.add_argument('--image', type=int)
-    ap.add_argument('--trl-batch', type=int); ap.add_argument('--queries-per-step', type=int)
+    ap.add_argument('--trl-batch', type=int, help="TRL pairs per step (default: our pairs per step)")
+    ap.add_argument('--queries-per-step', type=int)
     ap.add_argument('--loss', choices=('auto', 'mmdpo', 'inline'), default='auto')
     ap.add_argument('--device', default=None, help="default: cuda if available, else cpu")
     ap.add_argument('--precision', choices=('auto', 'bf16', 'fp32'), default='auto',
@@ -344,9 +420,17 @@ def main():
     ap.add_argument('--dry', action='store_true',
                     help="build the preset's model and processor, report its full-size sequence shapes, then time one "
                          "step per method on shrunk data (image 56 px, K=3, 8 words, 0 warmup)")
+    ap.add_argument('--same-process', action='store_true', help="run every method in this process (no memory figures "
+                                                                "per method)")
     ap.add_argument('--out', default=None, help="JSON file for all figures")
-    a = ap.parse_args()
+    ap.add_argument('--child', default=None, help=argparse.SUPPRESS)  # METHOD:FILE, run by the parent
+    return ap.parse_args(argv)
 
+
+def setup(a):
+    "Device, precision, the preset (with overrides), processor, config, queries and their token counts."
+    global TRAIN_VISION
+    TRAIN_VISION = a.train_vision
     warnings.filterwarnings('ignore', message='.*truncat.*')
     warnings.filterwarnings('ignore', message='.*gradient_checkpointing.*deprecated.*', category=FutureWarning)
     from transformers.utils import logging as hf_logging
@@ -357,10 +441,6 @@ def main():
     p = dict(PRESETS[a.preset])
     for k in ('warmup', 'steps', 'K', 'words', 'image', 'trl_batch', 'queries_per_step'):
         if getattr(a, k) is not None: p[k] = getattr(a, k)
-    methods = [m.strip() for m in a.methods.split(',') if m.strip()]
-    assert all(m in METHODS for m in methods), methods
-    t_start = time.perf_counter()
-
     words = make_words(a.seed)
     processor = build_processor(p, words, a.seed)
     config = build_config(p, processor.tokenizer)
@@ -369,55 +449,109 @@ def main():
     full_shape = None
     if a.dry:  # the real preset's sequence shapes, from the processor alone
         q = make_queries(p, words, 1, a.seed)
-        fb, sb = encode_groups(processor, q, share_prefix=False), encode_groups(processor, q, share_prefix=True)
+        fb = encode_groups(processor, q, layout='grouped')
         n_img = int((fb['full']['input_ids'][0] == config.image_token_id).sum())
-        full_shape = dict(image_tokens=n_img, full=seq_shape(fb), shared=seq_shape(sb),
+        full_shape = dict(image_tokens=n_img, full=seq_shape(fb), packed=seq_shape(encode_groups(processor, q)),
                           response_tokens=fb['full']['labels'].ne(-100).sum(1).tolist())
-        print(f"[dry] preset {a.preset}: {n_params / 1e6:.1f} M parameters; full-size data: {json.dumps(full_shape)}", flush=True)
         p.update(image=56 if p['patch'] == 14 else 2 * 2 * p['patch'], K=3, words=8, warmup=0, steps=1)
+    if p['trl_batch'] is None: p['trl_batch'] = p['queries_per_step'] * p['K'] * (p['K'] - 1) // 2
     n_queries = p['queries_per_step'] * (p['warmup'] + p['steps'])
     n_pairs_needed = p['trl_batch'] * (p['warmup'] + p['steps'])
     n_queries = max(n_queries, -(-n_pairs_needed // (p['K'] * (p['K'] - 1) // 2)))
     queries = make_queries(p, words, n_queries, a.seed)
-    fb = encode_groups(processor, queries[:1], share_prefix=False)
-    seq_len = fb['full']['attention_mask'].sum(1).tolist()
-    print(f"{a.preset}: {n_params / 1e6:.1f} M params, {p['image']}px image -> "
-          f"{int((fb['full']['input_ids'][0] == config.image_token_id).sum())} image tokens, K={p['K']}, "
-          f"sequence lengths {seq_len}, device {device}, bf16 autocast {bf16}, loss {loss_name(a.loss)}", flush=True)
+    fb = encode_groups(processor, queries[:1], layout='grouped')['full']
+    seq_len = fb['attention_mask'].sum(1).tolist()
+    resp = fb['labels'].ne(-100).sum(1).tolist()
+    P, R = statistics.mean(n - r for n, r in zip(seq_len, resp)), statistics.mean(resp)
+    shape = dict(n_params=n_params, image_tokens=int((fb['input_ids'][0] == config.image_token_id).sum()),
+                 sequence_lengths_first_query=seq_len, prompt_tokens=P, response_tokens=R, full_size_shapes=full_shape)
+    return device, bf16, p, processor, config, queries, shape
 
-    results = {}
+
+# dense bf16 peak FLOP/s, for model FLOPs utilisation
+PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12}
+
+
+def model_flops_utilisation(r, n_params, device, method):
+    "6 N per trained token (forward + backward), 2 N per reference token, over step time and the device's peak."
+    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
+    if peak is None: return None
+    flops = 6 * n_params * r['tokens_per_step'] + (2 * n_params * r['tokens_per_step'] if method == 'trl' else 0)
+    return flops / r['step_s'] / peak
+
+
+def run_method(m, a, device, bf16, p, processor, config, queries, n_params):
+    "One method's record."
+    gc_ = a.grad_checkpointing
+    if m == 'shared' and gc_:
+        return dict(method=m, skipped="needs the prefix's KV cache, which gradient checkpointing cannot keep",
+                    grad_checkpointing=True)
+    t = time.perf_counter()
+    if m == 'trl': r = run_trl(p, config, processor, queries, device, a.seed, p['warmup'], p['steps'], bf16, gc_)
+    else: r = run_ours(p, config, processor, queries, device, a.seed, p['warmup'], p['steps'], bf16, LAYOUT[m], a.loss, gc_)
+    r['pairs_per_s'] = r['pairs_per_step'] / r['step_s']
+    r['pairs_per_s_incl_ref'] = r['pairs_per_s'] if r['ref_s'] is None else r['pairs_per_step'] / (r['step_s'] + r['ref_s'])
+    r['run_wall_s'] = time.perf_counter() - t
+    r['peak_rss_gib'] = max_rss_gib() if device.type == 'cpu' else None
+    if device.type == 'cuda': r['mfu'] = model_flops_utilisation(r, n_params, device, m)
+    return dict(method=m, grad_checkpointing=gc_, **r)
+
+
+def main():
+    a = parse_args()
+    device, bf16, p, processor, config, queries, shape = setup(a)
+    if a.child:  # one method, its record to a file
+        m, out = a.child.split(':', 1)
+        Path(out).write_text(json.dumps(run_method(m, a, device, bf16, p, processor, config, queries,
+                                                     shape['n_params']), default=str))
+        return
+    methods = [m.strip() for m in a.methods.split(',') if m.strip()]
+    assert all(m in METHODS for m in methods), methods
+    t_start = time.perf_counter()
+    print(f"{a.preset}: {shape['n_params'] / 1e6:.1f} M params, {p['image']}px image -> {shape['image_tokens']} image "
+          f"tokens, K={p['K']}, sequence lengths {shape['sequence_lengths_first_query']}, device {device}, bf16 "
+          f"autocast {bf16}, gradient checkpointing {a.grad_checkpointing}, loss {loss_name(a.loss)}", flush=True)
+    records = []
     for m in methods:
-        t = time.perf_counter()
-        if m in ('trl', 'trl_gc'):
-            r = run_trl(p, config, processor, queries, device, a.seed, p['warmup'], p['steps'], bf16, m == 'trl_gc')
+        if a.same_process:
+            r = run_method(m, a, device, bf16, p, processor, config, queries, shape['n_params'])
         else:
-            r = run_ours(p, config, processor, queries, device, a.seed, p['warmup'], p['steps'], bf16, m == 'shared', a.loss)
-        r['pairs_per_s'] = r['pairs_per_step'] / r['step_s']
-        if r['ref_s'] is not None: r['pairs_per_s_incl_ref'] = r['pairs_per_step'] / (r['step_s'] + r['ref_s'])
-        r['run_wall_s'] = time.perf_counter() - t
-        results[m] = r
-        print(f"  {m}: median step {r['step_s']:.3f} s, {r['pairs_per_s']:.2f} pairs/s "
-              f"({r['run_wall_s']:.0f} s wall)", flush=True)
-    if 'trl' in results:
-        base = results['trl']['pairs_per_s']
-        for m, r in results.items():
-            r['x_trl'] = r['pairs_per_s'] / base
-            if 'pairs_per_s_incl_ref' in r: r['x_trl_incl_ref'] = r['pairs_per_s_incl_ref'] / base
-            if r['peak_gib'] is not None and results['trl']['peak_gib']: r['peak_x_trl'] = r['peak_gib'] / results['trl']['peak_gib']
-
-    report = dict(machine=machine(device), device=str(device), date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-                  versions=versions(), preset_name=a.preset, dry=a.dry, preset=p, bf16_autocast=bf16,
-                  n_params=n_params, loss=loss_name(a.loss), attn_implementation=config._attn_implementation,
-                  tokenizer_vocab=len(processor.tokenizer), model_vocab=config.text_config.vocab_size,
-                  sequence_lengths_first_query=seq_len, full_size_shapes=full_shape, results=results,
-                  wall_s=time.perf_counter() - t_start)
+            with tempfile.TemporaryDirectory() as d:
+                f = Path(d) / 'record.json'
+                argv = [sys.executable, __file__, *sys.argv[1:], '--child', f"{m}:{f}"]
+                done = subprocess.run(argv, capture_output=True, text=True)
+                if done.returncode: sys.exit(f"{m} failed:\n{done.stderr[-4000:]}")
+                r = json.loads(f.read_text())
+        records.append(r)
+        if not r.get('skipped'):
+            print(f"  {m}: median step {r['step_s']:.3f} s, {r['pairs_per_s']:.2f} pairs/s "
+                  f"({r['run_wall_s']:.0f} s wall)", flush=True)
+    trl = next((r for r in records if r['method'] == 'trl'), None)
+    for r in records:
+        if trl is None or r.get('skipped'): continue
+        r['x_trl'] = r['pairs_per_s'] / trl['pairs_per_s']
+        r['x_trl_incl_ref'] = r['pairs_per_s_incl_ref'] / trl['pairs_per_s']
+        mem = 'peak_gib' if device.type == 'cuda' else 'step_rss_gib'
+        if r.get(mem) is not None and trl.get(mem): r['memory_x_trl'] = r[mem] / trl[mem]
+    limit = token_limit(shape['prompt_tokens'], shape['response_tokens'], p['K'])
+    report = dict(machine=machine(device), device=str(device),
+                  date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), versions=versions(),
+                  preset_name=a.preset, dry=a.dry, preset=p, bf16_autocast=bf16, grad_checkpointing=a.grad_checkpointing,
+                  train_vision=a.train_vision,
+                  loss=loss_name(a.loss), attn_implementation=config._attn_implementation,
+                  tokenizer_vocab=len(processor.tokenizer), model_vocab=config.text_config.vocab_size, **shape,
+                  token_count_ratio_limit=limit, methods=records, wall_s=time.perf_counter() - t_start)
     print()
     print(f"DPO step throughput — {report['machine']} — {report['date']}")
     print(' '.join(f"{k} {v}" for k, v in report['versions'].items()))
-    print(f"preset {a.preset}{' (dry)' if a.dry else ''}: {n_params / 1e6:.1f} M params, image {p['image']}px, K={p['K']}, "
-          f"~{p['words']} words/response, sequences {seq_len} tokens, {p['warmup']} warmup + {p['steps']} timed steps, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}, AdamW (fused); our loss: {report['loss']}")
+    print(f"preset {a.preset}{' (dry)' if a.dry else ''}: {shape['n_params'] / 1e6:.1f} M params, "
+          f"{shape['image_tokens']} image tokens, K={p['K']}, ~{p['words']} words/response, prompt P = "
+          f"{shape['prompt_tokens']:.0f} and response R = {shape['response_tokens']:.0f} tokens, {p['warmup']} warmup + "
+          f"{p['steps']} timed steps, {'bf16 autocast' if bf16 else 'fp32'}, AdamW (fused), gradient checkpointing "
+          f"{'on' if a.grad_checkpointing else 'off'} and the vision tower {'trained' if a.train_vision else 'frozen'} "
+          f"in every method; our loss: {report['loss']}")
     print(table(report))
+    print(f"token-count limit of packed over TRL: 4K(K-1)(P+R) / (3(P+KR)) = {limit:.2f}x (language-model tokens only)")
     print(f"total wall {report['wall_s']:.0f} s")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One session on a GPU machine, from the repository root:
-#   1. the MM-DPO step benchmark against TRL at the anchor shape (bench/dpo_step.py --preset gpu);
+#   1. the MM-DPO step benchmark against TRL at the anchor shape and at any-resolution lengths (bench/dpo_step.py);
 #   2. the commands end to end in bf16 on test-bed models: reward model, δ, reference log-probs, MM-DPO;
 #   3. MM-DPO under DeepSpeed ZeRO-2 and ZeRO-3 (accelerate launch, one process).
 # Figures and logs go to $OUT (default runs/gpu). `CHECK=1` runs a CPU rehearsal of parts 2-3 without bf16 or DeepSpeed.
@@ -21,6 +21,7 @@ step() { local name=$1; shift; local t0=$EPOCHREALTIME; "$@" > "$OUT/$name.log" 
 
 if [ "${CHECK:-0}" != 1 ]; then
   step bench timeout 330 $PY bench/dpo_step.py --preset gpu --out "$OUT/dpo_step_gpu.json"
+  step bench-anyres timeout 330 $PY bench/dpo_step.py --preset gpu-anyres --grad-checkpointing --out "$OUT/dpo_step_gpu_anyres.json"
 fi
 
 W=$OUT/work; rm -rf "$W"

@@ -57,6 +57,14 @@ class TrainConfig(Config):
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
     lora_alpha: int = opt(32, "LoRA alpha, the update being alpha/r * BA (0: twice the rank)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input")
+    layout: str = opt("packed", "how a query's K sequences are laid out: packed (image and "
+                                "prompt once, the K responses behind them under a block mask), "
+                                "shared (from a KV cache; no checkpointing) or grouped (one "
+                                "sequence per response)")
+    pack_tokens: int|None = opt(None, "packed: queries share a row up to this many tokens "
+                                      "(none: one query per row)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to "
+                                              "save memory")
     seed: int = opt(0, "seed of the weights of a built model and of the data order")
 
     def training_arguments(self, **extra):
@@ -151,11 +159,8 @@ class TrainDPOConfig(DeltaPolicy, TrainConfig):
                                   "longest prompt + response in tokens: longer responses cut "
                                   "from their end, queries whose prompt alone does not fit "
                                   "dropped; none: no limit (as in ref-logps)")
-    share_prefix: bool = opt(True, "encode each query's image and prompt once for its responses")
     system: str|None = opt(None, "a system message before every conversation")
     train_vision: bool = opt(False, "also train the vision tower (the paper freezes it)")
-    gradient_checkpointing: bool = opt(False, "recompute activations to save memory (turns prefix "
-                                              "sharing off)")
 
 # %% ../nbs/01_configs.ipynb #1ba9cc6d
 @dataclass
@@ -319,6 +324,10 @@ class ScoreConfig(Config):
                                "response, then critique cut; "
                                            "a query whose head alone is longer is left out, in "
                                            "rejected.jsonl; none: no limit)")
+    layout: str = opt("packed", "packed (image and critique prompt once per query, the K "
+                                "responses behind them) or grouped (one sequence per response)")
+    pack_tokens: int|None = opt(None, "packed: queries share a row up to this many tokens "
+                                      "(none: one query per row)")
 
 # %% ../nbs/01_configs.ipynb #f896fb67
 @dataclass
@@ -350,7 +359,10 @@ class RefLogpsConfig(Config):
                                "their end, queries whose "
                                            "prompt alone does not fit dropped (no ref_logp); "
                                            "none: no limit")
-    share_prefix: bool = opt(True, "encode each query's image and prompt once for its responses")
+    layout: str = opt("packed", "packed (image and prompt once per query), shared (KV cache) or "
+                                "grouped (one sequence per response): the same numbers")
+    pack_tokens: int|None = opt(None, "packed: queries share a row up to this many tokens "
+                                      "(none: one query per row)")
     bf16: bool = opt(False, "run the model in bfloat16 (GPUs)")
     seed: int = opt(0, "seed of a test-bed model's weights")
 

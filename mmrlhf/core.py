@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config_args', 'config_from_args', 'seed_everything',
-           'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps', 'DataError', 'DataErrors',
-           'decode_json_line', 'json_line', 'read_jsonl', 'write_jsonl', 'resolve_image_path', 'load_image', 'mean_ci',
-           'last_complete_checkpoint', 'GlobalMeanTrainer', 'progress_enabled', 'progress_bar', 'plugin', 'moved_names']
+__all__ = ['RENAMED_SETTINGS', 'opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config_args', 'config_from_args',
+           'seed_everything', 'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps',
+           'DataError', 'DataErrors', 'decode_json_line', 'json_line', 'read_jsonl', 'write_jsonl',
+           'resolve_image_path', 'load_image', 'mean_ci', 'last_complete_checkpoint', 'GlobalMeanTrainer',
+           'progress_enabled', 'progress_bar', 'plugin', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #939603ce
 import argparse, contextlib, dataclasses, functools, json, math, os, random, re, shutil, sys
@@ -77,6 +78,13 @@ def coerce(value, # the raw value: from YAML, or a string from the command line
         return value
     except (TypeError, ValueError) as e: raise ValueError(f"{name}: {e}") from None
 
+# %% ../nbs/00_core.ipynb #1a947983
+# settings that were renamed, with what to write instead (a saved config names the new way)
+RENAMED_SETTINGS = {
+    "share_prefix": "use layout: packed (the default), shared or grouped "
+                    "(share_prefix true was layout shared, false was grouped)",
+}
+
 # %% ../nbs/00_core.ipynb #f023c301
 class ConfigError(ValueError):
     "A configuration that can't be used, with the file or flag it came from."
@@ -101,6 +109,9 @@ class Config:
         types_ = _field_types(type(self))
         for k, v in values.items():
             key = k.replace("-", "_")
+            if key not in types_ and key in RENAMED_SETTINGS:
+                raise ConfigError(f"{source}: setting {k!r} was replaced: "
+                                  f"{RENAMED_SETTINGS[key]}")
             if key not in types_:
                 raise ConfigError(f"{source}: unknown setting {k!r} for {type(self).__name__}; "
                                   f"known: {', '.join(types_)}")

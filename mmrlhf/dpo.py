@@ -34,7 +34,8 @@ from .core import (atomic_dir, clean_stale_temps, ConfigError, DataError, Global
 from .configs import DeltaPolicy, MAX_LENGTH, RefLogpsConfig, TrainDPOConfig
 from .schema import pair_indices, query_medium, read_queries, write_queries
 from .models import apply_lora, load_base, save_vlm
-from .logprobs import encode_groups, freeze_vision, length_plan, response_logps
+from .logprobs import (batch_to, check_layout, describe_layout, enable_checkpointing, encode_groups,
+                             freeze_vision, length_plan, response_logps, unwrap)
 
 # %% ../nbs/12_dpo.ipynb #2cd09d1e
 def dynamic_beta(delta, # reward margins r(chosen) - r(rejected), one per pair
@@ -197,16 +198,18 @@ class DPOCollator:
     "Query groups -> one batch with batch pair indices, margins and reference log-probabilities."
     def __init__(self, processor,
                  system:str|None=None, # a system message before every conversation
-                 share_prefix:bool=True, # the prefix-shared layout (see `logprobs.encode_groups`)
+                 layout:str="packed", # packed, shared or grouped (see `logprobs.encode_groups`)
                  max_length:int|None=MAX_LENGTH, # longest prompt + response (`length_plan`)
+                 pack_tokens:int|None=None, # packed: most tokens per row (None: a query a row)
                 ):
-        self.processor, self.system, self.share_prefix = processor, system, share_prefix
-        self.max_length = max_length
+        self.processor, self.system, self.layout = processor, system, check_layout(layout)
+        self.max_length, self.pack_tokens = max_length, pack_tokens
 
     def __call__(self, examples:list) -> dict:
         groups = [(e.medium, e.question, e.responses) for e in examples]
         p = self
-        batch = encode_groups(p.processor, groups, p.system, p.share_prefix, p.max_length)
+        batch = encode_groups(p.processor, groups, p.system, p.layout, p.max_length,
+                              p.pack_tokens)
         pairs, deltas, refs, off = [], [], [], 0
         for e in examples:
             for n, (c, r) in enumerate(e.pairs):
@@ -320,7 +323,7 @@ def naive_pair_loss(model, processor,
     for e, ref_e in zip(examples, ref):
         for n, (c, r) in enumerate(e.pairs):
             group = (e.medium, e.question, [e.responses[c], e.responses[r]])
-            two = encode_groups(processor, [group], share_prefix=False)
+            two = encode_groups(processor, [group], layout="grouped")
             lp, nt = response_logps(model, two)
             pcs.append(lp[0]); prs.append(lp[1]); nts.append(nt[0])
             rcs.append(ref_e[c]); rrs.append(ref_e[r])
@@ -336,24 +339,20 @@ def reference_logps(model, processor,
                     examples:list, # DPOExamples
                     batch_size:int=8, # queries per forward
                     system:str|None=None, # a system message before every conversation
-                    share_prefix:bool=True, # the prefix-shared layout
+                    layout:str="packed", # packed, shared or grouped
                     max_length:int|None=MAX_LENGTH, # longest prompt + response (`length_plan`)
+                    pack_tokens:int|None=None, # packed: most tokens per row (None: a query a row)
                    ) -> list[list[float]]:
     "Each example's per-response log-probabilities under `model`."
     model.eval(); device = next(model.parameters()).device; out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         groups = [(e.medium, e.question, e.responses) for e in chunk]
-        batch = encode_groups(processor, groups, system, share_prefix, max_length)
-        lp, _ = response_logps(model, _to(batch, device))
+        batch = encode_groups(processor, groups, system, layout, max_length, pack_tokens)
+        lp, _ = response_logps(model, batch_to(batch, device))
         lp, k = lp.tolist(), 0
         for e in chunk: out.append(lp[k:k + len(e.responses)]); k += len(e.responses)
     return out
-
-def _to(batch, device):
-    "Move a (nested) batch of tensors to `device`."
-    if isinstance(batch, dict): return {k: _to(v, device) for k, v in batch.items()}
-    return batch.to(device) if torch.is_tensor(batch) else batch
 
 # %% ../nbs/12_dpo.ipynb #eb188dfd
 class MMDPOTrainer(GlobalMeanTrainer, Trainer):
@@ -455,7 +454,7 @@ def query_dpo_examples(path, # a schema JSONL file
 
 # %% ../nbs/12_dpo.ipynb #60be9981
 # the settings the shards depend on
-SHARD_KEYS = ("data", "model", "system", "max_length", "share_prefix", "bf16", "seed")
+SHARD_KEYS = ("data", "model", "system", "max_length", "layout", "pack_tokens", "bf16", "seed")
 
 def _read_shard(path:Path) -> list[dict]:
     "The complete records of a shard (a line a killed run left half-written is ignored)."
@@ -499,6 +498,7 @@ def run_ref_logps(cfg:RefLogpsConfig) -> Path:
     mine = [e for i, e in enumerate(examples) if i % world == rank and e.id not in done]
     model, processor = load_base(cfg.model, cfg.seed, torch.bfloat16 if cfg.bf16 else None)
     model.to(state.device)
+    if state.is_main_process: print(describe_layout(cfg.layout, model, cfg.pack_tokens))
     shard = shards / f"rank{rank}.jsonl"; _trim_shard(shard)
     bar = progress_bar(len(mine), "reference log-probs", "query", enabled=bool(mine))
     with bar, open(shard, "a") as f, warnings.catch_warnings():
@@ -510,7 +510,8 @@ def run_ref_logps(cfg:RefLogpsConfig) -> Path:
             plan = length_plan(processor, groups, cfg.max_length, cfg.system)
             kept = [e for j, e in enumerate(chunk) if j not in plan.dropped]
             lps = iter(reference_logps(model, processor, kept, cfg.batch_size, cfg.system,
-                                       cfg.share_prefix, cfg.max_length) if kept else [])
+                                       cfg.layout, cfg.max_length, cfg.pack_tokens)
+                       if kept else [])
             lines = []
             for j, e in enumerate(chunk):
                 if j in plan.dropped:
@@ -604,10 +605,11 @@ def run_train_dpo(cfg:TrainDPOConfig) -> Path:
     if not cfg.train_vision: freeze_vision(policy)
     if cfg.lora_r: policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    share = cfg.share_prefix and not cfg.gradient_checkpointing
-    collator = DPOCollator(processor, cfg.system, share, cfg.max_length)
+        if cfg.layout == "shared":
+            raise ConfigError("layout=shared keeps the prefix's KV cache, which gradient "
+                              "checkpointing cannot: use layout=packed (the default) or grouped")
+        enable_checkpointing(policy)
+    collator = DPOCollator(processor, cfg.system, cfg.layout, cfg.max_length, cfg.pack_tokens)
     trainer = MMDPOTrainer(model=policy, args=cfg.training_arguments(), train_dataset=train,
                            data_collator=collator, settings=settings, processing_class=processor)
     out, final = Path(cfg.out), Path(cfg.out) / "final"
@@ -615,6 +617,7 @@ def run_train_dpo(cfg:TrainDPOConfig) -> Path:
     if trainer.is_world_process_zero():
         clean_stale_temps(out)
         print(plan.summary()); print(describe_pairs(summary))
+        print(describe_layout(cfg.layout, unwrap(policy), cfg.pack_tokens))
         if cfg.resume:
             print(f"resuming from {checkpoint}" if checkpoint
                   else f"resume: no complete checkpoint in {out}; starting from scratch")

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 # %% ../nbs/11_reward.ipynb #2ad627b2
-from .core import (atomic_dir, clean_stale_temps, DataError, GlobalMeanTrainer,
+from .core import (atomic_dir, clean_stale_temps, ConfigError, DataError, GlobalMeanTrainer,
                          last_complete_checkpoint, mean_ci, moved_names, progress_bar, read_jsonl,
                          write_jsonl)
 from .configs import EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig
@@ -35,6 +35,8 @@ from .schema import (DIMENSIONS, expand_pairs, joined_reasons, pair_indices, que
                            read_queries, write_queries)
 from .formats import category_of
 from .models import apply_lora, chat_batch, generate_text, load_base, load_vlm
+from .logprobs import (batch_to, check_layout, enable_checkpointing, grouped_hidden,
+                             head_logps, pack_sequences, packed_hidden, unwrap)
 
 # %% ../nbs/11_reward.ipynb #42533e52
 RELEASE_SYSTEM = "You are a helpful assistant."
@@ -115,19 +117,26 @@ class CritiqueRewardModel(nn.Module):
 
     def forward(self, **batch):
         "Per-sequence critique cross-entropy (NaN where there are no labels) and reward."
-        labels = batch.pop("labels", None)
-        out = self.vlm(**batch, output_hidden_states=True, use_cache=False)
-        h = out.hidden_states[-1]
-        idx = last_token_index(batch["attention_mask"])
-        last = h[torch.arange(h.shape[0], device=h.device), idx]
+        vlm = unwrap(self.vlm)
+        if "packed" in batch:   # one forward per query group (`logprobs.pack_sequences`)
+            h = packed_hidden(self.vlm, batch, vlm)
+            last, h_pred = h[batch["last"]], h[batch["pred"]]
+            target, owner, n = batch["target"], batch["owner"], batch["n_tokens"]
+        else:
+            labels = batch.pop("labels", None)
+            h = grouped_hidden(self.vlm, batch, vlm)
+            idx = last_token_index(batch["attention_mask"])
+            last = h[torch.arange(h.shape[0], device=h.device), idx]
+            if labels is None: labels = torch.full(h.shape[:2], -100, device=h.device)
+            target = labels[:, 1:]; keep = target != -100
+            h_pred, target = h[:, :-1][keep], target[keep]
+            owner, n = keep.nonzero()[:, 0], keep.sum(1)
         rewards = self.head(last.to(self.head.net[1].weight.dtype))
-        ce = torch.full_like(rewards, float("nan"))
-        if labels is not None:
-            logits, target = out.logits[:, :-1].float(), labels[:, 1:]
-            tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
-                                  reduction="none")
-            n = (target != -100).sum(1)
-            ce = torch.where(n > 0, tok.sum(1) / n.clamp(min=1), ce)
+        ce = torch.full(rewards.shape, float("nan"), device=rewards.device)
+        if len(target):   # the mean of each critique's token cross-entropies
+            lp = head_logps(vlm.get_output_embeddings(), h_pred, target)
+            sums = torch.zeros_like(ce).index_add(0, owner, lp)
+            ce = torch.where(n > 0, -sums / n.clamp(min=1), ce)
         return ce, rewards
 
     def save_pretrained(self, path, processor,
@@ -184,6 +193,19 @@ def _fit_sequence(processor, medium, question:str, answer:str, critique:str|None
                              f"one token, over max_length={max_length}; its image and prompt "
                              "alone take about that many (raise max_length or shrink the image)")
 
+# %% ../nbs/11_reward.ipynb #f40aff0f
+def _pack_reward(processor, enc:dict, first:dict, offsets:list, pack_tokens:int|None) -> dict:
+    "The packed layout of a reward batch: the part every sequence of a query shares, once."
+    n = enc["input_ids"].shape[0]
+    bounds = offsets + [n]
+    query_index = [q for q in range(len(offsets)) for _ in range(bounds[q], bounds[q + 1])]
+    spans = []
+    for i, L in enumerate(enc["attention_mask"].sum(1).tolist()):
+        scored = (enc["labels"][i] != -100).nonzero() if "labels" in enc else []
+        # the shared part ends before the critique and before the last token (the score's)
+        spans.append((min(int(scored[0]) if len(scored) else L, L - 1), L))
+    return pack_sequences(processor, enc, first, spans, query_index, pack_tokens)
+
 # %% ../nbs/11_reward.ipynb #d6f73649
 def reward_batch(processor,
                  groups:list, # per query: (medium, question, responses, critiques or None)
@@ -193,8 +215,13 @@ def reward_batch(processor,
                                            # None: no limit
                  counts:dict|None=None, # if given, its "seen" and "cut" are increased by this
                                         # batch's sequences and cut ones
+                 layout:str="grouped", # grouped (one sequence per response) or packed (one per
+                                       # query: `logprobs.pack_sequences`)
+                 pack_tokens:int|None=None, # packed: most tokens per row (None: a query a row)
                 ):
-    "Model inputs with one sequence per response, and each query's offset into them."
+    "Model inputs for the responses of each query, and each query's offset into them."
+    if check_layout(layout) == "shared":
+        raise ValueError("the reward model runs layout 'packed' or 'grouped', not 'shared'")
     media, questions, answers, critiques, offsets = [], [], [], [], []
     with_critiques = [g[3] is not None for g in groups]
     if any(with_critiques) and not all(with_critiques):
@@ -206,11 +233,13 @@ def reward_batch(processor,
                 raise ValueError(f"empty critique for response {i} of {question[:60]!r}")
             media.append(medium); questions.append(question); answers.append(answer)
             critiques.append(None if crits is None else crits[i])
-    def encode():
-        prompts = [critique_prompt(q, a, template) for q, a in zip(questions, answers)]
-        return chat_batch(processor, media, prompts, critiques if any(with_critiques) else None,
+    def encode(rows):
+        prompts = [critique_prompt(questions[i], answers[i], template) for i in rows]
+        return chat_batch(processor, [media[i] for i in rows], prompts,
+                          [critiques[i] for i in rows] if any(with_critiques) else None,
                           padding_side="right", system=system)
-    enc = encode()
+    everyone = range(len(answers))
+    enc = encode(everyone)
     if max_length is not None:
         long = (enc["attention_mask"].sum(1) > max_length).nonzero().flatten().tolist()
         for k in long:
@@ -220,10 +249,11 @@ def reward_batch(processor,
             warnings.warn(f"{len(long)} of {len(answers)} sequences were longer than "
                           f"max_length={max_length} tokens: "
                           "their responses (then critiques) were cut from the end")
-            enc = encode()
+            enc = encode(everyone)
         if counts is not None: counts["cut"] = counts.get("cut", 0) + len(long)
     if counts is not None: counts["seen"] = counts.get("seen", 0) + len(answers)
-    return enc, offsets
+    if layout == "grouped": return enc, offsets
+    return _pack_reward(processor, dict(enc), dict(encode(offsets)), offsets, pack_tokens), offsets
 
 # %% ../nbs/11_reward.ipynb #474c0d78
 @dataclass
@@ -362,9 +392,12 @@ class RewardCollator:
                  system:str|None=None, # a system message
                  max_length:int|None=None, # longest sequence in tokens; longer ones are cut
                                            # (see `reward_batch`)
+                 layout:str="packed", # packed (a query's shared part once) or grouped
+                 pack_tokens:int|None=None, # packed: most tokens per row (None: a query a row)
                 ):
         self.processor, self.template, self.use_critiques = processor, template, use_critiques
         self.system, self.max_length = system, max_length
+        self.layout, self.pack_tokens = layout, pack_tokens
         self.counts = {"seen": 0, "cut": 0} # sequences collated, and those cut to max_length
     @property
     def seen(self) -> int: return self.counts["seen"]
@@ -374,7 +407,7 @@ class RewardCollator:
         groups = [(e.medium, e.question, e.responses, e.critiques if self.use_critiques else None)
                   for e in examples]
         enc, offsets = reward_batch(self.processor, groups, self.template, self.system,
-                                    self.max_length, self.counts)
+                                    self.max_length, self.counts, self.layout, self.pack_tokens)
         batch = {**enc, "pairs": batch_pairs(offsets, [e.pairs for e in examples])}
         if any(e.margins is not None for e in examples):
             margins = [e.margins if e.margins is not None else [0.0] * len(e.pairs)
@@ -396,8 +429,10 @@ class RewardTrainer(GlobalMeanTrainer, Trainer):
 
     def count_items(self, batch:dict) -> dict:
         "Pairs, and sequences with a critique target, in one collated batch."
-        labels = batch.get("labels")
-        critiques = 0 if labels is None else int((labels[:, 1:] != -100).any(1).sum())
+        if "packed" in batch: critiques = int((batch["n_tokens"] > 0).sum())
+        else:
+            labels = batch.get("labels")
+            critiques = 0 if labels is None else int((labels[:, 1:] != -100).any(1).sum())
         return {"pairs": len(batch["pairs"]), "critiques": critiques}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -441,15 +476,16 @@ class RewardTrainer(GlobalMeanTrainer, Trainer):
 @torch.no_grad()
 def score_examples(model, processor, examples:list, use_critiques:bool=True, batch_size:int=4,
                    max_length:int|None=None, # longest sequence in tokens (see `reward_batch`)
+                   layout:str="packed", # packed or grouped (the same rewards)
                   ) -> list:
     "Per example: (category, [(r_chosen, r_rejected) per pair]), given critiques or none."
     model.eval(); out = []
     collate = RewardCollator(processor, model.config.template, use_critiques, model.config.system,
-                             max_length)
+                             max_length, layout)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = collate(chunk); batch.pop("pairs")
-        _, rewards = model(**{k: v.to(next(model.parameters()).device) for k, v in batch.items()})
+        _, rewards = model(**batch_to(batch, next(model.parameters()).device))
         offsets = np.cumsum([0] + [len(e.responses) for e in chunk]).tolist()
         for e, o in zip(chunk, offsets):
             out.append((e.category, [(rewards[o + c].item(), rewards[o + r].item())
@@ -571,7 +607,13 @@ def run_train_reward(cfg:TrainRewardConfig):
     # DeepSpeed refuses such a mix; built first, the whole model is cast and partitioned at once
     # when the Trainer starts DeepSpeed
     args = cfg.training_arguments()
-    collate = RewardCollator(processor, template, cfg.use_critiques, system, cfg.max_length)
+    if cfg.gradient_checkpointing:
+        if cfg.layout == "shared":
+            raise ConfigError("layout=shared keeps a KV cache, which gradient checkpointing "
+                              "cannot: use layout=packed (the default) or grouped")
+        enable_checkpointing(vlm)
+    collate = RewardCollator(processor, template, cfg.use_critiques, system, cfg.max_length,
+                             cfg.layout, cfg.pack_tokens)
     weights = RewardLossWeights(cfg.critique_weight, cfg.score_weight, cfg.center_weight)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=collate,
                             loss_form=cfg.loss, loss_weights=weights, reward_processor=processor)
@@ -649,7 +691,8 @@ def run_score(cfg:ScoreConfig) -> dict:
         examples = generate_critiques(model, processor, examples, cfg.max_new_tokens,
                                       cfg.critique_batch, temperature=cfg.temperature,
                                       top_p=cfg.top_p, seed=cfg.seed)
-    collate = RewardCollator(processor, template, cfg.critiques != "none", system, cfg.max_length)
+    collate = RewardCollator(processor, template, cfg.critiques != "none", system, cfg.max_length,
+                             cfg.layout, cfg.pack_tokens)
     with progress_bar(len(examples), "scoring", "query") as bar:
         for i in range(0, len(examples), cfg.batch_size):
             chunk = examples[i:i + cfg.batch_size]

@@ -107,9 +107,9 @@ def _plain_logp(vlm, processor, medium, question, response):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_group_step_equals_per_pair(family, share_prefix):
-    "The grouped (and prefix-shared) step against the paper's formula written out here, pair by pair, full sequences."
+@pytest.mark.parametrize("layout", ["packed", "shared", "grouped"])
+def test_group_step_equals_per_pair(family, layout):
+    "The step in every layout against the paper's formula written out here, pair by pair, full sequences."
     vlm, processor = build_tiny_vlm(family, "tiny", seed=1)
     examples = world_dpo_examples(3, 3)
     examples[0].deltas[0] = -1.0  # negative: skipped (both terms)
@@ -119,7 +119,7 @@ def test_group_step_equals_per_pair(family, share_prefix):
     for e, r in zip(examples, ref): e.ref_logps = r
     beta, w, k, gamma = 0.1, 0.5, 0.5, 0.5
     settings = MMDPOSettings(beta=beta, w=w, k=k, gamma=gamma, negative_delta="skip", missing_delta="skip")
-    batch = DPOCollator(processor, share_prefix=share_prefix)(examples)
+    batch = DPOCollator(processor, layout=layout)(examples)
     vlm.zero_grad()
     grouped = group_dpo_loss(*response_logps(vlm, batch), batch["ref_logps"], batch["pairs"], batch["delta"], settings)[0]
     grouped.backward()
@@ -170,7 +170,7 @@ def test_truncation_keeps_image_tokens():
     e = world_dpo_examples(0, 1)[0]
     groups = [(e.medium, e.question, ["a b c " * 200, e.responses[0]])]
     with pytest.warns(UserWarning, match="1 of 2 responses truncated"):
-        b = encode_groups(processor, groups, share_prefix=False, max_length=150)
+        b = encode_groups(processor, groups, layout="grouped", max_length=150)
     full = b["full"]
     assert full["input_ids"].shape[1] <= 150
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -314,10 +314,10 @@ def test_online_reference_and_gradient_checkpointing(tmp_path):
     reference, _ = build_tiny_vlm("qwen2_vl", "tiny", seed=0)
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="gradient checkpointing"):
-        response_logps(policy.train(), DPOCollator(processor)(examples[:1]))
+        response_logps(policy.train(), DPOCollator(processor, layout="shared")(examples[:1]))
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, logging_steps=1,
                              save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
-    trainer = MMDPOTrainer(model=policy, args=args, train_dataset=examples, data_collator=DPOCollator(processor, share_prefix=False),
+    trainer = MMDPOTrainer(model=policy, args=args, train_dataset=examples, data_collator=DPOCollator(processor, layout="packed"),
                            ref_model=reference)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "mmdpo/dpo" in h]
