@@ -1,7 +1,7 @@
 """The README's ablation tables, as markdown, from an `mmrlhf ablate` results file.
 
     .venv/bin/python bench/ablate_tables.py runs/demo/ablate/results.json
-    .venv/bin/python bench/ablate_tables.py bench/results/ablate_2026-12-02.json   # a recorded run
+    .venv/bin/python bench/ablate_tables.py bench/results/ablate_2026-12-03.json   # a recorded run
 """
 from __future__ import annotations
 

@@ -271,8 +271,23 @@ def run_trl(p, config, processor, queries, device, seed, warmup, steps, bf16, gr
                      disable_tqdm=True, seed=seed, remove_unused_columns=False)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=processor,
                          callbacks=[timer])
-    if gradient_checkpointing:  # on, non-reentrant, without gradients through the frozen vision tower: as ours
-        enable_checkpointing(trainer.model)
+    class SameCheckpointing(TrainerCallback):
+        "Checkpointing as ours: without input-gradient hooks (TRL turns checkpointing back on around each reference pass)."
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            enable_checkpointing(model)
+            model.enable_input_require_grads = lambda: None  # re-enabling registers none
+            # DPOTrainer registered a first set in __init__ that `disable_input_require_grads` no longer knows of:
+            # left in place, the one on the vision tower's patch embedding backpropagates through the frozen tower
+            for m in model.modules():
+                for key, hook in list(m._forward_hooks.items()):
+                    if getattr(hook, '__name__', '') == 'make_inputs_require_grads': del m._forward_hooks[key]
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            left = [n for n, m in model.named_modules()
+                    if any(getattr(h, '__name__', '') == 'make_inputs_require_grads' for h in m._forward_hooks.values())]
+            if left: raise RuntimeError(f"input-gradient hooks came back on {left}: TRL's checkpointing is not ours")
+
+    if gradient_checkpointing: trainer.add_callback(SameCheckpointing())
     # one collated batch, for its shape and the host-side collation time (not part of the timed step)
     rows = [ds[i] for i in range(p['trl_batch'])]
     t = time.perf_counter(); b = trainer.data_collator(rows); collate_s = time.perf_counter() - t
@@ -493,6 +508,7 @@ def run_method(m, a, device, bf16, p, processor, config, queries, n_params):
     r['pairs_per_s_incl_ref'] = r['pairs_per_s'] if r['ref_s'] is None else r['pairs_per_step'] / (r['step_s'] + r['ref_s'])
     r['run_wall_s'] = time.perf_counter() - t
     r['peak_rss_gib'] = max_rss_gib() if device.type == 'cpu' else None
+    if device.type == 'cpu': r['peak_gib'] = r['peak_rss_gib']  # the JSON's peak: CUDA peak on a GPU, peak RSS on CPU
     if device.type == 'cuda': r['mfu'] = model_flops_utilisation(r, n_params, device, m)
     return dict(method=m, grad_checkpointing=gc_, **r)
 

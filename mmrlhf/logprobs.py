@@ -353,19 +353,20 @@ def packed_attention(vlm) -> str:
     return (getattr(text, "_attn_implementation", None)
             or getattr(vlm.config, "_attn_implementation", None) or "sdpa")
 
-def _flex_mask(doc:torch.Tensor, seg:torch.Tensor):
-    "`packed_mask` as a FlexAttention BlockMask."
-    from torch.nn.attention.flex_attention import create_block_mask
+def _flex_rule(doc:torch.Tensor, seg:torch.Tensor):
+    "`packed_mask`'s rule as a FlexAttention `mask_mod`."
     def rule(b, h, q, k):
         same = (doc[b, q] == doc[b, k]) & (doc[b, q] >= 0) & (k <= q)
         return (same & ((seg[b, k] == -1) | (seg[b, k] == seg[b, q]))) | (q == k)
-    R, T = doc.shape
-    return create_block_mask(rule, R, None, T, T, device=doc.device)
+    return rule
 
 def _attention_mask(vlm, doc:torch.Tensor, seg:torch.Tensor, dtype):
     "The packed block mask in the form `vlm`'s attention implementation takes."
     impl = packed_attention(vlm)
-    if impl == "flex_attention": return _flex_mask(doc, seg)
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+        R, T = doc.shape
+        return create_block_mask(_flex_rule(doc, seg), R, None, T, T, device=doc.device)
     allowed = packed_mask(doc, seg)
     if impl == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=doc.device).masked_fill(
