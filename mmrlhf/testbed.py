@@ -21,7 +21,13 @@ from transformers import (PreTrainedTokenizerFast, LlavaOnevisionConfig,
                           LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                           Qwen2VLVideoProcessor, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
+                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor,
+                          InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
+                          InternVLVideoProcessor, GotOcr2ImageProcessor, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                          LlavaNextProcessor, Mistral3Config, Mistral3ForConditionalGeneration,
+                          PixtralImageProcessor, PixtralProcessor)
 from transformers.utils import logging as hf_logging
 
 # %% ../nbs/17_testbed.ipynb #7c1ee6b8
@@ -48,6 +54,8 @@ _QWEN_VID = '<|vision_start|><|video_pad|><|vision_end|>'
 _QWEN = dict(image_processor_cls=Qwen2VLImageProcessor, video_processor_cls=Qwen2VLVideoProcessor,
              special_tokens=_QWEN_TOKENS, image_token='<|image_pad|>', video_token='<|video_pad|>',
              image_placeholder=_QWEN_IMG, video_placeholder=_QWEN_VID)
+_INTERNVL_NAMED = dict(start_image_token='<img>', end_image_token='</img>',
+                       context_image_token='<IMG_CONTEXT>', video_token='<video>')
 
 FAMILIES = {
     'llava_onevision': dict(config_cls=LlavaOnevisionConfig,
@@ -65,6 +73,32 @@ FAMILIES = {
     'qwen2_5_vl': dict(config_cls=Qwen2_5_VLConfig, model_cls=Qwen2_5_VLForConditionalGeneration,
                        processor_cls=Qwen2_5_VLProcessor, **_QWEN,
                        stands_for='Qwen/Qwen2.5-VL-7B-Instruct'),
+    # Qwen3-VL's processor writes the start/end tokens around each frame group itself
+    'qwen3_vl': dict(config_cls=Qwen3VLConfig, model_cls=Qwen3VLForConditionalGeneration,
+                     processor_cls=Qwen3VLProcessor,
+                     **{**_QWEN, 'video_placeholder': '<|video_pad|>',
+                        'video_processor_cls': Qwen3VLVideoProcessor},
+                     stands_for='Qwen/Qwen3-VL-8B-Instruct'),
+    # InternVL's processor reads its tokens from named tokenizer attributes
+    'internvl': dict(config_cls=InternVLConfig, model_cls=InternVLForConditionalGeneration,
+                     processor_cls=InternVLProcessor, image_processor_cls=GotOcr2ImageProcessor,
+                     video_processor_cls=InternVLVideoProcessor,
+                     special_tokens=tuple(_INTERNVL_NAMED.values()), named_tokens=_INTERNVL_NAMED,
+                     image_token='<IMG_CONTEXT>', video_token='<video>',
+                     image_placeholder='<IMG_CONTEXT>', video_placeholder='<video>',
+                     stands_for='OpenGVLab/InternVL3-8B-hf'),
+    'llava_next': dict(config_cls=LlavaNextConfig, model_cls=LlavaNextForConditionalGeneration,
+                       processor_cls=LlavaNextProcessor,
+                       image_processor_cls=LlavaNextImageProcessor,
+                       video_processor_cls=None, special_tokens=('<image>',), image_token='<image>',
+                       video_token=None, image_placeholder='<image>', video_placeholder=None,
+                       stands_for='llava-hf/llava-v1.6-mistral-7b-hf'),
+    'mistral3': dict(config_cls=Mistral3Config, model_cls=Mistral3ForConditionalGeneration,
+                     processor_cls=PixtralProcessor, image_processor_cls=PixtralImageProcessor,
+                     video_processor_cls=None, special_tokens=('[IMG]', '[IMG_BREAK]', '[IMG_END]'),
+                     image_token='[IMG]', video_token=None, image_placeholder='[IMG]',
+                     video_placeholder=None,
+                     stands_for='mistralai/Mistral-Small-3.1-24B-Instruct-2503'),
 }
 
 # %% ../nbs/17_testbed.ipynb #64f99146
@@ -85,6 +119,7 @@ SIZES = {
 def train_tokenizer(texts:list, # training sentences (their order changes nothing but speed)
                     vocab_size:int=1024, # target vocabulary size, specials included
                     extra_special_tokens:tuple=(), # the family's tokens, after BASE_SPECIALS
+                    named_tokens:dict|None=None, # tokenizer attributes a processor reads by name
 
                    ) -> PreTrainedTokenizerFast:
     "A deterministic byte-level BPE tokenizer trained offline, with ChatML's and these specials."
@@ -98,19 +133,23 @@ def train_tokenizer(texts:list, # training sentences (their order changes nothin
     tok.train_from_iterator(list(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<|endoftext|>',
                                    eos_token='<|im_end|>', pad_token='<pad>',
-                                   extra_special_tokens=extra, model_max_length=4096)
+                                   extra_special_tokens=extra, model_max_length=4096,
+                                   **({"model_specific_special_tokens": dict(named_tokens)}
+                                      if named_tokens else {}))
 
 # %% ../nbs/17_testbed.ipynb #64fa1f6f
 def chatml_template(image_placeholder:str, # text emitted for a {'type':'image'} item
-                    video_placeholder:str, # text emitted for a {'type':'video'} item
+                    video_placeholder:str|None, # text for a {'type':'video'} item (None: refuse)
                    ) -> str:
     "A ChatML Jinja template for string or image/video/text-list content, with generation prompt."
+    video = ("{{- raise_exception('this model takes images only, not a video') -}}"
+             if video_placeholder is None else f"{{{{- '{video_placeholder}' -}}}}")
     return ("{%- for message in messages -%}"
             "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
             "{%- if message['content'] is string -%}{{- message['content'] -}}"
             "{%- else -%}{%- for c in message['content'] -%}"
             f"{{%- if c['type'] == 'image' -%}}{{{{- '{image_placeholder}' -}}}}"
-            f"{{%- elif c['type'] == 'video' -%}}{{{{- '{video_placeholder}' -}}}}"
+            f"{{%- elif c['type'] == 'video' -%}}{video}"
             "{%- elif c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}"
             "{%- endfor -%}{%- endif -%}"
             "{{- '<|im_end|>\\n' -}}"
@@ -122,24 +161,53 @@ def chatml_template(image_placeholder:str, # text emitted for a {'type':'image'}
 def _pinpoints(px): return [[px, px], [px, 2 * px], [2 * px, px]]
 
 
+def _qwen_pixels(s):
+    "Patch, merge and pixel-budget settings of the Qwen image and video processors."
+    p = s['qwen_patch']
+    return dict(patch_size=p, merge_size=2, temporal_patch_size=2, min_pixels=(2 * p) ** 2,
+                max_pixels=s['qwen_max_px'])
+
+
 def _processor(family, s, tok):
     "Build the family's processor (image + video processor, trained tokenizer, ChatML template)."
     f = FAMILIES[family]
     template = chatml_template(f['image_placeholder'], f['video_placeholder'])
+    px, patch = s['ov_image'], s['ov_patch']
     if family == 'llava_onevision':
-        px = s['ov_image']
         ip = LlavaOnevisionImageProcessor(size={'height': px, 'width': px},
                                           image_grid_pinpoints=_pinpoints(px))
         vp = LlavaOnevisionVideoProcessor(size={'height': px, 'width': px})
         return LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
                                        chat_template=template,
-                                       num_image_tokens=(px // s['ov_patch']) ** 2,
+                                       num_image_tokens=(px // patch) ** 2,
                                        vision_feature_select_strategy='full')
-    p = s['qwen_patch']
-    px = dict(patch_size=p, merge_size=2, temporal_patch_size=2, min_pixels=(2 * p) ** 2,
-              max_pixels=s['qwen_max_px'])
+    if family == 'internvl':  # tiles of px; (px / patch)^2 patches, pixel-shuffled 2x2 per token
+        ip = GotOcr2ImageProcessor(size={'height': px, 'width': px}, crop_to_patches=True,
+                                   min_patches=1, max_patches=4)
+        vp = InternVLVideoProcessor(size={'height': px, 'width': px})
+        return InternVLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                                 image_seq_length=(px // patch) ** 2 // 4, chat_template=template)
+    if family == 'llava_next':  # CLIP tiles of px; its class token is dropped again ('default')
+        ip = LlavaNextImageProcessor(size={'shortest_edge': px},
+                                     crop_size={'height': px, 'width': px},
+                                     image_grid_pinpoints=_pinpoints(px))
+        return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
+                                  vision_feature_select_strategy='default',
+                                  num_additional_image_tokens=1, chat_template=template)
+    if family == 'mistral3':  # Pixtral: rows of [IMG] tokens, each row ended by [IMG_BREAK]
+        ip = PixtralImageProcessor(size={'longest_edge': 2 * px},
+                                   patch_size={'height': patch, 'width': patch})
+        return PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
+                                spatial_merge_size=2, chat_template=template)
+    px = _qwen_pixels(s)
     # cap_pixels_per_frame: the reference (qwen-vl-utils) behaviour; it also silences a warning
-    vp = Qwen2VLVideoProcessor(**px, cap_pixels_per_frame=True)
+    if family == 'qwen3_vl':
+        p = s['qwen_patch']
+        vp = Qwen3VLVideoProcessor(patch_size=p, merge_size=2, temporal_patch_size=2,
+                                   size={'shortest_edge': (2 * p) ** 2,
+                                         'longest_edge': 4 * s['qwen_max_px']},
+                                   cap_pixels_per_frame=True)
+    else: vp = Qwen2VLVideoProcessor(**px, cap_pixels_per_frame=True)
     return f['processor_cls'](image_processor=Qwen2VLImageProcessor(**px), video_processor=vp,
                               tokenizer=tok, chat_template=template)
 
@@ -164,6 +232,32 @@ def _config(family, s, tok):
                                     video_token_index=ids['<video>'],
                                     image_grid_pinpoints=_pinpoints(px),
                                     vision_feature_select_strategy='full', vision_feature_layer=-1)
+    px, patch = s['ov_image'], s['ov_patch']
+    small_vision = dict(hidden_size=s['v_hidden'], intermediate_size=s['v_intermediate'],
+                        num_hidden_layers=s['v_layers'], num_attention_heads=s['v_heads'],
+                        image_size=px, patch_size=patch)
+    if family == 'internvl':
+        return InternVLConfig(text_config=dict(model_type='qwen2', **text),
+                              vision_config=small_vision,
+                              image_token_id=tok.context_image_token_id,
+                              image_seq_length=(px // patch) ** 2 // 4, downsample_ratio=0.5,
+                              vision_feature_layer=-1, vision_feature_select_strategy='default')
+    if family == 'llava_next':
+        return LlavaNextConfig(text_config=dict(model_type='llama', **text),
+                               vision_config=dict(model_type='clip_vision_model',
+                                                  projection_dim=s['hidden'], **small_vision),
+                               image_token_index=ids['<image>'],
+                               image_grid_pinpoints=_pinpoints(px),
+                               vision_feature_select_strategy='default', vision_feature_layer=-2,
+                               image_seq_length=(px // patch) ** 2)
+    if family == 'mistral3':  # no sliding window: a 4-D mask would silently drop it
+        head = s['hidden'] // s['heads']
+        text3 = dict(model_type='mistral', head_dim=head, sliding_window=None, **text)
+        vision3 = dict(model_type='pixtral', head_dim=s['v_hidden'] // s['v_heads'],
+                       **{**small_vision, 'image_size': 2 * px})
+        return Mistral3Config(text_config=text3, vision_config=vision3,
+                              image_token_index=ids['[IMG]'], spatial_merge_size=2,
+                              vision_feature_layer=-1)
     # mrope sections (t, h, w) must sum to head_dim / 2; a real model's: [16, 24, 24]
     half = s['hidden'] // s['heads'] // 2
     t = half // 4; h = (half - t) // 2
@@ -174,6 +268,14 @@ def _config(family, s, tok):
     if family == 'qwen2_vl':
         vision.update(embed_dim=s['v_hidden'], hidden_size=s['hidden'],
                       mlp_ratio=s['v_intermediate'] // s['v_hidden'])
+    elif family == 'qwen3_vl':  # a learned square grid of positions, interpolated to the image
+        side = int(s['qwen_max_px'] ** 0.5) // s['qwen_patch']
+        text['rope_parameters']['mrope_interleaved'] = True
+        text['head_dim'] = s['hidden'] // s['heads']
+        vision.update(hidden_size=s['v_hidden'], intermediate_size=s['v_intermediate'],
+                      out_hidden_size=s['hidden'], num_position_embeddings=side * side,
+                      deepstack_visual_indexes=[s['v_layers'] - 1])
+        vision['depth'] = s['v_layers']
     else:
         vision.update(hidden_size=s['v_hidden'], intermediate_size=s['v_intermediate'],
                       out_hidden_size=s['hidden'], window_size=4 * s['qwen_patch'],
@@ -192,7 +294,7 @@ def build_tiny_vlm(family:str='llava_onevision', # key of FAMILIES
     "A seeded random-weight `(model, processor)` of `family` at preset `size`, built offline."
     f, s = FAMILIES[family], SIZES[size]
     corpus = world_texts(0, 500) if texts is None else texts
-    tok = train_tokenizer(corpus, s['vocab_size'], f['special_tokens'])
+    tok = train_tokenizer(corpus, s['vocab_size'], f['special_tokens'], f.get('named_tokens'))
     processor, config = _processor(family, s, tok), _config(family, s, tok)
     torch.manual_seed(seed)
     model = f['model_cls'](config).eval()

@@ -6,15 +6,15 @@ import torch
 from mmrlhf.logprobs import encode_groups, logps_and_grads, pack_sequences, response_logps
 from mmrlhf.reward import CritiqueRewardModel, reward_batch
 from mmrlhf.schema import parse_query
-from mmrlhf.testbed import build_tiny_vlm
+from mmrlhf.testbed import FAMILIES as TESTBED, build_tiny_vlm
 from mmrlhf.world import make_query, oracle_annotate, query_media, world_record
 
-FAMILIES = ["llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava_next", "mistral3"]
 
 
-def world_groups(n, ks, seed=0):
-    "Shapes-world queries as (medium, question, the first k responses), k from `ks`."
-    qs = [make_query(seed, i) for i in range(n)]
+def world_groups(n, ks, seed=0, video=True):
+    "Shapes-world queries as (medium, question, the first k responses), k from `ks` (clips only if `video`)."
+    qs = [q for q in (make_query(seed, i) for i in range(4 * n)) if video or q.category != "video"][:n]
     return [(query_media(q), q.question, [r["text"] for r in q.responses[:k]]) for q, k in zip(qs, ks)]
 
 
@@ -38,7 +38,7 @@ def test_packed_equals_one_sequence_per_response(family, checkpointing):
     "Queries of 3, 1, 4 and 2 responses: one query per row, and all four in one row; float32, tolerance 1e-4."
     vlm, processor = build_tiny_vlm(family, "tiny", seed=1)
     no_dropout(vlm).train()
-    groups = world_groups(4, (3, 1, 4, 2))
+    groups = world_groups(4, (3, 1, 4, 2), video=bool(TESTBED[family]["video_placeholder"]))
     weights = torch.linspace(-1, 1, 10)
     want, g_want = logps_and_grads(vlm, encode_groups(processor, groups, layout="grouped"), weights)
     if checkpointing: vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -145,7 +145,7 @@ import json, os, sys, torch
 import deepspeed
 from safetensors.torch import save_file
 from mmrlhf.logprobs import encode_groups, response_logps
-from mmrlhf.testbed import build_tiny_vlm
+from mmrlhf.testbed import FAMILIES as TESTBED, build_tiny_vlm
 from mmrlhf.world import make_query, query_media
 out, family = sys.argv[1], sys.argv[2]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -19,18 +19,19 @@ def tiny(request):
     return (request.param, *build_tiny_vlm(request.param, "tiny", seed=1))
 
 
-def _batch(processor):
-    qs = [IMAGE_Q, VIDEO_Q]
+def _batch(family, processor):
+    "An image and a clip where the family takes video; two images where it does not."
+    qs = [IMAGE_Q, VIDEO_Q if FAMILIES[family]["video_placeholder"] else IMAGE_Q]
     return chat_batch(processor, [query_media(q) for q in qs], [q.question for q in qs], [q.reference for q in qs])
 
 
 def test_forward_backward_reaches_vision_tower(tiny):
     family, model, processor = tiny
     model.zero_grad()
-    out = model.train()(**_batch(processor))
+    out = model.train()(**_batch(family, processor))
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    vision = [p.grad for n, p in model.named_parameters() if "patch_embed" in n]
+    vision = [p.grad for n, p in model.named_parameters() if "patch_embed" in n or "patch_conv" in n]
     assert vision and all(g is not None and g.abs().sum() > 0 for g in vision)
     model.eval()
 
@@ -48,7 +49,7 @@ def test_round_trip_is_exact_through_auto_classes(tiny, tmp_path):
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True).eval()
     loaded_proc = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
     assert type(loaded) is type(model) and type(loaded_proc) is type(processor)
-    enc, enc2 = _batch(processor), _batch(loaded_proc)
+    enc, enc2 = _batch(family, processor), _batch(family, loaded_proc)
     for k in enc: assert torch.equal(enc[k], enc2[k]), k
     with torch.no_grad():
         assert torch.equal(model.eval()(**enc).logits, loaded(**enc2).logits)
@@ -132,3 +133,10 @@ def test_a_checkpoints_decoding_defaults_are_not_applied():
     greedy = generate_text(model, processor, [None] * 3, prompts, 8)
     assert greedy == [_argmax_decode(model, processor, p, 8) for p in prompts]   # no repetition penalty either
     assert model.generation_config.top_k == 1   # the model's own config is left as it was
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not FAMILIES[f]["video_placeholder"]])
+def test_image_only_family_refuses_a_clip(family):
+    _, processor = build_tiny_vlm(family, "tiny")
+    with pytest.raises(Exception, match="takes images only"):
+        chat_batch(processor, [query_media(VIDEO_Q)], [VIDEO_Q.question], [VIDEO_Q.reference])
