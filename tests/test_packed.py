@@ -52,6 +52,18 @@ def test_packed_equals_one_sequence_per_response(family, checkpointing):
     assert torch.equal(n, encode_groups(processor, groups, layout="grouped")["full"]["labels"].ne(-100).sum(1))
 
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_layout_gives_the_same_logps(family):
+    "Prefix-shared and packed log-probabilities equal one sequence per response, groups of 3, 1, 4 and 2 responses."
+    vlm, processor = build_tiny_vlm(family, "tiny", seed=1)
+    groups = world_groups(4, (3, 1, 4, 2), video=bool(TESTBED[family]["video_placeholder"]))
+    with torch.no_grad():
+        want = response_logps(vlm, encode_groups(processor, groups, layout="grouped"))[0]
+        for layout in ("shared", "packed"):
+            got = response_logps(vlm, encode_groups(processor, groups, layout=layout))[0]
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (layout, (got - want).abs().max())
+
 def test_packed_positions_follow_each_sequence():
     "Qwen2-VL's 3-D positions of every packed token equal those the token has in its own full sequence."
     from mmrlhf.logprobs import _rope_owner, packed_positions
