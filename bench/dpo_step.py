@@ -271,20 +271,22 @@ def run_trl(p, config, processor, queries, device, seed, warmup, steps, bf16, gr
                      disable_tqdm=True, seed=seed, remove_unused_columns=False)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=processor,
                          callbacks=[timer])
+    def input_grad_hooks(model):
+        "(module name, module, hook key) of every input-gradient hook transformers' checkpointing registered."
+        return [(n, m, k) for n, m in model.named_modules() for k, h in m._forward_hooks.items()
+                if getattr(h, '__name__', '') == 'make_inputs_require_grads']
+
     class SameCheckpointing(TrainerCallback):
         "Checkpointing as ours: without input-gradient hooks (TRL turns checkpointing back on around each reference pass)."
         def on_train_begin(self, args, state, control, model=None, **kw):
             enable_checkpointing(model)
             model.enable_input_require_grads = lambda: None  # re-enabling registers none
-            # DPOTrainer registered a first set in __init__ that `disable_input_require_grads` no longer knows of:
-            # left in place, the one on the vision tower's patch embedding backpropagates through the frozen tower
-            for m in model.modules():
-                for key, hook in list(m._forward_hooks.items()):
-                    if getattr(hook, '__name__', '') == 'make_inputs_require_grads': del m._forward_hooks[key]
+            # the Trainer registered a first set that `disable_input_require_grads` no longer knows of: left in
+            # place, the one on the vision tower's patch embedding backpropagates through the frozen tower
+            for _, m, k in input_grad_hooks(model): del m._forward_hooks[k]
 
         def on_step_end(self, args, state, control, model=None, **kw):
-            left = [n for n, m in model.named_modules()
-                    if any(getattr(h, '__name__', '') == 'make_inputs_require_grads' for h in m._forward_hooks.values())]
+            left = [n for n, _, _ in input_grad_hooks(model)]
             if left: raise RuntimeError(f"input-gradient hooks came back on {left}: TRL's checkpointing is not ours")
 
     if gradient_checkpointing: trainer.add_callback(SameCheckpointing())

@@ -199,16 +199,14 @@ def _processor(family, s, tok):
                                    patch_size={'height': patch, 'width': patch})
         return PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
                                 spatial_merge_size=2, chat_template=template)
-    px = _qwen_pixels(s)
+    qp = _qwen_pixels(s)
     # cap_pixels_per_frame: the reference (qwen-vl-utils) behaviour; it also silences a warning
-    if family == 'qwen3_vl':
-        p = s['qwen_patch']
-        vp = Qwen3VLVideoProcessor(patch_size=p, merge_size=2, temporal_patch_size=2,
-                                   size={'shortest_edge': (2 * p) ** 2,
-                                         'longest_edge': 4 * s['qwen_max_px']},
-                                   cap_pixels_per_frame=True)
-    else: vp = Qwen2VLVideoProcessor(**px, cap_pixels_per_frame=True)
-    return f['processor_cls'](image_processor=Qwen2VLImageProcessor(**px), video_processor=vp,
+    if family == 'qwen3_vl':  # Qwen3-VL's video processor takes its pixel budget as a size
+        size = {'shortest_edge': qp['min_pixels'], 'longest_edge': 4 * qp['max_pixels']}
+        vp = Qwen3VLVideoProcessor(patch_size=qp['patch_size'], merge_size=2, temporal_patch_size=2,
+                                   size=size, cap_pixels_per_frame=True)
+    else: vp = Qwen2VLVideoProcessor(**qp, cap_pixels_per_frame=True)
+    return f['processor_cls'](image_processor=Qwen2VLImageProcessor(**qp), video_processor=vp,
                               tokenizer=tok, chat_template=template)
 
 # %% ../nbs/17_testbed.ipynb #9f2118a1
@@ -275,7 +273,6 @@ def _config(family, s, tok):
         vision.update(hidden_size=s['v_hidden'], intermediate_size=s['v_intermediate'],
                       out_hidden_size=s['hidden'], num_position_embeddings=side * side,
                       deepstack_visual_indexes=[s['v_layers'] - 1])
-        vision['depth'] = s['v_layers']
     else:
         vision.update(hidden_size=s['v_hidden'], intermediate_size=s['v_intermediate'],
                       out_hidden_size=s['hidden'], window_size=4 * s['qwen_patch'],

@@ -68,5 +68,5 @@ def test_reward_path_and_respond(family_world):
     assert all(r.critique for q in qs for r in q.responses)      # each response's critique, written by the model
     out = run_respond(RespondConfig(data=str(world / "queries.jsonl"), models=[base], out=str(d / "respond"),
                                     max_new_tokens=4, batch_size=3, temperature=0.0))
-    answered = list(read_queries(out if out.is_file() else out / "queries.jsonl"))
+    answered = list(read_queries(out))
     assert len(answered) == 6 and all(q.responses[-1].model == base for q in answered)

@@ -9,7 +9,7 @@ from mmrlhf.schema import parse_query
 from mmrlhf.testbed import FAMILIES as TESTBED, build_tiny_vlm
 from mmrlhf.world import make_query, oracle_annotate, query_media, world_record
 
-FAMILIES = ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava_next", "mistral3"]
+FAMILIES = list(TESTBED)
 
 
 def world_groups(n, ks, seed=0, video=True):
@@ -52,7 +52,6 @@ def test_packed_equals_one_sequence_per_response(family, checkpointing):
     assert torch.equal(n, encode_groups(processor, groups, layout="grouped")["full"]["labels"].ne(-100).sum(1))
 
 
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_layout_gives_the_same_logps(family):
     "Prefix-shared and packed log-probabilities equal one sequence per response, groups of 3, 1, 4 and 2 responses."
@@ -63,6 +62,7 @@ def test_every_layout_gives_the_same_logps(family):
         for layout in ("shared", "packed"):
             got = response_logps(vlm, encode_groups(processor, groups, layout=layout))[0]
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (layout, (got - want).abs().max())
+
 
 def test_packed_positions_follow_each_sequence():
     "Qwen2-VL's 3-D positions of every packed token equal those the token has in its own full sequence."
@@ -157,7 +157,7 @@ import json, os, sys, torch
 import deepspeed
 from safetensors.torch import save_file
 from mmrlhf.logprobs import encode_groups, response_logps
-from mmrlhf.testbed import FAMILIES as TESTBED, build_tiny_vlm
+from mmrlhf.testbed import build_tiny_vlm
 from mmrlhf.world import make_query, query_media
 out, family = sys.argv[1], sys.argv[2]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
