@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'token_logps', 'head_logps', 'pack_rows', 'pack_sequences', 'check_layout', 'encode_groups', 'packed_mask',
-           'unwrap', 'freeze_vision', 'enable_checkpointing', 'packed_positions', 'packed_attention', 'grouped_hidden',
-           'packed_hidden', 'batch_to', 'describe_layout', 'response_logps', 'logps_and_grads', 'prompt_length',
-           'LengthPlan', 'length_plan']
+__all__ = ['LAYOUTS', 'VISION_MODULES', 'BIDIRECTIONAL_MEDIA', 'token_logps', 'head_logps', 'pack_rows', 'pack_sequences',
+           'check_layout', 'encode_groups', 'packed_mask', 'unwrap', 'freeze_vision', 'enable_checkpointing',
+           'packed_positions', 'packed_attention', 'attention_kinds', 'media_blocks', 'grouped_hidden', 'packed_hidden',
+           'batch_to', 'describe_layout', 'response_logps', 'logps_and_grads', 'prompt_length', 'LengthPlan',
+           'length_plan']
 
 # %% ../nbs/10_logprobs.ipynb #593decaa
 import contextlib
@@ -273,6 +274,10 @@ def encode_groups(processor,
 # %% ../nbs/10_logprobs.ipynb #ee3ca88a
 def packed_mask(doc:torch.Tensor, # [rows, T] query of each token (-1: padding)
                 seg:torch.Tensor, # [rows, T] sequence of each token (-1: the shared prefix)
+                src:torch.Tensor|None=None, # [rows, T] each token's index in its own sequence
+                window:int|None=None, # sliding window: s is seen only when t - s < window
+                blocks:torch.Tensor|None=None, # [rows, T] image of each token (-1: none),
+                                               # an image's tokens see each other both ways
                ) -> torch.Tensor:
     "[rows, 1, T, T] boolean: a token sees its own query's prefix and its own sequence, causally."
     T = doc.shape[1]
@@ -280,6 +285,9 @@ def packed_mask(doc:torch.Tensor, # [rows, T] query of each token (-1: padding)
     same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
     sees = (seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None])
     allowed = same & sees & causal
+    if blocks is not None:
+        allowed |= same & (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    if window is not None: allowed &= (src[:, :, None] - src[:, None, :]) < window
     return (allowed | torch.eye(T, dtype=torch.bool, device=doc.device))[:, None]
 
 # %% ../nbs/10_logprobs.ipynb #cd908726
@@ -290,11 +298,14 @@ def unwrap(model):
     return model
 
 # %% ../nbs/10_logprobs.ipynb #3e23d5e6
+# the names families give their vision towers: LLaVA, Gemma 3, InternVL, Mistral 3 / Qwen / SmolVLM
+VISION_MODULES = ("vision_tower", "visual", "vision_model")
+
 def freeze_vision(vlm) -> int:
     "Stop gradients to the vision tower; returns the number of frozen tensors."
     n = 0
     for name, p in vlm.named_parameters():
-        if "vision_tower" in name or ".visual." in name or name.startswith("visual."):
+        if any(part in VISION_MODULES for part in name.split(".")):
             p.requires_grad_(False); n += 1
     return n
 
@@ -353,25 +364,65 @@ def packed_attention(vlm) -> str:
     return (getattr(text, "_attn_implementation", None)
             or getattr(vlm.config, "_attn_implementation", None) or "sdpa")
 
-def _flex_rule(doc:torch.Tensor, seg:torch.Tensor):
+# model types whose image tokens see each other both ways, marked by `token_type_ids`
+BIDIRECTIONAL_MEDIA = ("gemma3",)
+
+def attention_kinds(vlm) -> dict:
+    "Each kind of attention layer in `vlm`'s language model, with its sliding window (None: all)."
+    cfg = vlm.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    window = getattr(text, "sliding_window", None)
+    kinds = getattr(text, "layer_types", None) or (
+        ["sliding_attention"] if window is not None else ["full_attention"])
+    out = {}
+    for kind in dict.fromkeys(kinds):
+        if kind not in ("full_attention", "sliding_attention"):
+            raise ValueError(f"{type(vlm).__name__} has {kind!r} attention layers; the packed "
+                             "layout's mask is built for full and sliding-window attention only")
+        out[kind] = window if kind == "sliding_attention" else None
+    return out
+
+def media_blocks(vlm, token_type_ids:torch.Tensor|None) -> torch.Tensor|None:
+    "[rows, T] image of each token (-1: none) where `vlm`'s image tokens see each other both ways."
+    if getattr(vlm.config, "model_type", None) not in BIDIRECTIONAL_MEDIA: return None
+    if token_type_ids is None:
+        raise ValueError(f"{vlm.config.model_type}: its image tokens attend both ways, which "
+                         "needs the token_type_ids its processor returns")
+    image = token_type_ids == 1
+    starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+    return torch.where(image, starts.long().cumsum(1) - 1, -1)
+
+def _flex_rule(doc:torch.Tensor, seg:torch.Tensor, src=None, window=None, blocks=None):
     "`packed_mask`'s rule as a FlexAttention `mask_mod`."
     def rule(b, h, q, k):
-        same = (doc[b, q] == doc[b, k]) & (doc[b, q] >= 0) & (k <= q)
-        return (same & ((seg[b, k] == -1) | (seg[b, k] == seg[b, q]))) | (q == k)
+        same = (doc[b, q] == doc[b, k]) & (doc[b, q] >= 0)
+        seen = same & (k <= q) & ((seg[b, k] == -1) | (seg[b, k] == seg[b, q]))
+        if blocks is not None: seen = seen | (same & (blocks[b, q] >= 0)
+                                              & (blocks[b, q] == blocks[b, k]))
+        if window is not None: seen = seen & (src[b, q] - src[b, k] < window)
+        return seen | (q == k)
     return rule
 
-def _attention_mask(vlm, doc:torch.Tensor, seg:torch.Tensor, dtype):
-    "The packed block mask in the form `vlm`'s attention implementation takes."
-    impl = packed_attention(vlm)
+def _one_mask(impl:str, pk:dict, window, blocks, dtype):
+    "The packed mask for one kind of layer, in the form the attention implementation takes."
+    doc, seg, src = pk["doc"], pk["seg"], pk["src"]
     if impl == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
         R, T = doc.shape
-        return create_block_mask(_flex_rule(doc, seg), R, None, T, T, device=doc.device)
-    allowed = packed_mask(doc, seg)
+        return create_block_mask(_flex_rule(doc, seg, src, window, blocks), R, None, T, T,
+                                 device=doc.device)
+    allowed = packed_mask(doc, seg, src, window, blocks)
     if impl == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=doc.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
     return allowed
+
+def _attention_mask(vlm, pk:dict, dtype):
+    "The packed block mask for `vlm`: one tensor, or one per kind of layer ({kind: mask})."
+    impl, blocks = packed_attention(vlm), media_blocks(vlm, pk.get("token_type_ids"))
+    masks = {kind: _one_mask(impl, pk, w, blocks, dtype)
+             for kind, w in attention_kinds(vlm).items()}
+    return next(iter(masks.values())) if len(masks) == 1 else masks
 
 # %% ../nbs/10_logprobs.ipynb #be62bf84
 @contextlib.contextmanager
@@ -402,7 +453,7 @@ def packed_hidden(model, # the model (or its wrapper) to run
     vlm = vlm if vlm is not None else unwrap(model)
     pk = batch["packed"]
     dtype = next(vlm.parameters()).dtype
-    mask = _attention_mask(vlm, pk["doc"], pk["seg"], dtype)
+    mask = _attention_mask(vlm, pk, dtype)
     extra = {k: pk[k] for k in ("mm_token_type_ids", "token_type_ids") if k in pk}
     h = grouped_hidden(model, dict(input_ids=pk["input_ids"], attention_mask=mask,
                                    position_ids=packed_positions(vlm, batch),
@@ -451,7 +502,10 @@ def _shared_logps(model, batch:dict):
     vlm, prefix = unwrap(model), batch["prefix"]
     resp, rmask, qi = batch["response_ids"], batch["response_mask"], batch["query_index"]
     pos, nxt = _prefix_positions(vlm, prefix)
-    out = model(**prefix, position_ids=pos, use_cache=True, logits_to_keep=1)
+    # a cache of full layers: a sliding-window layer's own cache would drop the keys the
+    # responses' window still reaches once it is copied per response
+    out = model(**prefix, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{_cache_kwarg(vlm): DynamicCache()})
     cache = _expand_cache(out.cache if hasattr(out, "cache") else out.past_key_values, qi)
     steps = torch.arange(resp.shape[1], device=resp.device)
     rpos = nxt[qi][:, None] + steps

@@ -27,7 +27,10 @@ from transformers import (PreTrainedTokenizerFast, LlavaOnevisionConfig,
                           InternVLVideoProcessor, GotOcr2ImageProcessor, LlavaNextConfig,
                           LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
                           LlavaNextProcessor, Mistral3Config, Mistral3ForConditionalGeneration,
-                          PixtralImageProcessor, PixtralProcessor)
+                          PixtralImageProcessor, PixtralProcessor, Gemma3Config,
+                          Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
+                          SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor,
+                          SmolVLMProcessor, SmolVLMVideoProcessor)
 from transformers.utils import logging as hf_logging
 
 # %% ../nbs/17_testbed.ipynb #7c1ee6b8
@@ -56,6 +59,12 @@ _QWEN = dict(image_processor_cls=Qwen2VLImageProcessor, video_processor_cls=Qwen
              image_placeholder=_QWEN_IMG, video_placeholder=_QWEN_VID)
 _INTERNVL_NAMED = dict(start_image_token='<img>', end_image_token='</img>',
                        context_image_token='<IMG_CONTEXT>', video_token='<video>')
+_GEMMA3_NAMED = dict(image_token='<image_soft_token>', boi_token='<start_of_image>',
+                     eoi_token='<end_of_image>')
+# SmolVLM marks each tile of a split image with its row and column, up to 4 x 4 tiles
+_SMOLVLM_TOKENS = (('<fake_token_around_image>', '<image>', '<global-img>', '<end_of_utterance>',
+                    '<video>') + tuple(f'<row_{r}_col_{c}>' for r in range(1, 5)
+                                       for c in range(1, 5)))
 
 FAMILIES = {
     'llava_onevision': dict(config_cls=LlavaOnevisionConfig,
@@ -99,6 +108,19 @@ FAMILIES = {
                      image_token='[IMG]', video_token=None, image_placeholder='[IMG]',
                      video_placeholder=None,
                      stands_for='mistralai/Mistral-Small-3.1-24B-Instruct-2503'),
+    # Gemma 3's prompt names an image by its start token; the processor adds the soft tokens
+    'gemma3': dict(config_cls=Gemma3Config, model_cls=Gemma3ForConditionalGeneration,
+                   processor_cls=Gemma3Processor, image_processor_cls=Gemma3ImageProcessor,
+                   video_processor_cls=None, special_tokens=tuple(_GEMMA3_NAMED.values()),
+                   named_tokens=_GEMMA3_NAMED, image_token='<image_soft_token>',
+                   video_token=None, image_placeholder='<start_of_image>',
+                   video_placeholder=None, stands_for='google/gemma-3-4b-it'),
+    'smolvlm': dict(config_cls=SmolVLMConfig, model_cls=SmolVLMForConditionalGeneration,
+                    processor_cls=SmolVLMProcessor, image_processor_cls=SmolVLMImageProcessor,
+                    video_processor_cls=SmolVLMVideoProcessor, special_tokens=_SMOLVLM_TOKENS,
+                    image_token='<image>', video_token='<video>', image_placeholder='<image>',
+                    video_placeholder='<video>',
+                    stands_for='HuggingFaceTB/SmolVLM2-2.2B-Instruct'),
 }
 
 # %% ../nbs/17_testbed.ipynb #64f99146
@@ -106,13 +128,13 @@ SIZES = {
     # text: hidden/intermediate/layers/heads/kv heads; vision: hidden/intermediate/layers/heads;
     # ov_image/ov_patch: LLaVA-OV SigLIP tile size and patch (tile 64, patch 8: 64 tokens a tile);
     # qwen_patch/qwen_max_px: Qwen patch size and max pixels per image
-    # (a 64x64 image -> (64/patch/2)^2 tokens)
+    # (a 64x64 image -> (64/patch/2)^2 tokens); window: Gemma 3's sliding window
     'tiny': dict(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1, v_hidden=64,
                  v_intermediate=128, v_layers=2, v_heads=2, ov_image=32, ov_patch=8, qwen_patch=14,
-                 qwen_max_px=56 * 56, vocab_size=1024),
+                 qwen_max_px=56 * 56, vocab_size=1024, window=16),
     'small': dict(hidden=256, intermediate=512, layers=4, heads=4, kv_heads=2, v_hidden=128,
                   v_intermediate=512, v_layers=4, v_heads=4, ov_image=64, ov_patch=8, qwen_patch=4,
-                  qwen_max_px=64 * 64, vocab_size=1024),
+                  qwen_max_px=64 * 64, vocab_size=1024, window=32),
 }
 
 # %% ../nbs/17_testbed.ipynb #2adbbe1d
@@ -194,6 +216,16 @@ def _processor(family, s, tok):
         return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
                                   vision_feature_select_strategy='default',
                                   num_additional_image_tokens=1, chat_template=template)
+    if family == 'gemma3':  # SigLIP tiles of px, average-pooled 2 x 2 into soft tokens
+        ip = Gemma3ImageProcessor(size={'height': px, 'width': px})
+        return Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=template,
+                               image_seq_length=(px // patch) ** 2 // 4)
+    if family == 'smolvlm':  # tiles of px (and a global view), pixel-shuffled 2 x 2 per token
+        ip = SmolVLMImageProcessor(size={'longest_edge': 2 * px},
+                                   max_image_size={'longest_edge': px}, do_image_splitting=True)
+        vp = SmolVLMVideoProcessor(size={'longest_edge': px}, max_image_size={'longest_edge': px})
+        return SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                                image_seq_len=(px // patch) ** 2 // 4, chat_template=template)
     if family == 'mistral3':  # Pixtral: rows of [IMG] tokens, each row ended by [IMG_BREAK]
         ip = PixtralImageProcessor(size={'longest_edge': 2 * px},
                                    patch_size={'height': patch, 'width': patch})
@@ -248,6 +280,21 @@ def _config(family, s, tok):
                                image_grid_pinpoints=_pinpoints(px),
                                vision_feature_select_strategy='default', vision_feature_layer=-2,
                                image_seq_length=(px // patch) ** 2)
+    if family == 'gemma3':  # a short window, so that test sequences reach past it
+        head = s['hidden'] // s['heads']
+        kinds = ['full_attention' if i % 2 else 'sliding_attention' for i in range(s['layers'])]
+        text3 = dict(head_dim=head, query_pre_attn_scalar=head, sliding_window=s['window'],
+                     layer_types=kinds, **text)
+        return Gemma3Config(text_config=text3,
+                            vision_config=dict(model_type='siglip_vision_model',
+                                               vision_use_head=False, **small_vision),
+                            mm_tokens_per_image=(px // patch) ** 2 // 4,
+                            image_token_index=tok.image_token_id,
+                            boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id)
+    if family == 'smolvlm':
+        return SmolVLMConfig(text_config=dict(model_type='llama', **text),
+                             vision_config=small_vision, scale_factor=2,
+                             image_token_id=ids['<image>'], pad_token_id=tok.pad_token_id)
     if family == 'mistral3':  # no sliding window: a 4-D mask would silently drop it
         head = s['hidden'] // s['heads']
         text3 = dict(model_type='mistral', head_dim=head, sliding_window=None, **text)
@@ -295,6 +342,10 @@ def build_tiny_vlm(family:str='llava_onevision', # key of FAMILIES
     processor, config = _processor(family, s, tok), _config(family, s, tok)
     torch.manual_seed(seed)
     model = f['model_cls'](config).eval()
+    if family == 'gemma3':  # its init zeroes the projector: the model would be image-blind
+        with torch.no_grad():
+            torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight,
+                                  std=s['v_hidden'] ** -0.5)
     gc = model.generation_config
     gc.bos_token_id, gc.eos_token_id = tok.bos_token_id, tok.eos_token_id
     gc.pad_token_id = tok.pad_token_id
