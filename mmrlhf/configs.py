@@ -14,8 +14,9 @@ from .core import Config, opt, progress_enabled
 
 # %% ../nbs/01_configs.ipynb #2ec47099
 MAX_LENGTH = 32768 # the default longest prompt + response, in tokens (image tokens included)
-LORA_TARGETS = (r"^(?!.*(vision|visual)).*\."  # not the vision tower; these projections:
-                r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+LORA_TARGETS = (r"^(?!.*(vision|visual)).*\."  # not the vision tower; these projections
+                r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"  # attention and MLP
+                r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))$")  # linear attention (Qwen3.5)
 DEFAULT_MIX = {"long": 0.3, "short": 0.3, "mcq": 0.15, "safety": 0.15, "video": 0.1}
 
 # %% ../nbs/01_configs.ipynb #fa0efb3a

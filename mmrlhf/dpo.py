@@ -34,8 +34,9 @@ from .core import (atomic_dir, clean_stale_temps, ConfigError, DataError, Global
 from .configs import DeltaPolicy, MAX_LENGTH, RefLogpsConfig, TrainDPOConfig
 from .schema import pair_indices, query_medium, read_queries, write_queries
 from .models import apply_lora, load_base, save_vlm
-from .logprobs import (batch_to, check_layout, describe_layout, enable_checkpointing, encode_groups,
-                             freeze_vision, length_plan, response_logps, unwrap)
+from .logprobs import (batch_to, check_layout, describe_layout, enable_checkpointing,
+                             encode_groups, freeze_vision, length_plan, response_logps, unwrap,
+                             usable_layout)
 
 # %% ../nbs/12_dpo.ipynb #2cd09d1e
 def dynamic_beta(delta, # reward margins r(chosen) - r(rejected), one per pair
@@ -498,7 +499,8 @@ def run_ref_logps(cfg:RefLogpsConfig) -> Path:
     mine = [e for i, e in enumerate(examples) if i % world == rank and e.id not in done]
     model, processor = load_base(cfg.model, cfg.seed, torch.bfloat16 if cfg.bf16 else None)
     model.to(state.device)
-    if state.is_main_process: print(describe_layout(cfg.layout, model, cfg.pack_tokens))
+    layout = usable_layout(model, cfg.layout, print if state.is_main_process else None)
+    if state.is_main_process: print(describe_layout(layout, model, cfg.pack_tokens))
     shard = shards / f"rank{rank}.jsonl"; _trim_shard(shard)
     bar = progress_bar(len(mine), "reference log-probs", "query", enabled=bool(mine))
     with bar, open(shard, "a") as f, warnings.catch_warnings():
@@ -510,7 +512,7 @@ def run_ref_logps(cfg:RefLogpsConfig) -> Path:
             plan = length_plan(processor, groups, cfg.max_length, cfg.system)
             kept = [e for j, e in enumerate(chunk) if j not in plan.dropped]
             lps = iter(reference_logps(model, processor, kept, cfg.batch_size, cfg.system,
-                                       cfg.layout, cfg.max_length, cfg.pack_tokens)
+                                       layout, cfg.max_length, cfg.pack_tokens)
                        if kept else [])
             lines = []
             for j, e in enumerate(chunk):
@@ -609,15 +611,17 @@ def run_train_dpo(cfg:TrainDPOConfig) -> Path:
             raise ConfigError("layout=shared keeps the prefix's KV cache, which gradient "
                               "checkpointing cannot: use layout=packed (the default) or grouped")
         enable_checkpointing(policy)
-    collator = DPOCollator(processor, cfg.system, cfg.layout, cfg.max_length, cfg.pack_tokens)
-    trainer = MMDPOTrainer(model=policy, args=cfg.training_arguments(), train_dataset=train,
+    args = cfg.training_arguments()
+    layout = usable_layout(unwrap(policy), cfg.layout, print if args.process_index == 0 else None)
+    collator = DPOCollator(processor, cfg.system, layout, cfg.max_length, cfg.pack_tokens)
+    trainer = MMDPOTrainer(model=policy, args=args, train_dataset=train,
                            data_collator=collator, settings=settings, processing_class=processor)
     out, final = Path(cfg.out), Path(cfg.out) / "final"
     checkpoint = last_complete_checkpoint(out) if cfg.resume else None
     if trainer.is_world_process_zero():
         clean_stale_temps(out)
         print(plan.summary()); print(describe_pairs(summary))
-        print(describe_layout(cfg.layout, unwrap(policy), cfg.pack_tokens))
+        print(describe_layout(layout, unwrap(policy), cfg.pack_tokens))
         if cfg.resume:
             print(f"resuming from {checkpoint}" if checkpoint
                   else f"resume: no complete checkpoint in {out}; starting from scratch")

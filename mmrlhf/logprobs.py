@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'VISION_MODULES', 'BIDIRECTIONAL_MEDIA', 'token_logps', 'head_logps', 'pack_rows', 'pack_sequences',
-           'check_layout', 'encode_groups', 'packed_mask', 'unwrap', 'freeze_vision', 'enable_checkpointing',
-           'packed_positions', 'packed_attention', 'attention_kinds', 'media_blocks', 'grouped_hidden', 'packed_hidden',
-           'batch_to', 'describe_layout', 'response_logps', 'logps_and_grads', 'prompt_length', 'LengthPlan',
-           'length_plan']
+__all__ = ['LAYOUTS', 'VISION_MODULES', 'BIDIRECTIONAL_MEDIA', 'BLOCK_MASK_ATTENTION', 'token_logps', 'head_logps', 'pack_rows',
+           'pack_sequences', 'check_layout', 'encode_groups', 'packed_mask', 'unwrap', 'freeze_vision',
+           'enable_checkpointing', 'packed_positions', 'packed_attention', 'attention_kinds', 'media_blocks',
+           'grouped_hidden', 'packed_hidden', 'batch_to', 'describe_layout', 'response_logps', 'layout_problem',
+           'usable_layout', 'logps_and_grads', 'prompt_length', 'LengthPlan', 'length_plan']
 
 # %% ../nbs/10_logprobs.ipynb #593decaa
 import contextlib
@@ -546,6 +546,41 @@ def response_logps(model, batch:dict) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("gradient checkpointing cannot keep the prefix's cache: "
                          "encode the batch with layout='packed' (or 'grouped')")
     return _shared_logps(model, batch)
+
+# %% ../nbs/10_logprobs.ipynb #93dc5195
+# attention implementations that take the packed layout's block mask
+BLOCK_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+def layout_problem(vlm, # the transformers model
+                   layout:str, # one of `LAYOUTS`
+                  ) -> str|None:
+    "Why `layout` cannot hold for `vlm`, or None where it can."
+    if check_layout(layout) == "grouped": return None
+    cfg = vlm.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    kinds = dict.fromkeys(getattr(text, "layer_types", None) or [])
+    other = [k for k in kinds if k not in ("full_attention", "sliding_attention")]
+    if other:
+        past = "past any block mask" if layout == "packed" else "that no copied KV cache holds"
+        return (f"{type(vlm).__name__} has {other[0]!r} layers, whose state runs along the "
+                f"whole sequence {past}")
+    impl = packed_attention(vlm)
+    if layout == "packed" and impl not in BLOCK_MASK_ATTENTION:
+        return f"{impl} attention takes no block mask (one of {BLOCK_MASK_ATTENTION} does)"
+    return None
+
+
+# %% ../nbs/10_logprobs.ipynb #ba59ce19
+def usable_layout(vlm, # the transformers model
+                  layout:str, # the layout asked for, one of `LAYOUTS`
+                  log=print, # where the reason for a change goes (None: nowhere)
+                 ) -> str:
+    "`layout` where it holds for `vlm`; otherwise 'grouped', with the reason logged."
+    problem = layout_problem(vlm, layout)
+    if problem is None: return layout
+    if log is not None: log(f"layout: {layout} cannot hold ({problem}); using grouped instead")
+    return "grouped"
+
 
 # %% ../nbs/10_logprobs.ipynb #5e83bada
 def logps_and_grads(model, batch:dict, weights:torch.Tensor) -> tuple[torch.Tensor, dict]:

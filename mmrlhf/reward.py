@@ -35,8 +35,9 @@ from .schema import (DIMENSIONS, expand_pairs, joined_reasons, pair_indices, que
                            read_queries, write_queries)
 from .formats import category_of
 from .models import apply_lora, chat_batch, generate_text, load_base, load_vlm
-from .logprobs import (batch_to, check_layout, enable_checkpointing, grouped_hidden,
-                             head_logps, pack_sequences, packed_hidden, unwrap)
+from .logprobs import (batch_to, check_layout, describe_layout, enable_checkpointing,
+                             grouped_hidden, head_logps, pack_sequences, packed_hidden, unwrap,
+                             usable_layout)
 
 # %% ../nbs/11_reward.ipynb #42533e52
 RELEASE_SYSTEM = "You are a helpful assistant."
@@ -612,8 +613,11 @@ def run_train_reward(cfg:TrainRewardConfig):
             raise ConfigError("layout=shared keeps a KV cache, which gradient checkpointing "
                               "cannot: use layout=packed (the default) or grouped")
         enable_checkpointing(vlm)
+    first = args.process_index == 0
+    layout = usable_layout(unwrap(vlm), cfg.layout, print if first else None)
+    if first: print(describe_layout(layout, unwrap(vlm), cfg.pack_tokens))
     collate = RewardCollator(processor, template, cfg.use_critiques, system, cfg.max_length,
-                             cfg.layout, cfg.pack_tokens)
+                             layout, cfg.pack_tokens)
     weights = RewardLossWeights(cfg.critique_weight, cfg.score_weight, cfg.center_weight)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, data_collator=collate,
                             loss_form=cfg.loss, loss_weights=weights, reward_processor=processor)
@@ -691,8 +695,10 @@ def run_score(cfg:ScoreConfig) -> dict:
         examples = generate_critiques(model, processor, examples, cfg.max_new_tokens,
                                       cfg.critique_batch, temperature=cfg.temperature,
                                       top_p=cfg.top_p, seed=cfg.seed)
+    layout = usable_layout(unwrap(model.vlm), cfg.layout)
+    print(describe_layout(layout, unwrap(model.vlm), cfg.pack_tokens))
     collate = RewardCollator(processor, template, cfg.critiques != "none", system, cfg.max_length,
-                             cfg.layout, cfg.pack_tokens)
+                             layout, cfg.pack_tokens)
     with progress_bar(len(examples), "scoring", "query") as bar:
         for i in range(0, len(examples), cfg.batch_size):
             chunk = examples[i:i + cfg.batch_size]

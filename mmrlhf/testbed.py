@@ -30,7 +30,8 @@ from transformers import (PreTrainedTokenizerFast, LlavaOnevisionConfig,
                           PixtralImageProcessor, PixtralProcessor, Gemma3Config,
                           Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
                           SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor,
-                          SmolVLMProcessor, SmolVLMVideoProcessor)
+                          SmolVLMProcessor, SmolVLMVideoProcessor, Qwen3_5Config,
+                          Qwen3_5ForConditionalGeneration)
 from transformers.utils import logging as hf_logging
 
 # %% ../nbs/17_testbed.ipynb #7c1ee6b8
@@ -121,6 +122,13 @@ FAMILIES = {
                     image_token='<image>', video_token='<video>', image_placeholder='<image>',
                     video_placeholder='<video>',
                     stands_for='HuggingFaceTB/SmolVLM2-2.2B-Instruct'),
+    # Qwen3.5: Qwen3-VL's vision tower and processor before a hybrid language model, mostly
+    # linear-attention (gated delta rule) layers with a full-attention layer every fourth
+    'qwen3_5': dict(config_cls=Qwen3_5Config, model_cls=Qwen3_5ForConditionalGeneration,
+                    processor_cls=Qwen3VLProcessor,
+                    **{**_QWEN, 'video_placeholder': '<|video_pad|>',
+                       'video_processor_cls': Qwen3VLVideoProcessor},
+                    stands_for='Qwen/Qwen3.5-27B'),
 }
 
 # %% ../nbs/17_testbed.ipynb #64f99146
@@ -233,7 +241,7 @@ def _processor(family, s, tok):
                                 spatial_merge_size=2, chat_template=template)
     qp = _qwen_pixels(s)
     # cap_pixels_per_frame: the reference (qwen-vl-utils) behaviour; it also silences a warning
-    if family == 'qwen3_vl':  # Qwen3-VL's video processor takes its pixel budget as a size
+    if family in ('qwen3_vl', 'qwen3_5'):  # their video processor takes its pixel budget as a size
         size = {'shortest_edge': qp['min_pixels'], 'longest_edge': 4 * qp['max_pixels']}
         vp = Qwen3VLVideoProcessor(patch_size=qp['patch_size'], merge_size=2, temporal_patch_size=2,
                                    size=size, cap_pixels_per_frame=True)
@@ -303,8 +311,9 @@ def _config(family, s, tok):
         return Mistral3Config(text_config=text3, vision_config=vision3,
                               image_token_index=ids['[IMG]'], spatial_merge_size=2,
                               vision_feature_layer=-1)
-    # mrope sections (t, h, w) must sum to head_dim / 2; a real model's: [16, 24, 24]
-    half = s['hidden'] // s['heads'] // 2
+    # mrope sections (t, h, w) must sum to half the rotary dimensions; a real model's: [16, 24, 24]
+    # (Qwen3.5 turns a quarter of each head: [11, 11, 10] of 256)
+    half = s['hidden'] // s['heads'] // (8 if family == 'qwen3_5' else 2)
     t = half // 4; h = (half - t) // 2
     text['rope_parameters'] = dict(rope_type='default', rope_theta=1e6,
                                    mrope_section=[t, h, half - t - h])
@@ -313,13 +322,21 @@ def _config(family, s, tok):
     if family == 'qwen2_vl':
         vision.update(embed_dim=s['v_hidden'], hidden_size=s['hidden'],
                       mlp_ratio=s['v_intermediate'] // s['v_hidden'])
-    elif family == 'qwen3_vl':  # a learned square grid of positions, interpolated to the image
+    elif family in ('qwen3_vl', 'qwen3_5'):  # a learned square grid of positions, interpolated
         side = int(s['qwen_max_px'] ** 0.5) // s['qwen_patch']
         text['rope_parameters']['mrope_interleaved'] = True
         text['head_dim'] = s['hidden'] // s['heads']
         vision.update(hidden_size=s['v_hidden'], intermediate_size=s['v_intermediate'],
-                      out_hidden_size=s['hidden'], num_position_embeddings=side * side,
-                      deepstack_visual_indexes=[s['v_layers'] - 1])
+                      out_hidden_size=s['hidden'], num_position_embeddings=side * side)
+        if family == 'qwen3_vl': vision['deepstack_visual_indexes'] = [s['v_layers'] - 1]
+        else:  # linear-attention layers, a full-attention one every fourth (every second: tiny)
+            every = min(4, s['layers'])
+            text.update(partial_rotary_factor=0.25, linear_conv_kernel_dim=4,
+                        linear_key_head_dim=text['head_dim'] // 2,
+                        linear_value_head_dim=text['head_dim'] // 2,
+                        linear_num_key_heads=s['kv_heads'], linear_num_value_heads=s['heads'],
+                        layer_types=['full_attention' if (i + 1) % every == 0
+                                     else 'linear_attention' for i in range(s['layers'])])
     else:
         vision.update(hidden_size=s['v_hidden'], intermediate_size=s['v_intermediate'],
                       out_hidden_size=s['hidden'], window_size=4 * s['qwen_patch'],

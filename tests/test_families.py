@@ -1,5 +1,6 @@
 """Every test-bed family through the commands: ref-logps, train-dpo (full, and LoRA under gradient checkpointing),
-train-reward, score with generated critiques, respond and eval, in the packed layout, on a tiny shapes world."""
+train-reward, score with generated critiques, respond and eval, on a tiny shapes world: in the packed layout, or in
+one sequence per response with the reason said where the packed one cannot hold."""
 import math
 
 import pytest
@@ -19,6 +20,21 @@ from mmrlhf.world import SynthConfig, write_world
 
 # where each test-bed family keeps its vision tower (stated here, not read from the package)
 TOWERS = ("model.vision_tower.", "model.visual.", "model.vision_model.")
+
+
+# families whose language model has linear-attention layers (stated here): the commands fall back to one sequence per
+# response, and LoRA also adapts the linear-attention projections
+RECURRENT = ("qwen3_5",)
+LINEAR_ATTENTION = ("in_proj_qkv", "in_proj_z", "out_proj")
+
+
+def assert_layout_said(family, out):
+    "The run's log names the layout it used, and why where it is not the packed one."
+    if family in RECURRENT:
+        assert "layout: packed cannot hold" in out and "'linear_attention' layers" in out, out
+        assert "layout: grouped (one sequence per response)" in out
+    else:
+        assert "layout: packed" in out and "cannot hold" not in out
 
 
 def in_vision(name):
@@ -54,7 +70,7 @@ def test_dpo_path(family_world, capsys):
     assert len(logps) == sum(len(q.responses) for q in qs) and all(math.isfinite(v) and v < 0 for v in logps)
     full = run_train_dpo(TrainDPOConfig(data=str(ref), image_root=str(world), base=base, out=str(d / "dpo"),
                                         steps=2, batch_size=2, lr=1e-3))
-    assert "layout: packed" in capsys.readouterr().out
+    assert_layout_said(family, capsys.readouterr().out)
     start = build_tiny_vlm(family, "tiny", seed=0)[0].state_dict()
     trained = load_vlm(full)[0].state_dict()
     changed = [k for k, v in start.items() if not torch.equal(v, trained[k])]
@@ -65,18 +81,23 @@ def test_dpo_path(family_world, capsys):
     merged = load_policy(str(lora))[0].state_dict()       # a built base: the adapter comes merged
     moved = [k for k in start if not torch.equal(start[k], merged[k])]
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    projections += LINEAR_ATTENTION if family in RECURRENT else ()
     assert moved and all(any(p in k for p in projections) for k in moved), moved[:5]
+    if family in RECURRENT: assert any("linear_attn." in k for k in moved)
+    assert_layout_said(family, capsys.readouterr().out)
     assert not [k for k in moved if in_vision(k)]
 
 
-def test_reward_path_and_respond(family_world):
+def test_reward_path_and_respond(family_world, capsys):
     family, d = family_world
     base, world, data = f"tiny:{family}", d / "world", d / "pairs" / "queries.jsonl"
     rm = run_train_reward(TrainRewardConfig(data=str(data), image_root=str(world), base=base, out=str(d / "rm"),
                                             steps=2, batch_size=2))
+    assert_layout_said(family, capsys.readouterr().out)
     result = run_score(ScoreConfig(data=str(data), image_root=str(world), model=str(rm), out=str(d / "s"),
                                    max_new_tokens=8))
     assert result["queries"] == 6 and result["rejected"] == 0
+    assert_layout_said(family, capsys.readouterr().out)
     qs = list(read_queries(d / "s" / "queries.jsonl", world))
     rewards = [r.reward for q in qs for r in q.responses]
     assert len(qs) == 6 and all(isinstance(v, float) and math.isfinite(v) for v in rewards)
