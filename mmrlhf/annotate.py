@@ -22,8 +22,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastcore.basics import patch_to
 from jinja2 import DictLoader, Environment, select_autoescape
-from .core import (atomic_write, ConfigError, DataError, mean_ci, read_jsonl,
-                         resolve_image_path, write_text)
+from .core import (atomic_write, ConfigError, DataError, is_video_path, mean_ci,
+                         read_jsonl, resolve_image_path, write_text)
 from .configs import AnnotateAgreementConfig, AnnotateConfig, AnnotateExportConfig
 from .schema import (add_tie_response, agreement, DIMENSIONS, LEVELS, parse_query, Query,
                            query_record, Response)
@@ -608,8 +608,10 @@ class="bar"><i style="width:{{ (100 * progress.submitted / (progress.total or 1)
 <span id="status">saved</span>{% endblock %}{% block main %}
 <script type="application/json" id="data">{{ data|tojson }}</script>
 {% if note %}<div class="note"><b>Returned by the reviewer:</b> {{ note }}</div>{% endif %}
-<div class="top"><div class="media">{% for i in range(n_images) %}<img src="/media/{{ \
-q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% endfor %}</div>
+<div class="top"><div class="media">{% for i in range(n_images) %}{% if videos[i] %}<video controls \
+src="/media/{{ q.id|urlencode }}/{{ i }}" aria-label="video {{ i + 1 }} of the query"></video>{% \
+else %}<img src="/media/{{ q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% \
+endif %}{% endfor %}</div>
 <div class="question"><div class="muted">{{ q.category }} · {{ q.id }}</div>{{ q.question }}\
 </div></div>
 <details class="guide"><summary>Scoring guideline</summary><table>{% for d in dims %}<tr><th>{{ \
@@ -741,8 +743,10 @@ _REVIEW_LIST = """{% extends "layout" %}{% block main %}<h2>Waiting for review: 
 db }}</code></p>{% endblock %}"""
 
 _REVIEW = """{% extends "layout" %}{% block main %}
-<div class="top"><div class="media">{% for i in range(n_images) %}<img src="/media/{{ \
-q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% endfor %}</div>
+<div class="top"><div class="media">{% for i in range(n_images) %}{% if videos[i] %}<video controls \
+src="/media/{{ q.id|urlencode }}/{{ i }}" aria-label="video {{ i + 1 }} of the query"></video>{% \
+else %}<img src="/media/{{ q.id|urlencode }}/{{ i }}" alt="image {{ i + 1 }} of the query">{% \
+endif %}{% endfor %}</div>
 <div class="question"><div class="muted">{{ q.category }} · {{ q.id }}</div>{{ q.question }}\
 </div></div>
 <table class="cmp"><tr><th>response</th>{% for a in names %}<th>{{ a }} ({{ (subs[a].seconds / \
@@ -904,7 +908,8 @@ def make_app(store:AnnotationStore, # the annotation database
                 "ranks": [f"rank.{i}" for i in range(k)],
                 "save": f"/api/answer/{quote(q.id, safe='')}",
                 "submit": f"/api/submit/{quote(q.id, safe='')}"}
-        return page("annotate", f"Query {q.id}", p, q=q, k=k, n_images=len(q.images), data=data,
+        return page("annotate", f"Query {q.id}", p, q=q, k=k, n_images=len(q.images),
+                    videos=[is_video_path(path) for path in q.images], data=data,
                     dims=DIMENSIONS, levels=LEVELS, progress=store.progress(p["name"], overlap),
                     note=w["note"] if w["status"] == "returned" else "", script=_SCRIPT)
 
@@ -961,7 +966,8 @@ def make_app(store:AnnotationStore, # the annotation database
         except KeyError: raise HTTPException(404, "no such query") from None
         subs = store.submissions(query_id)
         if not subs: raise HTTPException(404, "nothing submitted for this query yet")
-        return page("review", f"Review {q.id}", p, q=q, n_images=len(q.images), subs=subs,
+        return page("review", f"Review {q.id}", p, q=q, n_images=len(q.images),
+                    videos=[is_video_path(path) for path in q.images], subs=subs,
                     names=sorted(subs), rows=review_rows(subs),
                     data={"url": f"/api/review/{quote(q.id, safe='')}"})
 

@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['MAX_LENGTH', 'LORA_TARGETS', 'DEFAULT_MIX', 'retune', 'TrainConfig', 'DeltaPolicy', 'TrainRewardConfig',
            'TrainDPOConfig', 'PairsConfig', 'CurateConfig', 'RespondConfig', 'AnnotateConfig', 'AnnotateExportConfig',
-           'AnnotateAgreementConfig', 'ExpandConfig', 'ScoreConfig', 'EvalRewardBenchConfig', 'RefLogpsConfig',
-           'EvalConfig', 'ReportConfig', 'SynthConfig', 'DemoConfig', 'AblateConfig']
+           'AnnotateAgreementConfig', 'ExpandConfig', 'ScoreConfig', 'ConvertReleaseRMConfig', 'EvalRewardBenchConfig',
+           'RefLogpsConfig', 'EvalConfig', 'ReportConfig', 'SynthConfig', 'DemoConfig', 'AblateConfig']
 
 # %% ../nbs/01_configs.ipynb #96893ce9
 from dataclasses import dataclass, fields
-from .core import Config, opt, progress_enabled
+from .core import Config, opt, progress_enabled, VIDEO_FRAMES
 
 # %% ../nbs/01_configs.ipynb #2ec47099
 MAX_LENGTH = 32768 # the default longest prompt + response, in tokens (image tokens included)
@@ -67,6 +67,8 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to "
                                               "save memory")
     seed: int = opt(0, "seed of the weights of a built model and of the data order")
+    video_frames: int = opt(VIDEO_FRAMES, "frames taken evenly from a video file (the release "
+                                          "trained on 10)")
 
     def training_arguments(self, **extra):
         "The `transformers.TrainingArguments` these settings ask for (`extra` adds or overrides)."
@@ -226,7 +228,8 @@ class RespondConfig(Config):
                     "queries to answer (schema JSONL, e.g. from `mmrlhf curate`)")
     image_root: str|None = opt(None, "folder of the queries' images (default: the data's folder)")
     models: list = opt(["tiny:llava_onevision", "tiny:qwen2_vl"],
-                       "the models that answer: folders, adapter folders or tiny:/small:<family>")
+                       "the models that answer: folders, adapter folders, tiny:/small:<family> or "
+                       "endpoints as api:<model-name>@<base-url>")
     out: str = opt("runs/respond",
                    "folder for queries.jsonl (unannotated, one response per model) and each "
                    "model's answers")
@@ -235,6 +238,17 @@ class RespondConfig(Config):
     temperature: float = opt(0.7, "sampling temperature (0: greedy)")
     seed: int = opt(0, "seed of sampling (model k, item i: seed + k, i's id and the model's "
                        "weights) and of test-bed models")
+    api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the endpoints' API key "
+                                             "(unset: none sent)")
+    api_keys: dict = opt({}, "per endpoint: base URL -> the variable holding its own key "
+                             "(instead of api_key_env; one provider's key never goes to another)")
+    workers: int = opt(4, "requests in flight at once, per endpoint")
+    timeout: float = opt(120.0, "seconds an endpoint has for one attempt")
+    max_retries: int = opt(3, "retries of a request after 429, 5xx, a timeout or a lost "
+                              "connection")
+    backoff: float = opt(1.0, "seconds before an endpoint's first retry (doubled each time) when "
+                              "the server sends no Retry-After")
+    video_frames: int = opt(VIDEO_FRAMES, "frames taken evenly from a video file")
 
 # %% ../nbs/01_configs.ipynb #11b96e7a
 @dataclass
@@ -329,6 +343,21 @@ class ScoreConfig(Config):
                                 "responses behind them) or grouped (one sequence per response)")
     pack_tokens: int|None = opt(None, "packed: queries share a row up to this many tokens "
                                       "(none: one query per row)")
+    template: str = opt("model", "critique prompt: model (the one saved with the reward model), "
+                                 "default or release")
+    video_frames: int = opt(VIDEO_FRAMES, "frames taken evenly from a video file")
+
+# %% ../nbs/01_configs.ipynb #5964b02a
+@dataclass
+class ConvertReleaseRMConfig(Config):
+    "Settings of `mmrlhf convert-release-rm`."
+    checkpoint: str = opt("models/MM-RLHF-Reward-7B-llava-ov-qwen",
+                          "the released reward model's folder (LLaVA-NeXT llava_qwen: "
+                          "config.json, safetensors weights, tokenizer)")
+    out: str = opt("runs/release-rm",
+                   "the reward-model folder to write, for `mmrlhf score --model`")
+    vision_heads: int = opt(16, "attention heads of the SigLIP tower (so400m: 16); the "
+                                "checkpoint does not store them")
 
 # %% ../nbs/01_configs.ipynb #f896fb67
 @dataclass
@@ -366,13 +395,15 @@ class RefLogpsConfig(Config):
                                       "(none: one query per row)")
     bf16: bool = opt(False, "run the model in bfloat16 (GPUs)")
     seed: int = opt(0, "seed of a test-bed model's weights")
+    video_frames: int = opt(VIDEO_FRAMES, "frames taken evenly from a video file (as in training)")
 
 # %% ../nbs/01_configs.ipynb #b0f40b28
 @dataclass
 class EvalConfig(Config):
     "Settings of `mmrlhf eval`."
     model: str = opt("runs/dpo/final",
-                     "the model: a folder, a LoRA adapter folder, or tiny:/small:<family>")
+                     "the model: a folder, a LoRA adapter folder, tiny:/small:<family>, or an "
+                     "endpoint as api:<model-name>@<base-url>")
     name: str|None = opt(None, "the model's name in reports (default: the model spec)")
     bench: str = opt("runs/world-test/queries.jsonl",
                      "benchmark JSONL (a shapes world's queries.jsonl works as it is)")
@@ -403,6 +434,18 @@ class EvalConfig(Config):
     judge_model: str = opt("gpt-4o", "the judge's model name at that endpoint")
     judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's API key")
     seed: int = opt(0, "seed of sampling, the bootstrap and a test-bed model's weights")
+    api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the model endpoint's "
+                                             "API key (unset: none sent)")
+    api_keys: dict = opt({}, "per endpoint: base URL -> the variable holding its own key "
+                             "(instead of api_key_env)")
+    workers: int = opt(4, "requests in flight at once to a model endpoint")
+    timeout: float = opt(120.0, "seconds a model endpoint has for one attempt")
+    max_retries: int = opt(3, "retries of a request after 429, 5xx, a timeout or a lost "
+                              "connection")
+    backoff: float = opt(1.0, "seconds before the first retry (doubled each time) when the server "
+                              "sends no Retry-After")
+    video_frames: int = opt(32, "frames taken evenly from a video file (the release evaluated "
+                                "on 32)")
 
 # %% ../nbs/01_configs.ipynb #1a23d9ea
 @dataclass

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['RENAMED_SETTINGS', 'opt', 'coerce', 'ConfigError', 'Config', 'config_table', 'add_config_args', 'config_from_args',
-           'seed_everything', 'atomic_write', 'write_text', 'write_bytes', 'atomic_dir', 'clean_stale_temps',
-           'DataError', 'DataErrors', 'decode_json_line', 'json_line', 'read_jsonl', 'write_jsonl',
-           'resolve_image_path', 'load_image', 'mean_ci', 'last_complete_checkpoint', 'GlobalMeanTrainer',
-           'progress_enabled', 'progress_bar', 'plugin', 'moved_names']
+__all__ = ['RENAMED_SETTINGS', 'VIDEO_SUFFIXES', 'VIDEO_FRAMES', 'opt', 'coerce', 'ConfigError', 'Config', 'config_table',
+           'add_config_args', 'config_from_args', 'seed_everything', 'atomic_write', 'write_text', 'write_bytes',
+           'atomic_dir', 'clean_stale_temps', 'DataError', 'DataErrors', 'decode_json_line', 'json_line', 'read_jsonl',
+           'write_jsonl', 'resolve_image_path', 'load_image', 'is_video_path', 'frame_indices', 'decode_video',
+           'load_video', 'load_media', 'mean_ci', 'last_complete_checkpoint', 'GlobalMeanTrainer', 'progress_enabled',
+           'progress_bar', 'plugin', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #939603ce
 import argparse, contextlib, dataclasses, functools, json, math, os, random, re, shutil, sys
@@ -377,6 +378,80 @@ def load_image(root, # the configured image root
     full = resolve_image_path(root, rel)
     if not full.is_file(): raise FileNotFoundError(f"image {rel!r} not found under {root}")
     with Image.open(full) as im: return im.convert("RGB")
+
+# %% ../nbs/00_core.ipynb #ccb996cf
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+VIDEO_FRAMES = 10  # frames taken from a video file by default: the release trained on 10
+
+def is_video_path(rel:str) -> bool:
+    "Whether a media path names a video file (by its suffix)."
+    return Path(rel).suffix.lower() in VIDEO_SUFFIXES
+
+
+# %% ../nbs/00_core.ipynb #304ccfd0
+def frame_indices(total:int, # frames in the clip
+                  n:int, # frames wanted
+                 ) -> list[int]:
+    "`n` frame indices spread evenly from the first frame to the last (all of them if fewer)."
+    if total < 1 or n < 1: raise ValueError(f"frame_indices: need frames, got {total} and {n}")
+    if n >= total: return list(range(total))
+    if n == 1: return [0]
+    return [round(i * (total - 1) / (n - 1)) for i in range(n)]
+
+
+# %% ../nbs/00_core.ipynb #4ecb268e
+def decode_video(source, # a file path, or the file's bytes
+                 n:int|None=VIDEO_FRAMES, # frames wanted, spread evenly (None: the first only)
+                 name:str|None=None, # the file's name, for errors
+                ) -> list:
+    "`n` evenly spread frames of a video as RGB PIL images; `ValueError` if it does not decode."
+    import io, av  # PyAV: imported where a clip is read
+    name = name or str(source if not isinstance(source, bytes) else "<bytes>")
+    def opened(): return av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
+    try:
+        with opened() as c:
+            if not c.streams.video: raise ValueError("it has no video stream")
+            stream = c.streams.video[0]
+            total = 1 if n is None else (stream.frames
+                                         or sum(1 for _ in c.decode(stream)))
+        want = set(frame_indices(total, 1 if n is None else n)) if total else set()
+        frames = []
+        with opened() as c:
+            for i, f in enumerate(c.decode(c.streams.video[0])):
+                if i in want: frames.append(f.to_image().convert("RGB"))
+                if len(frames) == len(want): break
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise ValueError(f"video {name!r} does not decode ({type(e).__name__}: {e})") from None
+    if not frames: raise ValueError(f"video {name!r} does not decode (it holds no frame)")
+    return frames
+
+
+# %% ../nbs/00_core.ipynb #08e73264
+def load_video(root, # the configured image root
+               rel:str, # the video file's path relative to `root`
+               frames:int=VIDEO_FRAMES, # frames to take, spread evenly over the clip
+              ) -> list:
+    "A video file under `root` as `frames` evenly spread RGB frames (`PIL.Image`s)."
+    full = resolve_image_path(root, rel)
+    if not full.is_file(): raise FileNotFoundError(f"video {rel!r} not found under {root}")
+    return decode_video(full, frames, rel)
+
+
+# %% ../nbs/00_core.ipynb #844d1dbe
+def load_media(root, # the configured image root
+               paths:list, # a query's media paths, relative to `root`
+               category:str|None=None, # the query's category ("video": frames stay a list)
+               video_frames:int=VIDEO_FRAMES, # frames taken from a video file
+              ):
+    "A query's medium: one PIL image, a list of frames or images, or None."
+    if not paths: return None
+    if any(is_video_path(p) for p in paths):
+        if len(paths) != 1:
+            raise ValueError(f"a video file must be a query's only medium, got {paths}")
+        return load_video(root, paths[0], video_frames)
+    frames = [load_image(root, p) for p in paths]
+    return frames[0] if category != "video" and len(frames) == 1 else frames
+
 
 # %% ../nbs/00_core.ipynb #4d6f9777
 def mean_ci(values, # numbers or booleans, one per example

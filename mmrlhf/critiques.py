@@ -133,6 +133,8 @@ class EndpointBackend:
     def n_new(self) -> int: return self.client.n_requests
     @property
     def n_cached(self) -> int: return self.client.n_cached
+    @property
+    def usage(self) -> dict: return dict(self.client.usage)  # tokens of the requests made
 
     def __call__(self, prompts:list[str], # the user messages
                 ) -> list[str]:
@@ -409,7 +411,8 @@ def expand_critiques(queries:list, # annotated `Query`s; their responses' `criti
               for t in done for q, i, comment, expansion in [t] if why[id(t)]]
     summary = {"responses": total, "expanded": len(done), "kept": kept, "empty": empty,
                "flagged": len(flags), "new_requests": getattr(backend, "n_new", None),
-               "cached": getattr(backend, "n_cached", None)}
+               "cached": getattr(backend, "n_cached", None),
+               "usage": getattr(backend, "usage", None)}
     return flags, summary
 
 # %% ../nbs/09_critiques.ipynb #59705ab0

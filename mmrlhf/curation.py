@@ -21,8 +21,9 @@ from typing import Iterator
 import numpy as np
 
 # %% ../nbs/06_curation.ipynb #be0f5ca3
-from .core import (atomic_write, clean_stale_temps, ConfigError, DataError, load_image,
-                         read_jsonl, resolve_image_path, write_jsonl, write_text)
+from .core import (atomic_write, clean_stale_temps, ConfigError, DataError, decode_video,
+                         is_video_path, load_image, load_video, read_jsonl, resolve_image_path,
+                         write_jsonl, write_text)
 from .configs import CurateConfig
 from .schema import Query, query_record
 
@@ -43,7 +44,8 @@ def _pool_item(rec:dict, file, line) -> dict:
     need(ref is None or isinstance(ref, str), "reference", "must be a string")
     return {"id": str(rec["id"]), "images": images, "question": rec["question"],
             "reference": ref, "source": rec.get("source") or "", "category": rec.get("category"),
-            "video": bool(rec.get("video")) or len(images) > 1}
+            "video": bool(rec.get("video")) or len(images) > 1
+                     or any(is_video_path(p) for p in images)}
 
 # %% ../nbs/06_curation.ipynb #650bb9ad
 def _one_line(e:Exception) -> str: return f"{type(e).__name__}: " + " ".join(str(e).split())
@@ -311,7 +313,9 @@ def embed_pool(pool_path, # the pool file (see `read_pool`)
             _add_item(h, item, data, why)
             if data is not None:
                 try:
-                    with Image.open(io.BytesIO(data)) as im: im = im.convert("RGB")
+                    if is_video_path(rel): im = decode_video(data, None, rel)[0]  # first frame
+                    else:
+                        with Image.open(io.BytesIO(data)) as im: im = im.convert("RGB")
                 except Exception as e:  # name the file, not the buffer (its address changes)
                     why = f"{type(e).__name__}: " + re.sub(r"<_io.BytesIO object at 0x\w+>",
                                                            repr(rel), str(e))
@@ -641,7 +645,8 @@ def thumbnail(image_root, # the image root
               size:int=96, # longest side, in pixels
              ) -> tuple[str|None, str|None]:
     "A small JPEG of an image as a `data:` URI, or None and the reason it can't be read."
-    try: im = load_image(image_root, rel)
+    try: im = (load_video(image_root, rel, 1)[0] if is_video_path(rel)
+               else load_image(image_root, rel))
     except Exception as e: return None, f"{type(e).__name__}: {e}"
     im.thumbnail((size, size)); buf = io.BytesIO(); im.save(buf, "JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), None

@@ -30,7 +30,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 # %% ../nbs/12_dpo.ipynb #3cb25c26
 from .core import (atomic_dir, clean_stale_temps, ConfigError, DataError, GlobalMeanTrainer,
-                         last_complete_checkpoint, moved_names, progress_bar, write_text)
+                         is_video_path, last_complete_checkpoint, moved_names, progress_bar,
+                         VIDEO_FRAMES, write_text)
 from .configs import DeltaPolicy, MAX_LENGTH, RefLogpsConfig, TrainDPOConfig
 from .schema import pair_indices, query_medium, read_queries, write_queries
 from .models import apply_lora, load_base, save_vlm
@@ -437,6 +438,7 @@ class MMDPOTrainer(GlobalMeanTrainer, Trainer):
 def query_dpo_examples(path, # a schema JSONL file
                        image_root, # the folder its image paths are relative to
                        require_ranking:bool=True, # refuse queries that are not annotated
+                       video_frames:int=VIDEO_FRAMES, # frames taken evenly from a video file
                       ) -> list[DPOExample]:
     "Annotated (and possibly scored) queries from a schema file as `DPOExample`s."
     out = []
@@ -449,13 +451,14 @@ def query_dpo_examples(path, # a schema JSONL file
         refs = [r.ref_logp for r in q.responses]
         refs = None if all(v is None for v in refs) else refs
         texts = [r.text for r in q.responses]
-        medium = query_medium(q, image_root)
+        medium = query_medium(q, image_root, video_frames)
         out.append(DPOExample(medium, q.question, texts, pairs, deltas, refs, q.id))
     return out
 
 # %% ../nbs/12_dpo.ipynb #60be9981
 # the settings the shards depend on
-SHARD_KEYS = ("data", "model", "system", "max_length", "layout", "pack_tokens", "bf16", "seed")
+SHARD_KEYS = ("data", "model", "system", "max_length", "layout", "pack_tokens", "bf16", "seed",
+              "video_frames")
 
 def _read_shard(path:Path) -> list[dict]:
     "The complete records of a shard (a line a killed run left half-written is ignored)."
@@ -494,7 +497,7 @@ def run_ref_logps(cfg:RefLogpsConfig) -> Path:
         write_text(shards / "settings.json", json.dumps(settings))
     state.wait_for_everyone()
     done = {rec["id"] for f in shards.glob("rank*.jsonl") for rec in _read_shard(f)}
-    examples = query_dpo_examples(data, root, require_ranking=False)
+    examples = query_dpo_examples(data, root, require_ranking=False, video_frames=cfg.video_frames)
     rank, world = state.process_index, state.num_processes
     mine = [e for i, e in enumerate(examples) if i % world == rank and e.id not in done]
     model, processor = load_base(cfg.model, cfg.seed, torch.bfloat16 if cfg.bf16 else None)
@@ -567,8 +570,8 @@ def _missing_delta_error(data, examples:list, summary:dict, settings:DeltaPolicy
                     f"missing_delta=fixed to train them with β_ori={settings.beta} "
                     "(standard DPO), or missing_delta=skip to leave them out")
 
-def _check_ref_settings(data:Path, cfg, longest:int):
-    "Refuse reference log-probabilities from another system message or another cutting limit."
+def _check_ref_settings(data:Path, cfg, longest:int, clips:bool=False):
+    "Refuse reference log-probabilities from another system message, cutting limit or frame count."
     f = data.parent / "ref-logps-config.yaml"
     if not f.is_file(): return
     ref = yaml.safe_load(f.read_text()) or {}
@@ -580,6 +583,11 @@ def _check_ref_settings(data:Path, cfg, longest:int):
         raise ConfigError(f"max_length: the reference log-probabilities ({f}) were computed with "
                           f"max_length={a}, which cuts this data differently from max_length={b}; "
                           f"train with max_length={a}")
+    frames = ref.get("video_frames", VIDEO_FRAMES)
+    if clips and frames != cfg.video_frames:
+        raise ConfigError(f"video_frames: the reference log-probabilities ({f}) saw {frames} "
+                          f"frames of each video file, not {cfg.video_frames}; train with "
+                          f"video_frames={frames}")
 
 # %% ../nbs/12_dpo.ipynb #5c97e7bb
 def run_train_dpo(cfg:TrainDPOConfig) -> Path:
@@ -588,14 +596,16 @@ def run_train_dpo(cfg:TrainDPOConfig) -> Path:
     if not data.is_file(): raise DataError(data, None, None, "data file not found")
     root = Path(cfg.image_root) if cfg.image_root else data.parent
     settings = MMDPOSettings.of(cfg)
-    train = [e for e in query_dpo_examples(data, root) if e.pairs]
+    train = [e for e in query_dpo_examples(data, root, video_frames=cfg.video_frames) if e.pairs]
     if not train: raise DataError(data, None, "ranking", "no query has a rank-different pair")
     _missing_delta_error(data, train, pair_summary(train, settings), settings)
     torch.manual_seed(cfg.seed)
     policy, processor = load_base(cfg.base, cfg.seed)
     groups = [(e.medium, e.question, e.responses) for e in train]
     plan = length_plan(processor, groups, cfg.max_length, cfg.system)
-    if any(e.ref_logps is not None for e in train): _check_ref_settings(data, cfg, plan.longest)
+    if any(e.ref_logps is not None for e in train):
+        clips = any(is_video_path(p) for q in read_queries(data) for p in q.images)
+        _check_ref_settings(data, cfg, plan.longest, clips)
     train = [e for i, e in enumerate(train) if i not in set(plan.dropped)]
     if not train:
         raise DataError(data, None, "question",

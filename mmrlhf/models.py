@@ -83,6 +83,11 @@ def chat_batch(processor, # a VLM processor with a chat template
                system:str|None=None, # a system message before every conversation
               ):
     "A padded model-input batch from one user turn (media + text) and optional reply per example."
+    if any(_is_video(m) for m in images) and getattr(processor, 'video_processor', None) is None:
+        # a chat template may drop a clip it cannot place without a word: refuse it here
+        raise ValueError(f'{type(processor).__name__} takes images only: it has no video '
+                         'processor, so a clip (a list of frames) cannot be read; leave clips '
+                         'out of this model\'s data')
     text, convs = lambda t: [{'type': 'text', 'text': t}], []
     head = [{'role': 'system', 'content': text(system)}] if system else []
     for i, (m, p) in enumerate(zip(images, prompts, strict=True)):

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['generate_batch', 'read_benchmark', 'item_medium', 'item_seed', 'input_fingerprints', 'model_fingerprint',
-           'decoding_settings', 'settings_path', 'check_resume', 'finished_predictions', 'generate_predictions',
+           'decoding_settings', 'clip_frames', 'settings_path', 'request_cache_path', 'check_resume',
+           'finished_predictions', 'endpoint_client', 'endpoint_answers', 'generate_predictions', 'answers_usage',
            'run_respond']
 
 # %% ../nbs/07_respond.ipynb #b3fa7d2f
@@ -12,12 +13,13 @@ import hashlib, json, os, warnings
 from pathlib import Path
 
 # %% ../nbs/07_respond.ipynb #ad1067d8
-from .core import (clean_stale_temps, ConfigError, DataError, load_image, progress_bar,
-                         read_jsonl, resolve_image_path, write_text)
+from .core import (clean_stale_temps, ConfigError, DataError, is_video_path, load_media,
+                         progress_bar, read_jsonl, resolve_image_path, VIDEO_FRAMES, write_text)
 from .configs import RespondConfig
 from .schema import read_queries, Response, write_queries
 from .models import generate_rows, load_policy
-from .judge import drop_torn_line
+from .judge import (drop_torn_line, endpoint_spec, JudgeClient, run_in_parallel,
+                          user_content)
 
 # %% ../nbs/07_respond.ipynb #cb618ceb
 def read_benchmark(path, # a benchmark JSONL file, or a dataset folder written by `save_to_disk`
@@ -69,14 +71,13 @@ def _read_hf_benchmark(path) -> list[dict]:
 def item_medium(item:dict, # a benchmark item (`read_benchmark`)
                 image_root, # folder its image paths are relative to
                 file=None, # the benchmark file, for error messages
+                video_frames:int=VIDEO_FRAMES, # frames taken from a video file, evenly spread
                ):
     "An item's image, its frames, or None, loaded inside `image_root`."
     if item.get("_media") is not None: return item["_media"]
-    try: frames = [load_image(image_root, p) for p in item["images"]]
+    try: return load_media(image_root, item["images"], item.get("category"), video_frames)
     except (OSError, ValueError) as e:
         raise DataError(file, item.get("_line"), "images", f"item {item['id']!r}: {e}") from None
-    if not frames: return None
-    return frames[0] if len(frames) == 1 and item.get("category") != "video" else frames
 
 # %% ../nbs/07_respond.ipynb #3aec68cb
 def item_seed(seed:int, # the run's seed
@@ -124,10 +125,11 @@ def _file_print(path:Path, chunk:int=1 << 20) -> str:
         if size > chunk: f.seek(max(chunk, size - chunk)); h.update(f.read(chunk))
     return f"{path.name} {size} {h.hexdigest()}"
 
-def model_fingerprint(spec:str, # a model folder, a LoRA adapter folder, or tiny:/small:<family>
+def model_fingerprint(spec:str, # a model folder, an adapter folder, tiny:<family> or api:...
                       seed:int=0, # seed of a test-bed model's weights
                      ) -> str:
     "What identifies a model's weights: its folder's files (and its base's), or a name and seed."
+    if endpoint_spec(spec): return str(spec).strip()  # an endpoint: what it serves is its own
     p = Path(spec)
     if not p.is_dir(): return f"{spec} (weights from seed {seed})"
     folders = [p]
@@ -151,19 +153,36 @@ def decoding_settings(model:str, # the model's name (part of each item's seed)
                       temperature:float, # 0: greedy
                       top_p:float, # nucleus sampling's probability mass
                       seed:int, # seed of sampling
+                      video_frames:int|None=None, # frames taken from video files (None: none read)
                      ) -> dict:
     "The settings that decide a predictions file's content (top_p and seed only when sampling)."
     sampled = temperature > 0
-    return {"model": model, "weights": weights, "max_new_tokens": int(max_new_tokens),
-            "system": system, "temperature": float(temperature),
-            "top_p": float(top_p) if sampled else None,
-            "seed": int(seed) if sampled else None}
+    out = {"model": model, "weights": weights, "max_new_tokens": int(max_new_tokens),
+           "system": system, "temperature": float(temperature),
+           "top_p": float(top_p) if sampled else None,
+           "seed": int(seed) if sampled else None}
+    if video_frames is not None: out["video_frames"] = int(video_frames)
+    return out
+
+# %% ../nbs/07_respond.ipynb #a7c3f1d0
+def clip_frames(items:list, # benchmark items (`read_benchmark`)
+                video_frames:int, # the run's `video_frames`
+               ) -> int|None:
+    "`video_frames` where an item reads a video file (it then decides answers), else None."
+    return video_frames if any(is_video_path(p) for it in items for p in it["images"]) else None
+
 
 # %% ../nbs/07_respond.ipynb #7fd94111
 def settings_path(out, # a resumable output file
                  ) -> Path:
     "Where the record of what made `out` lives: `answers.jsonl` -> `answers.settings.json`."
     out = Path(out); return out.with_name(out.stem + ".settings.json")
+
+# %% ../nbs/07_respond.ipynb #b8916b3f
+def request_cache_path(out, # a resumable output file
+                      ) -> Path:
+    "Where an endpoint's replies for `out` are cached: `a.jsonl` -> `a.requests.jsonl`."
+    out = Path(out); return out.with_name(out.stem + ".requests.jsonl")
 
 # %% ../nbs/07_respond.ipynb #9b31342c
 def _fix(out:Path) -> str:
@@ -227,8 +246,45 @@ def finished_predictions(path, # a predictions JSONL: one {"id", "prediction"} o
         done[rec["id"]] = rec["prediction"]
     return done
 
+# %% ../nbs/07_respond.ipynb #beab4a54
+def endpoint_client(spec:str, # api:<model-name>@<base-url>
+                    cache_path=None, # the reply cache (`request_cache_path`; None: none)
+                    api_key_env:str="OPENAI_API_KEY", # variable holding the key (unset: none sent)
+                    timeout:float=120, # seconds per attempt
+                    max_retries:int=3, # retries after 429, 5xx, a timeout or a lost connection
+                    backoff:float=1.0, # seconds before the first retry without a Retry-After
+                    api_keys:dict|None=None, # base URL -> its own key variable (over api_key_env)
+                   ) -> JudgeClient:
+    "The client of the endpoint `spec` names, its replies cached in `cache_path`."
+    parsed = endpoint_spec(spec)
+    if parsed is None: raise ConfigError(f"{spec!r} is not an endpoint (api:<model>@<base-url>)")
+    model, base = parsed
+    keys = {str(u).rstrip("/"): v for u, v in (api_keys or {}).items()}
+    variable = keys.get(base.rstrip("/"), api_key_env)
+    return JudgeClient(base, model, variable, cache_path, timeout, max_retries, backoff)
+
+# %% ../nbs/07_respond.ipynb #698c16e4
+def endpoint_answers(client:JudgeClient, # the endpoint (`endpoint_client`)
+                     media:list, # each item's image, frames or None (`item_medium`)
+                     prompts:list[str], # the questions
+                     seeds:list[int], # each item's seed (`item_seed`)
+                     max_new_tokens:int, # longest answer
+                     system:str|None=None, # a system message
+                     temperature:float=0.0, # 0: greedy
+                     top_p:float=1.0, # nucleus sampling's probability mass (temperature > 0)
+                     workers:int=4, # requests in flight at once
+                    ) -> list[dict]:
+    "Each prompt's {reply, usage, cached}, asked with the settings a local model decodes with."
+    params = {"max_tokens": int(max_new_tokens), "temperature": float(temperature)}
+    if temperature > 0: params["top_p"] = float(top_p)
+    head = [{"role": "system", "content": system}] if system else []
+    def one(medium, prompt, s):
+        msgs = head + [{"role": "user", "content": user_content(medium, prompt)}]
+        return client.complete(msgs, **params, **({"seed": int(s)} if temperature > 0 else {}))
+    return run_in_parallel([lambda a=a: one(*a) for a in zip(media, prompts, seeds)], workers)
+
 # %% ../nbs/07_respond.ipynb #cc160da8
-def generate_predictions(model, processor,
+def generate_predictions(model, processor, # a model and its processor; or a `JudgeClient` and None
                          items:list, # benchmark items (`read_benchmark`)
                          out, # predictions JSONL (appended to; resumed from)
                          image_root=None, # folder of the items' images
@@ -243,18 +299,21 @@ def generate_predictions(model, processor,
                          top_p:float=1.0, # nucleus sampling's probability mass (temperature > 0)
                          weights:str|None=None, # the weights' fingerprint: recorded; seeds items
                          fingerprints:dict|None=None, # `input_fingerprints(items, image_root)`
+                         workers:int=4, # an endpoint's requests in flight at once
+                         video_frames:int=VIDEO_FRAMES, # frames taken from a video file
                         ) -> dict:
     "id -> the model's answer for every item, generated once; a resumed run writes the same file."
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     done, ids = finished_predictions(out), {it["id"] for it in items}
     prints = fingerprints
     if prints is None: prints = input_fingerprints(items, image_root, source)
-    settings = decoding_settings(name, weights, max_new_tokens, system, temperature, top_p, seed)
+    settings = decoding_settings(name, weights, max_new_tokens, system, temperature, top_p, seed,
+                                 clip_frames(items, video_frames))
     check_resume(out, settings, prints, done, items, source)
     if (stray := [i for i in done if i not in ids]):
         warnings.warn(f"{out}: {len(stray)} answers are for items not asked now "
                       f"(e.g. {stray[0]!r}); kept, not scored")
-    n_before, differ = len(done), []
+    n_before, differ, remote = len(done), [], isinstance(model, JudgeClient)
     bar = progress_bar(len(items), f"answering{' (' + name + ')' if name else ''}", "item",
                        enabled=progress)
     bar.update(len(ids & done.keys()))
@@ -263,14 +322,22 @@ def generate_predictions(model, processor,
             chunk = items[s:s + batch_size]  # cut from the whole list: the same batches every run
             if all(it["id"] in done for it in chunk): continue
             fresh = sum(it["id"] not in done for it in chunk)
-            media = [item_medium(it, image_root, source) for it in chunk]
+            if remote: chunk = [it for it in chunk if it["id"] not in done]  # no batch effects
+            media = [item_medium(it, image_root, source, video_frames) for it in chunk]
             seeds = [item_seed(seed, it["id"], weights or name) for it in chunk]
             prompts = [it["question"] for it in chunk]
-            answers = generate_batch(model, processor, media, prompts, seeds, max_new_tokens,
-                                     system, temperature, top_p)
-            for it, a in zip(chunk, answers):
+            if remote:
+                got = endpoint_answers(model, media, prompts, seeds, max_new_tokens, system,
+                                       temperature, top_p, workers)
+                answers, usages = [g["reply"] for g in got], [g["usage"] for g in got]
+            else:
+                answers = generate_batch(model, processor, media, prompts, seeds, max_new_tokens,
+                                         system, temperature, top_p)
+                usages = [None] * len(chunk)
+            for it, a, u in zip(chunk, answers, usages):
                 if it["id"] not in done:
-                    f.write(json.dumps({"id": it["id"], "prediction": a.strip()}) + "\n")
+                    rec = {"id": it["id"], "prediction": a.strip(), **({"usage": u} if u else {})}
+                    f.write(json.dumps(rec) + "\n")
                     done[it["id"]] = a.strip()
                 elif done[it["id"]] != a.strip(): differ.append(it["id"])
             f.flush(); os.fsync(f.fileno())
@@ -282,6 +349,18 @@ def generate_predictions(model, processor,
     if progress and n_before:
         print(f"  {len(done) - n_before} answered now, {n_before} were in {out}", flush=True)
     return done
+
+# %% ../nbs/07_respond.ipynb #953d0d04
+def answers_usage(path, # a predictions JSONL (`generate_predictions`)
+                 ) -> dict:
+    "The token usage summed over a predictions file's answers (those that carry one)."
+    total = {"answers": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    for _, rec in (read_jsonl(path) if Path(path).is_file() else []):
+        u = rec.get("usage")
+        if not isinstance(u, dict): continue
+        total["answers"] += 1
+        for t in ("prompt_tokens", "completion_tokens"): total[t] += int(u.get(t) or 0)
+    return total
 
 # %% ../nbs/07_respond.ipynb #ce4e2523
 def run_respond(cfg:RespondConfig) -> Path:
@@ -297,16 +376,22 @@ def run_respond(cfg:RespondConfig) -> Path:
     for k, spec in enumerate(cfg.models):  # every model's file is checked before a model loads
         f = out / f"answers-{k}.jsonl"
         settings = decoding_settings(spec, weights[k], cfg.max_new_tokens, None, cfg.temperature,
-                                     1.0, cfg.seed + k)
+                                     1.0, cfg.seed + k, clip_frames(items, cfg.video_frames))
         check_resume(f, settings, prints, finished_predictions(f), items, data)
-    answers = []
+    answers, usage = [], []
     for k, spec in enumerate(cfg.models):
-        policy, processor = load_policy(spec, cfg.seed + k)
+        f = out / f"answers-{k}.jsonl"
+        if endpoint_spec(spec):
+            policy, processor = endpoint_client(spec, request_cache_path(f), cfg.api_key_env,
+                                                cfg.timeout, cfg.max_retries, cfg.backoff,
+                                                cfg.api_keys), None
+        else: policy, processor = load_policy(spec, cfg.seed + k)
         print(f"model {k + 1}/{len(cfg.models)}: {spec}")
         answers.append(generate_predictions(
-            policy, processor, items, out / f"answers-{k}.jsonl", root, cfg.batch_size,
-            cfg.max_new_tokens, None, cfg.temperature, cfg.seed + k, data, name=spec,
-            weights=weights[k], fingerprints=prints))
+            policy, processor, items, f, root, cfg.batch_size, cfg.max_new_tokens, None,
+            cfg.temperature, cfg.seed + k, data, name=spec, weights=weights[k],
+            fingerprints=prints, workers=cfg.workers, video_frames=cfg.video_frames))
+        if processor is None: usage.append({"model": spec, "file": f.name, **answers_usage(f)})
         del policy
     for q in queries:
         q.responses = list(q.responses) + [Response(a[q.id] or "(empty answer)", model=spec)
@@ -316,6 +401,11 @@ def run_respond(cfg:RespondConfig) -> Path:
             raise ConfigError(f"query {q.id!r} would have a single response, which nothing can be "
                               "compared with: name at least two models")
     n = write_queries(out / "queries.jsonl", queries)
+    if usage:
+        write_text(out / "usage.json", json.dumps(usage, indent=1, ensure_ascii=False) + "\n")
+        for u in usage:
+            print(f"{u['model']}: {u['prompt_tokens']} prompt + {u['completion_tokens']} "
+                  f"completion tokens over {u['answers']} answers")
     cfg.save(out / "respond-config.yaml")
     print(f"{n} queries with {len(cfg.models)} new responses each in {out / 'queries.jsonl'}")
     return out / "queries.jsonl"

@@ -6,15 +6,18 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['RELEASE_SYSTEM', 'RELEASE_PROMPT', 'DEFAULT_PROMPT', 'LOSS_FORMS', 'TERM_ITEMS', 'TEMPLATES', 'critique_prompt',
-           'ScoreHead', 'last_token_index', 'RewardConfig', 'is_lora', 'CritiqueRewardModel', 'reward_batch',
-           'RewardLossWeights', 'reward_loss_sums', 'combine_terms', 'reward_loss', 'batch_pairs', 'merged_state_dict',
-           'rewardbench_metrics', 'RewardExample', 'RewardCollator', 'RewardTrainer', 'score_examples',
-           'generate_critiques', 'head_length', 'fit_queries', 'query_examples', 'run_train_reward', 'run_score',
-           'run_eval_rewardbench']
+__all__ = ['RELEASE_SYSTEM', 'RELEASE_PROMPT', 'DEFAULT_PROMPT', 'LOSS_FORMS', 'TERM_ITEMS', 'TEMPLATES', 'RELEASE_CHAT_TEMPLATE',
+           'RELEASE_PREFIXES', 'RELEASE_DROPPED', 'RELEASE_FIELDS', 'RELEASE_VALUES', 'RELEASE_TOWER',
+           'critique_prompt', 'ScoreHead', 'last_token_index', 'RewardConfig', 'is_lora', 'CritiqueRewardModel',
+           'reward_batch', 'RewardLossWeights', 'reward_loss_sums', 'combine_terms', 'reward_loss', 'batch_pairs',
+           'merged_state_dict', 'rewardbench_metrics', 'RewardExample', 'RewardCollator', 'RewardTrainer',
+           'score_examples', 'generate_critiques', 'head_length', 'fit_queries', 'query_examples', 'run_train_reward',
+           'run_score', 'run_eval_rewardbench', 'release_name_map', 'release_tensors', 'release_config_problems',
+           'release_pinpoints', 'release_vision_config', 'release_vlm_config', 'release_processor',
+           'release_mismatches', 'mismatch_text', 'convert_release_rm', 'run_convert_release_rm']
 
 # %% ../nbs/11_reward.ipynb #2b969b32
-import contextlib, json, math, warnings
+import contextlib, json, math, re, warnings
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
@@ -23,14 +26,19 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import Trainer
+from transformers import (AddedToken, AutoTokenizer, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration,
+                          LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
+                          LlavaOnevisionVideoProcessor, Qwen2Config, Trainer)
 
 # %% ../nbs/11_reward.ipynb #2ad627b2
 from .core import (atomic_dir, clean_stale_temps, ConfigError, DataError, GlobalMeanTrainer,
                          last_complete_checkpoint, mean_ci, moved_names, progress_bar, read_jsonl,
-                         write_jsonl)
-from .configs import EvalRewardBenchConfig, ScoreConfig, TrainRewardConfig
+                         VIDEO_FRAMES, write_jsonl)
+from .configs import (ConvertReleaseRMConfig, EvalRewardBenchConfig, ScoreConfig,
+                            TrainRewardConfig)
 from .schema import (DIMENSIONS, expand_pairs, joined_reasons, pair_indices, query_medium,
                            read_queries, write_queries)
 from .formats import category_of
@@ -546,6 +554,7 @@ def query_examples(path, image_root,
                                                    # joined reasons) or raw (the joined reasons)
                    margin_scale:float=0.0, # per-pair margin m = this x the difference of the two
                                            # responses' mean scores (0: none)
+                   video_frames:int=VIDEO_FRAMES, # frames taken evenly from a video file
                   ) -> list:
     "Annotated queries from a schema file as `RewardExample`s."
     if critique_source not in ("expanded", "raw"):
@@ -568,7 +577,7 @@ def query_examples(path, image_root,
                                 f"query {q.id!r}: a margin needs every response's scores")
             mean = [sum(r.scores[d] for d in DIMENSIONS) / len(DIMENSIONS) for r in q.responses]
             margins = [margin_scale * (mean[c] - mean[r]) for c, r in pairs]
-        out.append(RewardExample(query_medium(q, image_root), q.question,
+        out.append(RewardExample(query_medium(q, image_root, video_frames), q.question,
                                  [r.text for r in q.responses], crit, pairs, q.category, margins,
                                  q.id))
     return out
@@ -591,7 +600,8 @@ def run_train_reward(cfg:TrainRewardConfig):
         raise ValueError(f"template: unknown {cfg.template!r}; known: {list(TEMPLATES)}")
     _check_form(cfg.loss)
     template, system = TEMPLATES[cfg.template]
-    train = query_examples(data, root, cfg.use_critiques, cfg.critique_source, cfg.margin_scale)
+    train = query_examples(data, root, cfg.use_critiques, cfg.critique_source, cfg.margin_scale,
+                           cfg.video_frames)
     if not any(e.pairs for e in train): raise _no_pairs(data, len(train))
     torch.manual_seed(cfg.seed)
     vlm, processor = load_base(cfg.base, cfg.seed)
@@ -674,11 +684,16 @@ def run_score(cfg:ScoreConfig) -> dict:
     data = Path(cfg.data); root = Path(cfg.image_root) if cfg.image_root else data.parent
     model, processor = CritiqueRewardModel.from_pretrained(cfg.model)
     template, system = model.config.template, model.config.system
+    if cfg.template != "model":  # another prompt than the one the model was trained with
+        if cfg.template not in TEMPLATES:
+            raise ConfigError(f"template: unknown {cfg.template!r}; known: model, "
+                              f"{list(TEMPLATES)}")
+        template, system = TEMPLATES[cfg.template]
     queries = list(read_queries(data, root))
     def given(q):
         return ([r.critique or joined_reasons(r) or "" for r in q.responses]
                 if cfg.critiques == "given" else None)
-    examples = [RewardExample(query_medium(q, root), q.question, [r.text for r in q.responses],
+    examples = [RewardExample(query_medium(q, root, cfg.video_frames), q.question, [r.text for r in q.responses],
                               given(q), [], q.category, id=q.id) for q in queries]
     n_read, gen_cut = len(queries), 0
     examples, over = fit_queries(processor, examples, cfg.max_length, template, system,
@@ -758,6 +773,284 @@ def run_eval_rewardbench(cfg:EvalRewardBenchConfig) -> dict:
     metrics = rewardbench_metrics(results, seed=cfg.seed)
     print(json.dumps(metrics, indent=1))
     return metrics
+
+# %% ../nbs/11_reward.ipynb #09c3d5b9
+RELEASE_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for c in message['content'] -%}{%- if c['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif c['type'] == 'video' -%}{{- '<video>\\n' -}}{%- endif -%}{%- endfor -%}"
+    "{%- for c in message['content'] -%}{%- if c['type'] == 'text' -%}{{- c['text'] -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+# %% ../nbs/11_reward.ipynb #db3d6e7e
+RELEASE_PREFIXES = [  # (release prefix, prefix in our reward-model folder), the first match wins
+    ("model.vision_tower.vision_tower.vision_model.", "vlm.model.vision_tower."),
+    ("model.mm_projector.0.", "vlm.model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "vlm.model.multi_modal_projector.linear_2."),
+    ("model.image_newline", "vlm.model.image_newline"),
+    ("model.", "vlm.model.language_model."),  # embed_tokens, layers, norm
+    ("lm_head.", "vlm.lm_head."),
+    ("rm_head.dense.", "head.net.1."),
+    ("rm_head.out_proj.", "head.net.4."),
+]
+RELEASE_DROPPED = (".rotary_emb.inv_freq",) # buffers some checkpoints keep; rebuilt from config
+
+# %% ../nbs/11_reward.ipynb #1155cf3c
+def release_name_map(name:str, # a tensor name
+                     backwards:bool=False, # map one of ours back to the release's name
+                    ) -> str|None:
+    "The name `name` takes after conversion (or had before it); None for a name of neither."
+    for src, dst in RELEASE_PREFIXES:
+        a, b = (dst, src) if backwards else (src, dst)
+        if name.startswith(a): return b + name[len(a):]
+    return None
+
+# %% ../nbs/11_reward.ipynb #3c83985e
+def release_tensors(folder:Path) -> dict:
+    "Every tensor of a safetensors checkpoint folder: name -> (file, shape), read from headers."
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        absent = [s for s in shards if not (folder / s).is_file()]
+        if absent: raise DataError(index, None, "weight_map", f"names shards that are not there: "
+                                                               f"{', '.join(absent)}")
+        files = [folder / s for s in shards]
+    else: files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        why = (f"; {', '.join(pickles)}: pickle files are never loaded (unpickling can run code): "
+               "save the weights as safetensors first" if pickles else "")
+        raise DataError(folder, None, None, f"no .safetensors weights{why}")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if k in out: raise DataError(f, None, k, f"tensor also in {out[k][0].name}")
+                out[k] = (f, tuple(st.get_slice(k).get_shape()))
+    return out
+
+# %% ../nbs/11_reward.ipynb #98b4d560
+RELEASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta",
+                  "max_position_embeddings", "mm_hidden_size", "mm_projector_type",
+                  "mm_patch_merge_type", "image_aspect_ratio", "image_grid_pinpoints")
+RELEASE_VALUES = {  # field -> (a test of its value, what it must be)
+    "model_type": (lambda v: v == "llava_qwen", "llava_qwen"),
+    "is_rm": (lambda v: v is True, "true (a reward model, with its rm_head)"),
+    "mm_projector_type": (lambda v: v == "mlp2x_gelu", "mlp2x_gelu"),
+    "mm_patch_merge_type": (lambda v: v == "spatial_unpad", "spatial_unpad"),
+    "image_aspect_ratio": (lambda v: bool(re.fullmatch(r"anyres_max_\d+", str(v))),
+                           "anyres_max_N"),
+    "mm_spatial_pool_mode": (lambda v: v in (None, "bilinear"), "bilinear"),
+    "mm_spatial_pool_stride": (lambda v: v in (None, 2), "2"),
+    "mm_newline_position": (lambda v: v in (None, "one_token"), "one_token"),
+    "mm_resampler_type": (lambda v: v is None, "null (no resampler)"),
+    "add_faster_video": (lambda v: not v, "false"),
+}
+
+# %% ../nbs/11_reward.ipynb #b9786b64
+def release_config_problems(cfg:dict) -> list:
+    "What the release config `cfg` lacks or holds that the conversion cannot carry, in words."
+    out = [f"missing field {k!r}" for k in RELEASE_FIELDS + ("model_type", "is_rm")
+           if k not in cfg]
+    for k, (ok, want) in RELEASE_VALUES.items():
+        if k in cfg and not ok(cfg[k]): out.append(f"{k} is {cfg[k]!r}, expected {want}")
+    return out
+
+# %% ../nbs/11_reward.ipynb #e7289791
+def release_pinpoints(value, # image_grid_pinpoints: [[h, w], ...] or "(1x1),...,(6x6)"
+                      tile:int, # the vision tower's image size
+                     ) -> list:
+    "The image grid pinpoints as [[height, width], ...] in pixels."
+    if isinstance(value, str):
+        grids = [tuple(map(int, m)) for m in re.findall(r"\((\d+)x(\d+)\)", value)]
+        if "..." in value and len(grids) >= 2:
+            (a0, b0), (a1, b1) = grids[0], grids[-1]
+            grids = [(i, j) for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
+        return [[i * tile, j * tile] for i, j in grids]
+    return [[int(h), int(w)] for h, w in value]
+
+# %% ../nbs/11_reward.ipynb #16cb1dea
+RELEASE_TOWER = "model.vision_tower.vision_tower.vision_model."
+
+def release_vision_config(shapes:dict, # release tensor name -> shape
+                          heads:int, # the tower's attention heads (not stored in the checkpoint)
+                          tower:str|None=None, # the config's mm_vision_tower, e.g.
+                                               # google/siglip-so400m-patch14-384
+                         ) -> dict:
+    "The SigLIP vision config of a release checkpoint, from its tensors' shapes."
+    t = RELEASE_TOWER
+    need = [t + "embeddings.patch_embedding.weight", t + "embeddings.position_embedding.weight",
+            t + "encoder.layers.0.mlp.fc1.weight"]
+    if absent := [k for k in need if k not in shapes]:
+        raise ValueError(f"missing tensors: {', '.join(absent)} (the vision tower's sizes)")
+    width, channels, patch, _ = shapes[need[0]]
+    side = math.isqrt(shapes[need[1]][0])
+    if side * side != shapes[need[1]][0]:
+        raise ValueError(f"{need[1]}: {shapes[need[1]][0]} positions, not a square grid")
+    named = re.search(r"(\d+)$", tower or "")  # the tile size: 384 holds 27 patches of 14
+    size = int(named.group(1)) if named and int(named.group(1)) // patch == side else side * patch
+    layers = {int(m.group(1)) for k in shapes
+              if (m := re.match(re.escape(t) + r"encoder\.layers\.(\d+)\.", k))}
+    if width % heads:
+        raise ValueError(f"vision_heads={heads} does not divide the tower's width {width}")
+    return dict(model_type="siglip_vision_model", hidden_size=width, num_channels=channels,
+                patch_size=patch, image_size=size, intermediate_size=shapes[need[2]][0],
+                num_hidden_layers=max(layers) + 1, num_attention_heads=heads,
+                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
+
+# %% ../nbs/11_reward.ipynb #c99f7946
+def release_vlm_config(cfg:dict, # the release's config.json
+                       vision:dict, # from `release_vision_config`
+                       image_token:int, # the tokenizer's <image> id
+                       video_token:int, # the tokenizer's <video> id
+                      ):
+    "transformers' `LlavaOnevisionConfig` for a release checkpoint."
+    window = bool(cfg.get("use_sliding_window", False))
+    text = dict(model_type="qwen2", **{k: cfg[k] for k in RELEASE_FIELDS[:7]},
+                max_position_embeddings=cfg["max_position_embeddings"],
+                hidden_act=cfg.get("hidden_act", "silu"),
+                attention_dropout=cfg.get("attention_dropout", 0.0),
+                rope_parameters=dict(rope_type="default", rope_theta=cfg["rope_theta"]),
+                use_sliding_window=window,
+                sliding_window=cfg.get("sliding_window") if window else None,
+                max_window_layers=cfg.get("max_window_layers", cfg["num_hidden_layers"]),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if cfg.get(k) is not None})
+    return LlavaOnevisionConfig(
+        text_config=text, vision_config=vision, image_token_index=image_token,
+        video_token_index=video_token, projector_hidden_act="gelu",
+        multimodal_projector_bias=True, vision_feature_select_strategy="full",
+        vision_feature_layer=-1, vision_aspect_ratio=cfg["image_aspect_ratio"],
+        image_grid_pinpoints=release_pinpoints(cfg["image_grid_pinpoints"], vision["image_size"]),
+        tie_word_embeddings=text["tie_word_embeddings"])
+
+# %% ../nbs/11_reward.ipynb #7ae44fd1
+def release_processor(folder:Path, # the release checkpoint
+                      cfg:dict, # its config.json
+                      vision:dict, # from `release_vision_config`
+                     ):
+    "A `LlavaOnevisionProcessor` for a release checkpoint, tokenizer read from `folder`."
+    # config: the tokenizer is Qwen2's (the folder's config.json is llava_qwen, unknown here)
+    tok = AutoTokenizer.from_pretrained(folder, config=Qwen2Config(), local_files_only=True,
+                                        trust_remote_code=False)
+    added = [t for t in ("<image>", "<video>") if t not in tok.get_vocab()]
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in added],
+                   special_tokens=True)
+    if tok.pad_token is None and cfg.get("pad_token_id") is not None:
+        tok.pad_token = tok.convert_ids_to_tokens(cfg["pad_token_id"])
+    pre = folder / "preprocessor_config.json"
+    given = json.loads(pre.read_text()) if pre.is_file() else {}
+    px = vision["image_size"]
+    look = dict(image_mean=given.get("image_mean", [0.5] * 3),
+                image_std=given.get("image_std", [0.5] * 3), size={"height": px, "width": px},
+                resample=given.get("resample", 3))  # 3: bicubic
+    ip = LlavaOnevisionImageProcessor(
+        image_grid_pinpoints=release_pinpoints(cfg["image_grid_pinpoints"], px), **look)
+    return LlavaOnevisionProcessor(
+        image_processor=ip, tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(**look),
+        num_image_tokens=(px // vision["patch_size"]) ** 2, vision_feature_select_strategy="full",
+        chat_template=RELEASE_CHAT_TEMPLATE, vision_aspect_ratio=cfg["image_aspect_ratio"])
+
+# %% ../nbs/11_reward.ipynb #4347461b
+def release_mismatches(shapes:dict, # release tensor name -> shape
+                       expected:dict, # our tensor name -> shape
+                      ) -> dict:
+    "The release tensors missing, unexpected and of the wrong shape, against `expected`."
+    seen, unexpected, wrong = set(), [], []
+    for k, shape in shapes.items():
+        if k.endswith(RELEASE_DROPPED): continue
+        ours = release_name_map(k)
+        if ours not in expected: unexpected.append(k); continue
+        seen.add(ours)
+        if tuple(shape) != tuple(expected[ours]):
+            wrong.append(f"{k} {tuple(shape)} (expected {tuple(expected[ours])})")
+    missing = [release_name_map(k, backwards=True) or k for k in expected if k not in seen]
+    return {"missing": sorted(missing), "unexpected": sorted(unexpected), "wrong shape": wrong}
+
+# %% ../nbs/11_reward.ipynb #3c9a823f
+def mismatch_text(found:dict, # from `release_mismatches`
+                  shown:int=50, # names listed per kind
+                 ) -> str:
+    "The mismatches in words, at most `shown` names of each kind."
+    parts = []
+    for kind, names in found.items():
+        if not names: continue
+        more = f", ... and {len(names) - shown} more" if len(names) > shown else ""
+        parts.append(f"{len(names)} {kind}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts)
+
+# %% ../nbs/11_reward.ipynb #74435e46
+def convert_release_rm(checkpoint, # the release's folder (config.json, safetensors, tokenizer)
+                       out, # the reward-model folder to write (replaced if it exists)
+                       vision_heads:int=16, # the SigLIP tower's attention heads (so400m: 16)
+                      ) -> Path:
+    "Write a release `llava_qwen` reward-model checkpoint as this package's reward-model folder."
+    folder, out = Path(checkpoint), Path(out)
+    if not (folder / "config.json").is_file():
+        raise DataError(folder, None, None, "no config.json: not a model folder")
+    cfg = json.loads((folder / "config.json").read_text())
+    if problems := release_config_problems(cfg):
+        raise DataError(folder / "config.json", None, None, "not the release's llava_qwen reward "
+                        "model config: " + "; ".join(problems))
+    tensors = release_tensors(folder)
+    shapes = {k: s for k, (_, s) in tensors.items()}
+    try: vision = release_vision_config(shapes, vision_heads, cfg.get("mm_vision_tower"))
+    except ValueError as e: raise DataError(folder, None, None, str(e)) from None
+    if cfg["mm_hidden_size"] != vision["hidden_size"]:
+        raise DataError(folder / "config.json", None, "mm_hidden_size",
+                        f"{cfg['mm_hidden_size']}, but the tower is {vision['hidden_size']} wide")
+    processor = release_processor(folder, cfg, vision)
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<image>", "<video>")]
+    if len(tok) > cfg["vocab_size"]:
+        raise DataError(folder / "config.json", None, "vocab_size",
+                        f"{cfg['vocab_size']} rows, but the tokenizer with <image> and <video> "
+                        f"has {len(tok)} tokens")
+    config = release_vlm_config(cfg, vision, *ids)
+    with torch.device("meta"): vlm = LlavaOnevisionForConditionalGeneration(config)
+    hidden = cfg["hidden_size"]
+    expected = {f"vlm.{k}": tuple(v.shape) for k, v in vlm.state_dict().items()
+                if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    expected.update({"head.net.1.weight": (hidden, hidden), "head.net.1.bias": (hidden,),
+                     "head.net.4.weight": (1, hidden), "head.net.4.bias": (1,)})
+    if text := mismatch_text(release_mismatches(shapes, expected)):
+        raise DataError(folder, None, None, "does not match the release's llava_qwen reward "
+                        f"model: {text}")
+    vlm_sd, head_sd = {}, {}
+    for f in sorted({f for f, _ in tensors.values()}):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if k.endswith(RELEASE_DROPPED): continue
+                ours = release_name_map(k)
+                if ours.startswith("head."): head_sd[ours[len("head."):]] = st.get_tensor(k)
+                else: vlm_sd[ours[len("vlm."):]] = st.get_tensor(k)
+    vlm.load_state_dict(vlm_sd, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings: vlm.tie_weights()
+    gc = vlm.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = (tok.bos_token_id, tok.eos_token_id,
+                                                         tok.pad_token_id)
+    rc = RewardConfig(hidden, float(cfg.get("attention_dropout", 0.0)), RELEASE_PROMPT,
+                      RELEASE_SYSTEM)
+    model = CritiqueRewardModel(vlm, rc, freeze_vision=False)
+    model.head.to(head_sd["net.1.weight"].dtype).load_state_dict(head_sd)
+    with atomic_dir(out) as staging: model.save_pretrained(staging, processor)
+    print(f"converted {len(vlm_sd) + len(head_sd)} tensors of {folder} into the reward model "
+          f"{out} (template: release)")
+    return out
+
+# %% ../nbs/11_reward.ipynb #cbcb4bb6
+def run_convert_release_rm(cfg:ConvertReleaseRMConfig):
+    "`mmrlhf convert-release-rm`: a release reward-model checkpoint as our reward-model folder."
+    return convert_release_rm(cfg.checkpoint, cfg.out, cfg.vision_heads)
 
 # %% ../nbs/11_reward.ipynb #c9372a36
 __getattr__ = moved_names("mmrlhf.reward", {

@@ -23,8 +23,8 @@ import numpy as np
 
 # %% ../nbs/02_schema.ipynb #a044d36e
 from .core import (atomic_dir, atomic_write, DataError, DataErrors, decode_json_line,
-                         json_line, load_image, mean_ci, moved_names, read_jsonl,
-                         resolve_image_path)
+                         is_video_path, json_line, load_media, mean_ci, moved_names, read_jsonl,
+                         resolve_image_path, VIDEO_FRAMES)
 
 # %% ../nbs/02_schema.ipynb #93eda1d2
 # what a query asks for (a clip's query is "video")
@@ -173,7 +173,12 @@ def _check_pairs(pairs, ranking, n, file, line):
                     f"chooses rank {ranking[c]} over rank {ranking[r]}")
 
 def _readable_image(path) -> bool:
-    "Whether `path` opens as an image (the header is read and checked, not the pixels)."
+    "Whether `path` opens as an image or a video (headers read and checked, not the pixels)."
+    if is_video_path(str(path)):
+        import av  # PyAV: imported where a clip is read
+        try:
+            with av.open(str(path)) as c: return bool(c.streams.video)
+        except Exception: return False
     from PIL import Image
     try:
         with Image.open(path) as im: im.verify()
@@ -197,6 +202,8 @@ def parse_query(rec:dict, # one decoded JSON record
     images = rec.get("images")
     _need(isinstance(images, list) and all(isinstance(p, str) for p in images), file, line,
           "images", "must be a list of paths")
+    _need(len(images) <= 1 or not any(is_video_path(p) for p in images), file, line, "images",
+          "a video file must be the query's only medium")
     if image_root is not None:
         for i, p in enumerate(images):
             try: full = resolve_image_path(image_root, p)
@@ -204,7 +211,7 @@ def parse_query(rec:dict, # one decoded JSON record
             _need(full.is_file(), file, line, f"images.{i}",
                   f"image {p!r} not found under {image_root}")
             _need(_readable_image(full), file, line, f"images.{i}",
-                  f"image {p!r} is not a readable image")
+                  f"image {p!r} is not a readable image or video")
     resps = rec.get("responses")
     _need(isinstance(resps, list), file, line, "responses", "must be a list")
     _need(len(resps) != 1, file, line, "responses",
@@ -305,11 +312,12 @@ def write_queries(path, queries) -> int:
     return n
 
 # %% ../nbs/02_schema.ipynb #7f963897
-def query_medium(q:Query, image_root):
+def query_medium(q:Query, # the query
+                 image_root, # the folder its media paths are relative to
+                 video_frames:int=VIDEO_FRAMES, # frames taken from a video file, evenly spread
+                ):
     "A query's PIL image, its list of frames (video or several images), or None."
-    if not q.images: return None
-    frames = [load_image(image_root, p) for p in q.images]
-    return frames[0] if q.category != "video" and len(frames) == 1 else frames
+    return load_media(image_root, q.images, q.category, video_frames)
 
 # %% ../nbs/02_schema.ipynb #953efad3
 def dense_ranks(ranking:list, # ranks, one per response: lower is better, equal tie, gaps allowed

@@ -138,6 +138,7 @@ def test_training_arguments_follow_the_settings(tmp_path):
 
 # every YAML of ours under configs/ (the accelerate ones are accelerate's), with its command
 OWN_YAML = {"demo.yaml": "demo", "synth.yaml": "synth",
+            "serving/respond-four-models.yaml": "respond", "serving/eval-vllm.yaml": "eval",
             **{str(p.relative_to(ROOT / "configs")): p.stem for p in RECIPES}}
 
 
@@ -149,3 +150,23 @@ def test_every_yaml_under_configs_loads_into_its_settings():
         cfg = cls.from_yaml(ROOT / "configs" / name)  # unknown keys or wrong types raise
         given = yaml.safe_load((ROOT / "configs" / name).read_text())
         assert {k: getattr(cfg, k) for k in given} == given, name
+
+
+SERVING = sorted((ROOT / "configs" / "serving").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", SERVING, ids=lambda p: p.stem)
+def test_serving_recipe_parses_and_its_specs_name_the_served_models(recipe):
+    "Each `vllm serve` line's --served-model-name and port appear as an api: spec; every spec is an endpoint."
+    from mmrlhf.judge import endpoint_spec
+    text = recipe.read_text()
+    m = re.search(r"mmrlhf (respond|eval) --config (\S+)", text)
+    assert m and (ROOT / m.group(2)) == recipe, f"{recipe}: no run line naming it"
+    cfg = COMMANDS[m.group(1)][0].from_yaml(recipe)
+    specs = cfg.models if m.group(1) == "respond" else [cfg.model]
+    parsed = [endpoint_spec(s) for s in specs]
+    assert all(parsed), specs
+    served = re.findall(r"vllm serve \S+ --served-model-name (\S+) --host 127\.0\.0\.1 --port (\d+)", text)
+    assert served and all((name, f"http://127.0.0.1:{port}/v1") in parsed for name, port in served)
+    remote = {base for _, base in parsed if not base.startswith("http://127.0.0.1")}
+    assert remote <= set(getattr(cfg, "api_keys", {}) or {}), "every remote endpoint has its own key variable"

@@ -348,3 +348,33 @@ def test_report_shows_clusters_and_near_duplicates_by_example(dup_pool, tmp_path
     assert {"near-3", recs[3]["id"]} <= shown and shown <= set(emb.ids)
     with Image.open(io.BytesIO(base64.b64decode(thumbs[0][0]))) as im: assert im.format == "JPEG" and max(im.size) <= 96
     assert "Clusters by example" in html and "Near-duplicates closest to the threshold" in html and "http" not in html.split("</script>")[-1]
+
+
+def test_a_video_file_is_embedded_by_its_first_frame(tmp_path):
+    "A pool item naming an .mp4 is embedded as its first frame (decoded here with PyAV directly), categorised video."
+    import av
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+    with av.open(str(tmp_path / "clip.mp4"), "w") as c:
+        s = c.add_stream("mpeg4", rate=8); s.width = s.height = 32; s.pix_fmt = "yuv420p"
+        for a in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")): c.mux(p)
+        for p in s.encode(): c.mux(p)
+    with av.open(str(tmp_path / "clip.mp4")) as c:
+        decoded = [f.to_image() for f in c.decode(c.streams.video[0])]
+    decoded[0].save(tmp_path / "first.png"); decoded[-1].save(tmp_path / "last.png")
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    recs = [{"id": "vid", "images": ["clip.mp4"], "question": "What changes?"},
+            {"id": "first", "images": ["first.png"], "question": "What changes?"},
+            {"id": "last", "images": ["last.png"], "question": "What changes?"},
+            {"id": "broken", "images": ["broken.mp4"], "question": "What changes?"}]
+    write_jsonl(tmp_path / "pool.jsonl", recs)
+    model, pre = clip_model("tiny")
+    embed_pool(tmp_path / "pool.jsonl", tmp_path, tmp_path / "emb", model, pre, progress=False)
+    emb = load_embeddings(tmp_path / "emb")
+    raw = dict(zip(emb.ids, np.concatenate([np.asarray(s) for s in emb.shards])))
+    assert np.allclose(raw["vid"], raw["first"], atol=1e-6) and not np.allclose(raw["vid"], raw["last"], atol=1e-3)
+    assert categorise(next(read_pool(tmp_path / "pool.jsonl"))) == "video"
+    reasons = {r["id"]: r["reason"] for r in emb.rejects}
+    assert list(reasons) == ["broken"] and "'broken.mp4' does not decode" in reasons["broken"]

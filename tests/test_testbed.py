@@ -138,5 +138,5 @@ def test_a_checkpoints_decoding_defaults_are_not_applied():
 @pytest.mark.parametrize("family", [f for f in FAMILIES if not FAMILIES[f]["video_placeholder"]])
 def test_image_only_family_refuses_a_clip(family):
     _, processor = build_tiny_vlm(family, "tiny")
-    with pytest.raises(Exception, match="takes images only"):
+    with pytest.raises(ValueError, match="takes images only: it has no video processor"):
         chat_batch(processor, [query_media(VIDEO_Q)], [VIDEO_Q.question], [VIDEO_Q.reference])

@@ -25,7 +25,7 @@ echo "== 3. every notebook's cells (nbdev_test; cells flagged slow or cuda are s
 nbdev_test --n_workers 2 --timing
 
 echo "== 4. pytest"
-python -m pytest -q tests
+python -m pytest -q --durations=20 tests   # the slowest twenty are listed
 
 echo "== 5. the built wheel imports and runs outside the checkout"
 pip wheel -q --no-deps --no-build-isolation -w "$scratch/wheel" . >/dev/null
