@@ -406,7 +406,8 @@ class EvalConfig(Config):
                      "endpoint as api:<model-name>@<base-url>")
     name: str|None = opt(None, "the model's name in reports (default: the model spec)")
     bench: str = opt("runs/world-test/queries.jsonl",
-                     "benchmark JSONL (a shapes world's queries.jsonl works as it is)")
+                     "benchmark JSONL (a shapes world's queries.jsonl works as it is), or a "
+                     "published benchmark as NAME:PATH (pope, mmhal, objhal, safetybench)")
     image_root: str|None = opt(None, "folder of the benchmark's images (default: the benchmark's "
                                      "folder)")
     bench_name: str|None = opt(None, "the benchmark's name (default: the file's folder name)")
@@ -433,6 +434,10 @@ class EvalConfig(Config):
                                     "http://localhost:8000/v1) for judged metrics")
     judge_model: str = opt("gpt-4o", "the judge's model name at that endpoint")
     judge_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's API key")
+    harmbench_model: str|None = opt(None, "SafetyBench's attack classifier (HarmBench-style) at "
+                                          "judge_url (default: judge_model)")
+    coco_dir: str|None = opt(None, "COCO annotations folder (instances_*2014.json, "
+                                   "captions_*2014.json): Object HalBench's ground truth")
     seed: int = opt(0, "seed of sampling, the bootstrap and a test-bed model's weights")
     api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the model endpoint's "
                                              "API key (unset: none sent)")

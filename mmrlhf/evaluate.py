@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['REFUSAL_PHRASES', 'MMHAL_PROMPT', 'ATTACK_PROMPT', 'normalize_answer', 'exact_match', 'mcq_letter', 'mcq_correct',
-           'is_refusal', 'refusal_metrics', 'parse_rating', 'hallucination_rating', 'mmhal_metrics', 'attack_success',
-           'word_ngrams', 'embed_images', 'LeakageReport', 'leakage_report', 'drop_contaminated', 'item_checker',
-           'item_outcomes', 'score_items', 'run_record', 'run_scores', 'judge_items', 'run_eval']
+__all__ = ['REFUSAL_PHRASES', 'MMHAL_PROMPT', 'ATTACK_PROMPT', 'BENCH_KINDS', 'POPE_PROMPT', 'normalize_answer', 'exact_match',
+           'mcq_letter', 'mcq_correct', 'is_refusal', 'refusal_metrics', 'parse_rating', 'hallucination_rating',
+           'mmhal_metrics', 'attack_success', 'word_ngrams', 'embed_images', 'LeakageReport', 'leakage_report',
+           'drop_contaminated', 'item_checker', 'item_outcomes', 'score_items', 'run_record', 'run_scores',
+           'bench_spec', 'record_media', 'published_items', 'read_published', 'published_needs', 'published_scores',
+           'compare_runs', 'judge_items', 'run_eval']
 
 # %% ../nbs/15_evaluate.ipynb #e27a2ae5
 import hashlib, json, re, string
@@ -32,7 +34,11 @@ from .respond import (answers_usage, check_resume, clip_frames, decoding_setting
                             endpoint_client, finished_predictions, generate_predictions,
                             input_fingerprints, item_medium, model_fingerprint, read_benchmark,
                             request_cache_path)
-from .stats import compare_benchmarks, score, Score
+from .stats import compare, compare_benchmarks, holm, score, Score
+from .benchmarks import (chair_metrics, coco_objects, compare_ratios, MMHAL_SYSTEM,
+                               MMHAL_TEMPLATE_FORK, mmhal_judge, mmhal_scores, pope_metrics,
+                               Ratio, read_mmhal, read_object_halbench, read_pope,
+                               read_safetybench, SAFETY_TASKS, safetybench_metrics)
 
 # %% ../nbs/15_evaluate.ipynb #68c81579
 _PUNCT = str.maketrans({c: " " for c in string.punctuation.replace("'", "")} | {"'": ""})
@@ -467,26 +473,182 @@ def run_record(model:str, # the model's display name
                scores:dict, # `(benchmark, metric)` -> `Score`
                seed:int|None=None, # the run's seed
               ) -> dict:
-    "A run in the report's layout, every score's per-item outcomes kept for paired comparisons."
+    "A run in the report's layout, each score's per-item outcomes (a ratio's parts) kept."
     benches = {}
     for (bench, metric), s in scores.items():
         b = benches.setdefault(bench, {"n": 0, "metrics": {}, "outcomes": {}})
         b["n"] = max(b["n"], s.n)
         b["metrics"][metric] = {"value": s.value, "ci": [s.low, s.high]}
-        b["outcomes"][metric] = {"ids": list(s.ids), "values": [float(o) for o in s.outcomes]}
+        if isinstance(s, Ratio):
+            b["outcomes"][metric] = {"ids": list(s.ids), "num": [float(x) for x in s.num],
+                                     "den": [float(x) for x in s.den]}
+        else:
+            b["outcomes"][metric] = {"ids": list(s.ids),
+                                     "values": [float(o) for o in s.outcomes]}
     return {"model": model, "seed": seed, "benchmarks": benches}
 
 # %% ../nbs/15_evaluate.ipynb #7f87a636
 def run_scores(run:dict, # a run record (`run_record`, or a `run.json` read back)
               ) -> dict:
-    "`(benchmark, metric)` -> `Score` rebuilt from a run record's per-item outcomes."
+    "`(benchmark, metric)` -> `Score` (or `Ratio`) rebuilt from a run record's per-item parts."
     out = {}
     for bench, b in run["benchmarks"].items():
         for metric, o in b.get("outcomes", {}).items():
             m = b["metrics"][metric]
-            out[(bench, metric)] = Score(m["value"], m["ci"][0], m["ci"][1], len(o["ids"]),
-                                         o["values"], o["ids"])
+            if "num" in o:
+                out[(bench, metric)] = Ratio(m["value"], m["ci"][0], m["ci"][1], len(o["ids"]),
+                                             o["num"], o["den"], o["ids"])
+            else:
+                out[(bench, metric)] = Score(m["value"], m["ci"][0], m["ci"][1], len(o["ids"]),
+                                             o["values"], o["ids"])
     return out
+
+# %% ../nbs/15_evaluate.ipynb #219fd764
+BENCH_KINDS = {"pope": "pope", "mmhal": "mmhal", "objhal": "object_halbench",
+               "safetybench": "safetybench"}  # NAME in --bench NAME:PATH -> default row name
+
+def bench_spec(bench:str, # the `bench` setting: a path, or NAME:PATH
+              ) -> tuple[str|None, Path]:
+    "The published benchmark a `bench` setting names (None for a plain path) and its path."
+    kind, sep, rest = str(bench).partition(":")
+    if sep and kind in BENCH_KINDS and rest: return kind, Path(rest)
+    return None, Path(bench)
+
+# %% ../nbs/15_evaluate.ipynb #b9805f96
+def record_media(value, # a record's image: a path, a URL, base64 text, bytes, an image struct
+                 root, # the image root
+                ) -> tuple[list, object]:
+    "The image as (paths relative to `root`, None) or ([], an in-memory PIL image)."
+    import base64, binascii, io
+    from PIL import Image
+    if value is None: return [], None
+    if isinstance(value, Image.Image): return [], value
+    if isinstance(value, dict):
+        if value.get("bytes"): value = value["bytes"]
+        elif value.get("path"): value = value["path"]
+        else: return [], None
+    if isinstance(value, (bytes, bytearray)):
+        return [], Image.open(io.BytesIO(bytes(value))).convert("RGB")
+    value = str(value)
+    name = value.rsplit("/", 1)[-1] if "://" in value else value
+    for rel in (name, f"images/{name}"):
+        if len(rel) < 300 and (Path(root) / rel).is_file(): return [rel], None
+    if "://" not in value and len(value) > 64:
+        try: raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError): raw = None
+        if raw: return [], Image.open(io.BytesIO(raw)).convert("RGB")
+    return [name], None
+
+# %% ../nbs/15_evaluate.ipynb #90cecf86
+POPE_PROMPT = "\nAnswer the question using a single word or phrase."
+
+# %% ../nbs/15_evaluate.ipynb #be65417b
+def published_items(kind:str, # a BENCH_KINDS name
+                    data, # its reader's output (`read_pope`, ..., `read_safetybench`)
+                    root, # the image root
+                   ) -> list[dict]:
+    "The items `generate_predictions` answers: id, question, images or _media, category."
+    out, seen = [], {}
+    def add(gid, question, image, category, task, orig, raw=None):
+        if gid in seen: return seen[gid]["_for"].append((task, orig))
+        images, medium = record_media(image, root)
+        seen[gid] = {"id": gid, "question": question, "images": images, "_media": medium,
+                     "category": category, "_for": [(task, orig)], "_line": len(out) + 1,
+                     "_question": raw or question}
+        out.append(seen[gid])
+    if kind == "pope":
+        for it in data:
+            add(it["id"], it["question"].strip() + POPE_PROMPT, it["image"], it["split"], "pope",
+                it["id"], it["question"])
+    elif kind == "mmhal":
+        for it in data:
+            add(str(it["id"]), it["question"], it.get("image") or it.get("image_src"),
+                it["question_type"], "mmhal", it["id"])
+    elif kind == "objhal":
+        for it in data: add(str(it["id"]), it["question"], it["image"], "", "objhal", it["id"])
+    elif kind == "safetybench":
+        for task, items in data.items():
+            dataset = SAFETY_TASKS[task][0]
+            for it in items:
+                add(f"{dataset}/{it['id']}", it["question"], it.get("image"), dataset, task,
+                    it["id"])
+    else: raise ConfigError(f"bench: unknown benchmark {kind!r} (one of {list(BENCH_KINDS)})")
+    return out
+
+# %% ../nbs/15_evaluate.ipynb #6422d91a
+def read_published(kind:str, # a BENCH_KINDS name
+                   path, # its file or folder
+                  ):
+    "The benchmark read with its own reader: a list of items, or (SafetyBench) task -> items."
+    readers = {"pope": read_pope, "mmhal": read_mmhal, "objhal": read_object_halbench,
+               "safetybench": read_safetybench}
+    if not Path(path).exists(): raise ConfigError(f"bench: {kind}: {path} not found")
+    return readers[kind](path)
+
+# %% ../nbs/15_evaluate.ipynb #e1207036
+def published_needs(kind:str, # a BENCH_KINDS name
+                    data, # its reader's output
+                   ) -> set[str]:
+    "What scoring needs besides the answers: any of 'judge', 'harmbench', 'coco'."
+    if kind == "mmhal": return {"judge"}
+    if kind == "objhal": return set() if all("objects" in it for it in data) else {"coco"}
+    if kind != "safetybench": return set()
+    out = set()
+    for task in data:
+        if task.endswith("_ASR") or task.endswith("_RtA"): out.add("harmbench")
+        elif task not in ("Safe_unsafes", "Unsafes"): out.add("judge")
+    return out
+
+# %% ../nbs/15_evaluate.ipynb #b5d7b67d
+def published_scores(kind:str, # a BENCH_KINDS name
+                     data, # its reader's output
+                     predictions:dict, # generated item id -> answer (`published_items` ids)
+                     items:list, # the generated items that are scored (`published_items`)
+                     name:str, # the benchmark's row name
+                     judge:Callable[[str], str]|None=None, # prompt -> reply (`JudgeClient.ask`)
+                     harmbench:Callable[[str], str]|None=None, # SafetyBench's attack classifier
+                     gt:dict|None=None, # Object HalBench: image id -> COCO objects
+                     seed:int=0, # seed of the bootstrap
+                    ) -> dict:
+    "`scores` ((benchmark, metric) -> Score or Ratio) and `summary` (SafetyBench's two rows)."
+    answer = {key: predictions[it["id"]] for it in items for key in it["_for"]}
+    def kept(task, its): return [it for it in its if (task, it["id"]) in answer]
+    def preds(task, its): return {it["id"]: answer[(task, it["id"])] for it in its}
+    kw, summary = dict(name=name, seed=seed), None
+    if kind == "pope":
+        its = kept("pope", data)
+        scores = pope_metrics(its, preds("pope", its), **kw)["scores"] if its else {}
+    elif kind == "mmhal":
+        its = kept("mmhal", data)
+        ask = (lambda p: judge(p, system=MMHAL_SYSTEM)) if judge else None
+        replies = mmhal_judge(its, preds("mmhal", its), ask, MMHAL_TEMPLATE_FORK)
+        scores = mmhal_scores(its, replies, **kw)["scores"] if its else {}
+    elif kind == "objhal":
+        its = kept("objhal", data)
+        scores = chair_metrics(its, preds("objhal", its), gt, **kw)["scores"] if its else {}
+    elif kind == "safetybench":
+        bench = {t: kept(t, its) for t, its in data.items()}
+        bench = {t: its for t, its in bench.items() if its}
+        m = safetybench_metrics(bench, {t: preds(t, its) for t, its in bench.items()}, judge,
+                                harmbench, **kw)
+        scores, summary = m["scores"], m["summary"]
+    else: raise ConfigError(f"bench: unknown benchmark {kind!r}")
+    return {"scores": scores, "summary": summary}
+
+# %% ../nbs/15_evaluate.ipynb #7687b75e
+def compare_runs(a:dict, # (benchmark, metric) -> the baseline's Score or Ratio (`run_scores`)
+                 b:dict, # the same keys -> the other run's
+                 alpha:float=0.05, # family-wise error rate of Holm's correction
+                 seed:int=0, # seed of the resampling
+                ) -> list[dict]:
+    "One row per shared key: `compare` (Scores) or `compare_ratios` (Ratios), Holm-adjusted p."
+    rows = []
+    for k in (k for k in a if k in b):
+        pair = compare_ratios if isinstance(a[k], Ratio) else compare
+        rows.append({"benchmark": k[0], "metric": k[1], **pair(a[k], b[k], seed=seed)})
+    adj, rej = holm([r["p"] for r in rows], alpha)
+    for r, p, s in zip(rows, adj, rej): r.update(p_holm=p, significant=s)
+    return rows
 
 # %% ../nbs/15_evaluate.ipynb #f659b4c3
 def judge_items(judge:JudgeClient, # the judge
@@ -515,19 +677,22 @@ def judge_items(judge:JudgeClient, # the judge
     return {k: score(v, ids, seed=seed) for k, (v, ids) in sorted(per.items())}
 
 # %% ../nbs/15_evaluate.ipynb #86b9a764
-def _eval_leakage(cfg:EvalConfig, items:list, root:Path, name:str) -> list:
+def _eval_leakage(cfg:EvalConfig, items:list, root:Path, name:str, source=None,
+                  media:bool=False) -> list:
     "Write `leakage.json` for the benchmark against `cfg.train`; return the items to score."
-    bench, out = Path(cfg.bench), Path(cfg.out)
+    bench, out = Path(source or cfg.bench), Path(cfg.out)
     train = list(read_queries(cfg.train))
     troot = Path(cfg.train_image_root) if cfg.train_image_root else Path(cfg.train).parent
     t_emb = b_emb = None
     t_media = [m for m in (query_medium(q, troot, 1) for q in train) if m is not None]
-    if t_media and all(it["images"] for it in items):  # the image check needs every item's image
+    def has(it): return bool(it["images"]) or (media and it.get("_media") is not None)
+    if t_media and all(has(it) for it in items):  # the image check needs every item's image
         model, pre = clip_model(cfg.clip, cfg.clip_weights)
         t_emb = embed_images(t_media, model, pre)
         b_emb = embed_images([item_medium(it, root, bench, 1) for it in items], model, pre)
     names = [f"{name}/{it['category']}" if it.get("category") else name for it in items]
-    rep = leakage_report([q.question for q in train], [it["question"] for it in items],
+    asked = [it.get("_question", it["question"]) for it in items]  # without a benchmark's prompt
+    rep = leakage_report([q.question for q in train], asked,
                          t_emb, b_emb, ids=[it["id"] for it in items], benchmarks=names)
     write_text(out / "leakage.json", json.dumps(rep.table(), indent=1))
     print(rep)
@@ -536,13 +701,38 @@ def _eval_leakage(cfg:EvalConfig, items:list, root:Path, name:str) -> list:
     print(f"{len(rep.ids) - len(kept)} contaminated items dropped, {len(kept)} kept")
     return kept
 
+def _published_setup(cfg:EvalConfig, kind:str, bench:Path, root:Path):
+    "A published benchmark's data, items, name, needs and COCO objects; refuses what can't score."
+    data = read_published(kind, bench)
+    needs = published_needs(kind, data)
+    judged = sorted(needs & {"judge", "harmbench"})
+    if judged and not cfg.judge_url:
+        raise ConfigError(f"bench: {kind} needs a judge ({', '.join(judged)}) for its metrics: "
+                          "set judge_url (and judge_model, judge_key_env; harmbench_model for "
+                          "SafetyBench's attack classifier)")
+    if "coco" in needs and not cfg.coco_dir:
+        raise ConfigError(f"bench: {kind}: its items carry no objects: set coco_dir to a COCO "
+                          "annotations folder (instances_*2014.json, captions_*2014.json)")
+    gt = None
+    if "coco" in needs: gt = coco_objects(cfg.coco_dir, [it["image_id"] for it in data])
+    items = published_items(kind, data, root)
+    return data, items, cfg.bench_name or BENCH_KINDS[kind], needs, gt
+
 def run_eval(cfg:EvalConfig) -> dict:
     "Answer and score a benchmark (optionally after a leakage check); compare with a baseline run."
-    bench = Path(cfg.bench); root = Path(cfg.image_root) if cfg.image_root else bench.parent
-    items, out = read_benchmark(bench, root), Path(cfg.out)
-    clean_stale_temps(out, say=True)
-    name = cfg.bench_name or bench.parent.name or bench.stem
-    if cfg.train: items = _eval_leakage(cfg, items, root, name)
+    kind, bench = bench_spec(cfg.bench)
+    if kind:
+        root = Path(cfg.image_root) if cfg.image_root else (bench if bench.is_dir()
+                                                            else bench.parent)
+        data, items, name, needs, gt = _published_setup(cfg, kind, bench, root)
+        out = Path(cfg.out)
+        clean_stale_temps(out, say=True)
+    else:
+        bench = Path(cfg.bench); root = Path(cfg.image_root) if cfg.image_root else bench.parent
+        items, out = read_benchmark(bench, root), Path(cfg.out)
+        clean_stale_temps(out, say=True)
+        name = cfg.bench_name or bench.parent.name or bench.stem
+    if cfg.train: items = _eval_leakage(cfg, items, root, name, bench, media=bool(kind))
     pred_file, weights = out / "predictions.jsonl", model_fingerprint(cfg.model, cfg.seed)
     prints = input_fingerprints(items, root, bench)
     settings = decoding_settings(cfg.model, weights, cfg.max_new_tokens, cfg.system,
@@ -558,17 +748,29 @@ def run_eval(cfg:EvalConfig) -> dict:
                                  cfg.max_new_tokens, cfg.system, cfg.temperature, cfg.seed, bench,
                                  name=cfg.model, weights=weights, fingerprints=prints,
                                  workers=cfg.workers, video_frames=cfg.video_frames)
-    scores = score_items(items, preds, name, cfg.seed, cfg.checker)
-    if cfg.judge_url:  # after generation: a judge failure keeps every prediction
+    summary = None
+    if kind:  # after generation: a judge failure keeps every prediction
+        judge = harm = None
+        if needs & {"judge", "harmbench"}:
+            judge = JudgeClient(cfg.judge_url, cfg.judge_model, cfg.judge_key_env,
+                                cache_path=out / "judge-cache.jsonl")
+            harm = JudgeClient(cfg.judge_url, cfg.harmbench_model or cfg.judge_model,
+                               cfg.judge_key_env, cache_path=out / "harmbench-cache.jsonl")
+        got = published_scores(kind, data, preds, items, name, judge and judge.ask,
+                               harm and harm.ask, gt, cfg.seed)
+        scores, summary = got["scores"], got["summary"]
+    else: scores = score_items(items, preds, name, cfg.seed, cfg.checker)
+    if cfg.judge_url and not kind:  # after generation: a judge failure keeps every prediction
         judge = JudgeClient(cfg.judge_url, cfg.judge_model, cfg.judge_key_env,
                             cache_path=out / "judge-cache.jsonl")
         scores.update(judge_items(judge, items, preds, name, cfg.seed))
     run = run_record(cfg.name or cfg.model, dict(sorted(scores.items())), cfg.seed)
+    if summary: run["summary"] = summary  # SafetyBench's Unsafety and Safety, from the cells
     if processor is None: run["usage"] = answers_usage(pred_file)  # an endpoint's tokens
     write_text(out / "run.json", json.dumps(run, indent=1))
     if cfg.baseline:
         base = json.loads(Path(cfg.baseline).read_text())
-        rows = compare_benchmarks(run_scores(base), run_scores(run), seed=cfg.seed)
+        rows = compare_runs(run_scores(base), run_scores(run), seed=cfg.seed)
         cmp = {"a": base["model"], "b": run["model"], "rows": rows}
         write_text(out / "comparison.json", json.dumps(cmp, indent=1))
     cfg.save(out / "eval-config.yaml")

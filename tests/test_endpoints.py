@@ -399,3 +399,41 @@ def test_a_video_file_is_sent_as_its_evenly_spread_frames(tmp_path):
     assert got == [0, 5, 10, 14, 19]                          # round(i * 19 / 4), counted here by hand
     with pytest.raises(Exception, match="video_frames"):     # a resume with another frame count is refused
         run(8, tmp_path / "r")
+
+
+def test_respond_killed_by_sigkill_resumes_to_the_same_bytes(world, tmp_path):
+    "The run as a process, SIGKILLed in the middle of a request to its second endpoint: the rerun asks exactly the requests"
+    " with no cached reply, and writes the bytes of a run never killed."
+    import subprocess, sys
+    state = {"n": 0, "kill_at": None, "proc": None}
+    lock = threading.Lock()
+    def reply(body):
+        with lock:
+            state["n"] += 1
+            if state["n"] == state["kill_at"]:
+                state["proc"].kill(); state["proc"].wait()            # dead before this request is answered
+        return digest_reply(body)
+    with StandInServer(reply, models=["gpt-4o", "qwen2-vl-72b"]) as server:
+        specs = f"[api:gpt-4o@{server.base_url}, tiny:qwen2_vl, api:qwen2-vl-72b@{server.base_url}]"
+        def respond(out):
+            cmd = [sys.executable, "-m", "mmrlhf.cli", "respond", "--data", str(world), "--out", str(tmp_path / out),
+                   "--models", specs, "max_new_tokens=4", "temperature=0.8", "seed=2", "batch_size=20", "workers=4",
+                   f"api_key_env={NO_KEY}", "backoff=0.01"]
+            state["proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            return state["proc"]
+        state["kill_at"] = 40 + 13                                    # the second endpoint's 13th request
+        assert respond("killed").wait(timeout=300) == -9
+        def whole_lines(path):                                         # a line cut by the kill does not count
+            text = path.read_text()
+            return sum(1 for line in text.split("\n")[:-1] if line.strip())
+        cached = sum(whole_lines(tmp_path / "killed" / f"answers-{k}.requests.jsonl") for k in (0, 2))
+        assert 40 + 8 <= cached < 40 + 13 and not (tmp_path / "killed" / "queries.jsonl").exists()
+        state["kill_at"], before = None, state["n"]
+        assert respond("killed").wait(timeout=300) == 0
+        assert state["n"] - before == 80 - cached                      # exactly the requests without a reply
+        before = state["n"]
+        assert respond("whole").wait(timeout=300) == 0
+        assert state["n"] - before == 80
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    for name in [f"answers-{k}.jsonl" for k in range(3)] + ["queries.jsonl", "usage.json"]:
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
