@@ -11,34 +11,66 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from .core import DataError
 from .stats import Score, score
 
 # %% auto #0
 __all__ = ['POPE_SPLITS', 'MMHAL_TYPES', 'MMHAL_TEMPLATE', 'MMHAL_TEMPLATE_FORK', 'MMHAL_SYSTEM', 'COCO_SYNONYMS', 'NOUN_RULES',
            'NOUN_IRREGULAR', 'CHAIR_ANIMALS', 'SAFETY_TASKS', 'HARMBENCH_PROMPT', 'REFUSAL_TEMPLATES',
-           'VLGUARD_REFUSALS', 'RISK_PROMPT', 'ADV_PROMPT', 'NOISE_PROMPT', 'TABLE3', 'read_records', 'Ratio',
-           'ratio_of_sums', 'ratio', 'compare_ratios', 'read_pope', 'pope_answer', 'pope_metrics', 'read_mmhal',
-           'mmhal_prompt', 'mmhal_rating', 'mmhal_judge', 'mmhal_scores', 'chair_tokens', 'ChairVocab', 'coco_objects',
-           'read_object_halbench', 'read_object_halbench_answers', 'chair_metrics', 'read_safety_task',
-           'read_safetybench', 'safety_hit', 'harmbench_verdict', 'rta_refusal', 'vlguard_verdict', 'adv_verdict',
-           'safety_verdict', 'safety_metrics', 'safety_summary', 'safetybench_metrics']
+           'VLGUARD_REFUSALS', 'RISK_PROMPT', 'ADV_PROMPT', 'NOISE_PROMPT', 'TABLE3', 'read_records', 'field_at',
+           'need_fields', 'Ratio', 'ratio_of_sums', 'ratio', 'compare_ratios', 'read_pope', 'pope_answer',
+           'pope_metrics', 'read_mmhal', 'mmhal_prompt', 'mmhal_rating', 'mmhal_judge', 'mmhal_scores', 'chair_tokens',
+           'ChairVocab', 'coco_objects', 'read_object_halbench', 'read_object_halbench_answers', 'chair_metrics',
+           'read_safety_task', 'read_safetybench', 'safety_hit', 'harmbench_verdict', 'rta_refusal', 'vlguard_verdict',
+           'adv_verdict', 'safety_verdict', 'safety_metrics', 'safety_summary', 'safetybench_metrics']
 
 # %% ../nbs/14_benchmarks.ipynb #921dbf6f
 def read_records(path, # a .json (a list, or one object per line), .jsonl or .parquet file
-                ) -> list[dict]:
+                 numbered:bool=False, # give (line, record) pairs: the line in a JSON-lines file
+                                      # (None in a JSON list or a Parquet table)
+                ) -> list:
     "The records of a published benchmark file: a JSON list, JSON lines, or a Parquet table."
     path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["): return json.loads(text)
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip(): continue
-        try: out.append(json.loads(line))
-        except ValueError as e: raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-    return out
+        recs = [(None, r) for r in pq.read_table(path).to_pylist()]
+    else:
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            try: recs = [(None, r) for r in json.loads(text)]
+            except ValueError as e:
+                raise DataError(path, None, None, f"not a JSON list ({e})") from None
+        else:
+            recs = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip(): continue
+                try: recs.append((n, json.loads(line)))
+                except ValueError as e:
+                    raise DataError(path, n, None, f"not a JSON line ({e})") from None
+    for k, (n, r) in enumerate(recs):
+        if not isinstance(r, dict):
+            raise DataError(path, n, None if n else f"[{k}]", "not a JSON object")
+    return recs if numbered else [r for _, r in recs]
+
+
+# %% ../nbs/14_benchmarks.ipynb #d18e7c16
+def field_at(line:int|None, # the record's line (JSON lines), or None
+             k:int, # its position in the file
+             name:str, # the field
+            ) -> str:
+    "The field's name as a `DataError` gives it: bare with a line, `[k].name` without one."
+    return name if line is not None else f"[{k}].{name}"
+
+def need_fields(path, # the benchmark file
+                line:int|None, # the record's line, or None
+                k:int, # its position in the file
+                rec:dict, # the record
+                names:Sequence[str], # fields it must have
+               ) -> None:
+    "Refuse a record that lacks any of `names`, naming the file, its place and the field."
+    for name in names:
+        if name not in rec: raise DataError(path, line, field_at(line, k, name), "missing")
+
 
 # %% ../nbs/14_benchmarks.ipynb #72083b32
 @dataclass(repr=False)
@@ -130,14 +162,20 @@ def read_pope(path, # a POPE question file, an lmms-eval POPE export, or a folde
     items, seen = [], set()
     for f in files:
         from_name = [s for s in POPE_SPLITS if s in f.name.lower()]
-        for k, rec in enumerate(read_records(f)):
+        for k, (line, rec) in enumerate(read_records(f, numbered=True)):
             split = rec.get("category") or (from_name[0] if len(from_name) == 1 else None)
             if split not in POPE_SPLITS:
-                raise ValueError(f"{f}: record {k}: no split (category) among {POPE_SPLITS}")
-            answer = str(rec["label"] if "label" in rec else rec["answer"]).lower().strip()
-            if answer not in ("yes", "no"): raise ValueError(f"{f}: record {k}: answer {answer!r}")
+                raise DataError(f, line, field_at(line, k, "category"),
+                                f"{split!r}: no split among {POPE_SPLITS} (nor in the file name)")
+            label = "label" if "label" in rec else "answer"
+            need_fields(f, line, k, rec, ["question_id", label, "text" if "text" in rec
+                                          else "question"])
+            answer = str(rec[label]).lower().strip()
+            if answer not in ("yes", "no"):
+                raise DataError(f, line, field_at(line, k, label), f"{answer!r}: not yes or no")
             iid = f"{split}/{rec['question_id']}"
-            if iid in seen: raise ValueError(f"{f}: duplicate item {iid}")
+            if iid in seen:
+                raise DataError(f, line, field_at(line, k, "question_id"), f"repeats item {iid}")
             seen.add(iid)
             items.append({"id": iid, "split": split, "question_id": rec["question_id"],
                           "question": rec["text"] if "text" in rec else rec["question"],
@@ -197,9 +235,8 @@ def read_mmhal(path, # response_template.json (filled in or not), or a .jsonl/.p
               ) -> list[dict]:
     "MMHal-Bench items in the published order, each with `id` (its position) and its fields."
     items = []
-    for i, rec in enumerate(read_records(path)):
-        missing = [k for k in ("question", "gt_answer", "image_content") if k not in rec]
-        if missing: raise ValueError(f"{path}: record {i} lacks {missing}")
+    for i, (line, rec) in enumerate(read_records(path, numbered=True)):
+        need_fields(path, line, i, rec, ["question", "gt_answer", "image_content"])
         items.append({**rec, "id": i,
                       "question_type": rec.get("question_type") or MMHAL_TYPES[i % 8]})
     return items
@@ -584,9 +621,10 @@ def read_object_halbench(path, # obj_halbench_300_with_image.jsonl, or an export
                         ) -> list[dict]:
     "Object HalBench items: id (line position), image_id, question, image, objects if given."
     items = []
-    for i, rec in enumerate(read_records(path)):
+    for i, (line, rec) in enumerate(read_records(path, numbered=True)):
         if "image_id" not in rec and "objects" not in rec:
-            raise ValueError(f"{path}: record {i} has neither image_id nor objects")
+            raise DataError(path, line, field_at(line, i, "image_id"),
+                            "missing, and no objects either: CHAIR needs one of them")
         it = {"id": i, "image_id": int(rec["image_id"]) if "image_id" in rec else None,
               "question": rec.get("question"), "image": rec.get("image")}
         if "objects" in rec: it["objects"] = list(rec["objects"])
@@ -598,14 +636,19 @@ def read_object_halbench_answers(path, # an answer file: JSON lines with `text` 
                                  items:Sequence[dict], # `read_object_halbench` items
                                 ) -> dict:
     "item id -> answer text, by image_id when the lines carry it, else by line order."
-    recs = read_records(path)
+    recs = read_records(path, numbered=True)
     by_image = {it["image_id"]: it["id"] for it in items}
     out = {}
-    for k, rec in enumerate(recs):
+    for k, (line, rec) in enumerate(recs):
+        need_fields(path, line, k, rec, ["text" if "text" in rec else "answer"])
         text = rec["text"] if "text" in rec else rec["answer"]
-        if "image_id" in rec: iid = by_image[int(rec["image_id"])]
+        if "image_id" in rec:
+            if int(rec["image_id"]) not in by_image:
+                raise DataError(path, line, field_at(line, k, "image_id"),
+                                f"{rec['image_id']}: no such item in the benchmark")
+            iid = by_image[int(rec["image_id"])]
         elif k < len(items): iid = items[k]["id"]
-        else: raise ValueError(f"{path}: more answers than items")
+        else: raise DataError(path, line, None, f"more answers than the {len(items)} items")
         out[iid] = str(text).replace("Assistant:", "").strip()
     return out
 
@@ -660,8 +703,9 @@ def read_safety_task(path, # a file, or a folder of .parquet/.json/.jsonl files,
         if path.is_dir() else [path]
     items = []
     for f in files:
-        for rec in read_records(f):
+        for k, (line, rec) in enumerate(read_records(f, numbered=True)):
             if subtask and str(rec.get("category", "")).split("/")[-1] != subtask: continue
+            need_fields(f, line, k, rec, ["question_id" if "question_id" in rec else "id"])
             extra = rec.get("extra")
             if isinstance(extra, str) and extra.strip().startswith("{"): extra = json.loads(extra)
             items.append({**rec, "id": rec["question_id"] if "question_id" in rec else rec["id"],

@@ -318,3 +318,21 @@ def test_summary_rows_from_cells():
     assert round(before["Unsafety"], 1) == cells["printed"]["Unsafety"][0] == 40.2
     assert round(before["Safety"], 1) == cells["printed"]["Safety"][0] == 75.8
     assert len([t for t, v in SAFETY_TASKS.items() if v[3] == "up"]) == 5
+
+
+def test_bad_records_are_refused_with_file_line_and_field(tmp_path):
+    "A POPE line without a yes/no label, one without a question_id, an MMHal record without gt_answer: DataErrors."
+    from mmrlhf.benchmarks import read_mmhal, read_pope
+    from mmrlhf.core import DataError
+    good = {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"}
+    f = tmp_path / "coco_pope_random.json"
+    f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "question_id": 2, "label": "maybe"}) + "\n")
+    with pytest.raises(DataError, match=r"coco_pope_random\.json:2: label: 'maybe': not yes or no"):
+        read_pope(f)
+    f.write_text(json.dumps(good) + "\n\n" + json.dumps({k: v for k, v in good.items() if k != "question_id"}) + "\n")
+    with pytest.raises(DataError, match=r"coco_pope_random\.json:3: question_id: missing"):
+        read_pope(f)
+    m = tmp_path / "response_template.json"
+    m.write_text(json.dumps([{"question": "q", "gt_answer": "a", "image_content": []}, {"question": "q", "image_content": []}]))
+    with pytest.raises(DataError, match=r"response_template\.json: \[1\]\.gt_answer: missing"):
+        read_mmhal(m)
