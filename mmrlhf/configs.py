@@ -310,6 +310,10 @@ class ExpandConfig(Config):
     max_new_tokens: int = opt(512, "longest expansion in tokens")
     batch_size: int = opt(8, "responses per batch (local generate call, and the unit of progress)")
     workers: int = opt(4, "endpoint requests in flight at once")
+    timeout: float = opt(120.0, "seconds the endpoint has for one attempt")
+    max_retries: int = opt(3, "retries of a request after 429, 5xx, a timeout or a lost connection")
+    backoff: float = opt(1.0, "seconds before the first retry (doubled each time) when the server "
+                              "sends no Retry-After")
     overwrite: bool = opt(False, "expand responses that already have a critique too")
     check: str = opt("heuristic",
                      "contradiction check: none, heuristic, model (one more request per response) "
@@ -444,7 +448,7 @@ class EvalConfig(Config):
     api_keys: dict = opt({}, "per endpoint: base URL -> the variable holding its own key "
                              "(instead of api_key_env)")
     workers: int = opt(4, "requests in flight at once to a model endpoint")
-    timeout: float = opt(120.0, "seconds a model endpoint has for one attempt")
+    timeout: float = opt(120.0, "seconds a model endpoint (or the judge) has for one attempt")
     max_retries: int = opt(3, "retries of a request after 429, 5xx, a timeout or a lost "
                               "connection")
     backoff: float = opt(1.0, "seconds before the first retry (doubled each time) when the server "

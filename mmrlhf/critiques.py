@@ -443,8 +443,8 @@ def _backend(cfg:ExpandConfig, cache:Path):
     if cfg.model:
         return LocalBackend.load(cfg.model, cfg.seed, cache_path=cache,
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    client = JudgeClient(cfg.url, cfg.model_name, cfg.api_key_env, cache_path=cache,
-                         max_tokens=cfg.max_new_tokens)
+    client = JudgeClient(cfg.url, cfg.model_name, cfg.api_key_env, cache, cfg.timeout,
+                         cfg.max_retries, cfg.backoff, max_tokens=cfg.max_new_tokens)
     return EndpointBackend(client, cfg.workers)
 
 def run_expand_critiques(cfg:ExpandConfig, # the command's settings

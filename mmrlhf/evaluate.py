@@ -748,21 +748,21 @@ def run_eval(cfg:EvalConfig) -> dict:
                                  cfg.max_new_tokens, cfg.system, cfg.temperature, cfg.seed, bench,
                                  name=cfg.model, weights=weights, fingerprints=prints,
                                  workers=cfg.workers, video_frames=cfg.video_frames)
-    summary = None
+    summary, retrying = None, (cfg.timeout, cfg.max_retries, cfg.backoff)  # judges retry alike
     if kind:  # after generation: a judge failure keeps every prediction
         judge = harm = None
         if needs & {"judge", "harmbench"}:
             judge = JudgeClient(cfg.judge_url, cfg.judge_model, cfg.judge_key_env,
-                                cache_path=out / "judge-cache.jsonl")
+                                out / "judge-cache.jsonl", *retrying)
             harm = JudgeClient(cfg.judge_url, cfg.harmbench_model or cfg.judge_model,
-                               cfg.judge_key_env, cache_path=out / "harmbench-cache.jsonl")
+                               cfg.judge_key_env, out / "harmbench-cache.jsonl", *retrying)
         got = published_scores(kind, data, preds, items, name, judge and judge.ask,
                                harm and harm.ask, gt, cfg.seed)
         scores, summary = got["scores"], got["summary"]
     else: scores = score_items(items, preds, name, cfg.seed, cfg.checker)
     if cfg.judge_url and not kind:  # after generation: a judge failure keeps every prediction
         judge = JudgeClient(cfg.judge_url, cfg.judge_model, cfg.judge_key_env,
-                            cache_path=out / "judge-cache.jsonl")
+                            out / "judge-cache.jsonl", *retrying)
         scores.update(judge_items(judge, items, preds, name, cfg.seed))
     run = run_record(cfg.name or cfg.model, dict(sorted(scores.items())), cfg.seed)
     if summary: run["summary"] = summary  # SafetyBench's Unsafety and Safety, from the cells

@@ -76,6 +76,17 @@ def test_parse_expansion(reply, expected):
 
 # ---------------------------------------------------------------- the endpoint backend, cache and resumption
 
+def test_the_settings_timeout_and_retries_reach_the_endpoint(world, tmp_path):
+    "A hanging endpoint: each request tried 1 + max_retries times, each ended after `timeout` seconds."
+    from mmrlhf.judge import HANG, JudgeError
+    data, _ = world
+    with StandInServer(lambda body: HANG) as server:
+        with pytest.raises(JudgeError, match=r"2 attempt\(s\): no reply within 0.3 s"):
+            run_expand_critiques(cfg_for(data, tmp_path / "out", server, timeout=0.3, max_retries=1, backoff=0.01,
+                                         workers=1))
+        assert len(server.requests) == 2
+
+
 def test_endpoint_expands_keeps_reasons_and_reruns_free(world, tmp_path):
     data, _ = world
     with StandInServer(Counting()) as server:

@@ -281,3 +281,16 @@ def test_resume_with_only_another_batch_size_is_accepted_and_byte_identical(tmp_
     respond(tmp_path / "killed", 2)
     for name in ("answers-0.jsonl", "answers-1.jsonl", "queries.jsonl", "answers-0.settings.json", "answers-1.settings.json"):
         assert (tmp_path / "killed" / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_the_judge_takes_the_runs_timeout_and_retries(tmp_path):
+    "A hanging judge: each request tried 1 + max_retries times, ended after `timeout` seconds each."
+    from mmrlhf.judge import HANG, JudgeError, StandInServer
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"id": "i0", "question": "What is 1 plus 1?", "answer": "it is 2", "category": "math"}) + "\n")
+    with StandInServer(lambda body: HANG) as server:
+        with pytest.raises(JudgeError, match=r"2 attempt\(s\): no reply within 0.3 s"):
+            run_eval(EvalConfig(model="tiny:llava_onevision", bench=str(bench), out=str(tmp_path / "e"), max_new_tokens=4,
+                                judge_url=server.base_url, judge_model="stand-in", judge_key_env="NO_SUCH_KEY",
+                                timeout=0.3, max_retries=1, backoff=0.01))
+        assert len(server.requests) == 2
