@@ -34,7 +34,7 @@ from .respond import (answers_usage, check_resume, clip_frames, decoding_setting
                             endpoint_client, finished_predictions, generate_predictions,
                             input_fingerprints, item_medium, model_fingerprint, read_benchmark,
                             request_cache_path)
-from .stats import compare, compare_benchmarks, holm, score, Score
+from .stats import compare, compare_benchmarks, score, Score
 from .benchmarks import (chair_metrics, coco_objects, compare_ratios, MMHAL_SYSTEM,
                                MMHAL_TEMPLATE_FORK, mmhal_judge, mmhal_scores, pope_metrics,
                                Ratio, read_mmhal, read_object_halbench, read_pope,
@@ -642,13 +642,8 @@ def compare_runs(a:dict, # (benchmark, metric) -> the baseline's Score or Ratio 
                  seed:int=0, # seed of the resampling
                 ) -> list[dict]:
     "One row per shared key: `compare` (Scores) or `compare_ratios` (Ratios), Holm-adjusted p."
-    rows = []
-    for k in (k for k in a if k in b):
-        pair = compare_ratios if isinstance(a[k], Ratio) else compare
-        rows.append({"benchmark": k[0], "metric": k[1], **pair(a[k], b[k], seed=seed)})
-    adj, rej = holm([r["p"] for r in rows], alpha)
-    for r, p, s in zip(rows, adj, rej): r.update(p_holm=p, significant=s)
-    return rows
+    def pair(x, y, **kw): return (compare_ratios if isinstance(x, Ratio) else compare)(x, y, **kw)
+    return compare_benchmarks(a, b, alpha, pair=pair, seed=seed)
 
 # %% ../nbs/15_evaluate.ipynb #f659b4c3
 def judge_items(judge:JudgeClient, # the judge

@@ -201,13 +201,14 @@ def compare_benchmarks(a:dict, # benchmark (or (benchmark, metric)) -> the basel
                        b:dict, # the same keys -> the other model's `Score`
                        alpha:float=0.05, # family-wise error rate for Holm's correction
                        metric:str="score", # the rows' metric name when keys are plain names
-                       **kw, # passed to `compare`
+                       pair=None, # (a, b, **kw) -> a row's test for one key (None: `compare`)
+                       **kw, # passed to `compare` (or `pair`)
                       ) -> list[dict]:
     "One row per key both share: `compare`'s result, the Holm-adjusted p-value, its significance."
-    rows = []
+    rows, pair = [], pair or compare
     for k in (k for k in a if k in b):
         bench, met = k if isinstance(k, tuple) else (k, metric)
-        rows.append({"benchmark": bench, "metric": met, **compare(a[k], b[k], **kw)})
+        rows.append({"benchmark": bench, "metric": met, **pair(a[k], b[k], **kw)})
     adj, rej = holm([r["p"] for r in rows], alpha)
     for r, p, s in zip(rows, adj, rej): r.update(p_holm=p, significant=s)
     return rows
